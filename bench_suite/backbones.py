@@ -1,0 +1,214 @@
+"""Shared ViT backbones, created through timm.
+
+Every backbone is a stock ``timm.models.vision_transformer.VisionTransformer``: the paper-scale
+profiles use timm's own model names (``deit_small_patch16_224``, ``deit_tiny_patch16_384``) and the
+CPU profiles are registered into timm's model registry with ``@register_model`` so that
+``timm.create_model`` builds them too. Methods never copy timm's ViT code; they swap attention or
+blocks in place (see :mod:`methods.adapter`).
+
+A *profile* fixes the backbone, its input resolution and the token-pruning stages, so that a result
+row names one profile and is comparable with every other row of the same profile.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+__all__ = [
+    "ConvStemPatchEmbed",
+    "Profile",
+    "PROFILES",
+    "UnknownProfileError",
+    "get_profile",
+    "create_backbone",
+    "pruning_stages",
+]
+
+
+class UnknownProfileError(ValueError):
+    """Raised for a profile name that is not in :data:`PROFILES`."""
+
+
+class ConvStemPatchEmbed(nn.Module):
+    """Convolutional patch embedding in the style of LV-ViT (Jiang et al., NeurIPS 2021).
+
+    Three convolutions (7x7 stride 2, then two 3x3 stride 1, each with BatchNorm and ReLU) followed
+    by a linear patch projection with kernel and stride ``patch_size // 2``, so that the token grid is
+    ``img_size // patch_size`` per side, exactly as with timm's ``PatchEmbed``. It has the same
+    constructor and attributes as ``timm.layers.PatchEmbed`` and is passed through
+    ``VisionTransformer(embed_layer=...)``.
+
+    Shapes: input ``[B, in_chans, H, W]``, output ``[B, N, embed_dim]`` with
+    ``N = (H // patch_size) * (W // patch_size)``.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        stem_chs: int = 64,
+        bias: bool = True,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        if patch_size % 2:
+            raise ValueError(f"ConvStemPatchEmbed needs an even patch_size, got {patch_size}")
+        img = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = img
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img[0] // patch_size, img[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.flatten = True
+        self.output_fmt = "NCHW"
+        self.dynamic_img_pad = False
+
+        def conv_bn(cin: int, cout: int, k: int, s: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.stem = nn.Sequential(
+            *conv_bn(in_chans, stem_chs, 7, 2), *conv_bn(stem_chs, stem_chs, 3, 1), *conv_bn(stem_chs, stem_chs, 3, 1)
+        )
+        half = patch_size // 2
+        self.proj = nn.Conv2d(stem_chs, embed_dim, kernel_size=half, stride=half, bias=bias)
+        self.norm = nn.Identity()
+
+    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
+        return self.patch_size[0] if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.stem(x))
+        return x.flatten(2).transpose(1, 2)
+
+
+def _vit(pretrained: bool, default: dict[str, Any], **kwargs: Any) -> VisionTransformer:
+    if pretrained:
+        raise ValueError("bench_suite CPU backbones have no hub weights; load a checkpoint instead")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory bookkeeping
+        kwargs.pop(key, None)
+    return VisionTransformer(**{**default, **kwargs})
+
+
+@register_model
+def bench_vit_mini_convstem(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """The default CPU backbone: 28x28 input, LV-ViT-style conv stem, patch 4 (49 + 1 tokens),
+    width 128, 12 blocks, 4 heads of dim 32. About 2.4 M parameters."""
+    default = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=12,
+                   num_heads=4, mlp_ratio=2.0, embed_layer=_mini_stem)
+    return _vit(pretrained, default, **kwargs)
+
+
+@register_model
+def bench_vit_tiny(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """A test-sized backbone: 28x28 input, patch 7 (16 + 1 tokens), width 32, 4 blocks, 2 heads."""
+    default = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=4,
+                   num_heads=2, mlp_ratio=2.0)
+    return _vit(pretrained, default, **kwargs)
+
+
+def _mini_stem(**kwargs: Any) -> ConvStemPatchEmbed:
+    return ConvStemPatchEmbed(stem_chs=32, **kwargs)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A backbone at a fixed resolution.
+
+    Attributes:
+        name: profile name used on the command line (``--profile``).
+        model: timm model name passed to ``timm.create_model``.
+        img_size: input resolution in pixels (square).
+        in_chans: input channels the backbone expects.
+        description: one line for ``python -m bench_suite list``.
+        model_kwargs: extra keyword arguments for ``timm.create_model``.
+    """
+
+    name: str
+    model: str
+    img_size: int
+    in_chans: int
+    description: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in [
+        Profile("mini", "bench_vit_mini_convstem", 28, 1,
+                "CPU default: conv-stem ViT, 12 blocks, width 128, 50 tokens at 28x28"),
+        Profile("tiny", "bench_vit_tiny", 28, 1, "test-sized ViT: 4 blocks, width 32, 17 tokens at 28x28"),
+        Profile("deit_s", "deit_small_patch16_224", 224, 3, "DeiT-S, 12 blocks, width 384, 197 tokens at 224"),
+        Profile("deit_t384", "deit_tiny_patch16_384", 384, 3, "DeiT-T, 12 blocks, width 192, 577 tokens at 384"),
+    ]
+}
+
+
+def get_profile(name: str) -> Profile:
+    """Look up a profile by name.
+
+    Raises:
+        UnknownProfileError: if ``name`` is not a known profile; the message lists the known ones.
+    """
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise UnknownProfileError(
+            f"unknown profile {name!r}; known profiles: {', '.join(sorted(PROFILES))}"
+        ) from None
+
+
+def create_backbone(profile: str | Profile, num_classes: int = 10, **kwargs: Any) -> VisionTransformer:
+    """Create the profile's backbone through ``timm.create_model`` (randomly initialised).
+
+    Args:
+        profile: profile name or :class:`Profile`.
+        num_classes: classifier classes of the dataset.
+        **kwargs: forwarded to ``timm.create_model`` (e.g. ``drop_path_rate``).
+
+    Returns:
+        A timm ``VisionTransformer`` whose forward maps ``[B, in_chans, H, W]`` to ``[B, num_classes]``.
+
+    Raises:
+        UnknownProfileError: for an unknown profile name.
+    """
+    p = get_profile(profile) if isinstance(profile, str) else profile
+    args = {**p.model_kwargs, "num_classes": num_classes, "img_size": p.img_size, "in_chans": p.in_chans, **kwargs}
+    return timm.create_model(p.model, pretrained=False, **args)
+
+
+def pruning_stages(depth: int, num_stages: int = 3) -> tuple[int, ...]:
+    """Block indices (0-based) at 1/4, 1/2 and 3/4 of the depth, where token pruning happens.
+
+    This is EViT's and DynamicViT's placement (blocks 3, 6, 9 of 12; 4, 8, 12 of 16 for LV-ViT-S).
+
+    Raises:
+        ValueError: if the backbone is too shallow for ``num_stages`` distinct stages.
+    """
+    step = depth // (num_stages + 1)
+    if step < 1:
+        raise ValueError(f"a backbone of depth {depth} is too shallow for {num_stages} pruning stages")
+    return tuple(step * (s + 1) for s in range(num_stages))
+
+
+def num_tokens(model: VisionTransformer) -> int:
+    """Number of tokens ``N`` (patches plus prefix tokens) the backbone's blocks see."""
+    return int(model.patch_embed.num_patches + model.num_prefix_tokens)
+
+
+def keep_count(keep_rate: float, n: int) -> int:
+    """``ceil(keep_rate * n)``, the paper's budget rule (Sparsifiner sec. 4; EViT's kept tokens)."""
+    return int(math.ceil(keep_rate * n - 1e-9))

@@ -1,0 +1,162 @@
+"""Command line: ``python -m bench_suite {list,run,teacher,report}``.
+
+Every subcommand accepts ``--config FILE`` (YAML/JSON with the same keys as the options), through
+jsonargparse. Errors a user can fix are printed as one line ``bench_suite: error: ...`` with exit
+status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Sequence
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+__all__ = ["main", "build_parser", "UserError"]
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, exit status 2."""
+
+
+def _common(p: ArgumentParser, output: bool = True) -> None:
+    p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options")
+    p.add_argument("--profile", type=str, default="mini", help="backbone profile (see 'list')")
+    p.add_argument("--data", type=str, default="fashion_mnist", help="dataset: fashion_mnist or imagenet")
+    p.add_argument("--data-dir", type=str | None, default=None, help="folder holding the dataset")
+    p.add_argument("--seed", type=int, default=0, help="global seed")
+    if output:
+        p.add_argument("--output", type=str, default="results", help="results folder (store, tables, plots)")
+    p.add_argument("--devices", type=str, default="1", help="Lightning devices ('auto', N, or a list)")
+    p.add_argument("--num-nodes", type=int, default=1, help="Lightning num_nodes")
+    p.add_argument("--strategy", type=str, default="auto", help="Lightning strategy, e.g. ddp")
+    p.add_argument("--accelerator", type=str, default="auto", help="Lightning accelerator: cpu, gpu, auto")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m bench_suite", description=(
+        "Benchmark efficient-attention methods for ViTs: at the same MHSA FLOPs, which keeps the most top-1?"))
+    sub = parser.add_subcommands(dest="command", required=True)
+
+    p_list = ArgumentParser(description="List registered methods (with default settings) and profiles.")
+    sub.add_subcommand("list", p_list, help="list methods and profiles")
+
+    p_run = ArgumentParser(description="Fine-tune and evaluate methods at their keep rates; write the "
+                                       "results store, the Pareto table and plot.")
+    p_run.add_argument("--methods", type=str, default="full,evit", help="comma-separated method names")
+    p_run.add_argument("--keep-rates", type=str | None, default=None,
+                       help="comma-separated keep rates (default: each method's own grid)")
+    p_run.add_argument("--epochs", type=int | None, default=None, help="fine-tuning epochs (default: profile's)")
+    p_run.add_argument("--train-subset", type=int | None, default=None,
+                       help="train on this many images (default: profile's; 0 = all)")
+    p_run.add_argument("--batch-size", type=int | None, default=None, help="images per batch")
+    p_run.add_argument("--teacher", type=str | None, default=None, help="teacher checkpoint to use")
+    p_run.add_argument("--force", action="store_true", help="re-run configurations already in the store")
+    p_run.add_argument("--x", type=str, default="mhsa_mflops", help="x axis of the Pareto plot")
+    _common(p_run)
+    sub.add_subcommand("run", p_run, help="train/evaluate methods and write Pareto tables and plots")
+
+    p_teacher = ArgumentParser(description="Train the full-attention teacher from scratch and cache it.")
+    p_teacher.add_argument("--ship", action="store_true",
+                           help="also copy it into the package's shipped teachers (maintainers)")
+    _common(p_teacher)
+    sub.add_subcommand("teacher", p_teacher, help="(re-)create the full-attention teacher")
+
+    p_report = ArgumentParser(description="Rewrite the Pareto table and plot from the results store.")
+    p_report.add_argument("--x", type=str, default="mhsa_mflops", help="x axis of the Pareto plot")
+    p_report.add_argument("--output", type=str, default="results", help="results folder")
+    p_report.add_argument("--profile", type=str | None, default=None, help="only rows of this profile")
+    p_report.add_argument("--data", type=str | None, default=None, help="only rows of this dataset")
+    sub.add_subcommand("report", p_report, help="rewrite tables and plots from the store")
+    return parser
+
+
+def _devices(text: str) -> Any:
+    text = str(text).strip()
+    if text.isdigit() or (text.startswith("-") and text[1:].isdigit()):
+        return int(text)
+    if "," in text:
+        return [int(t) for t in text.split(",") if t.strip()]
+    return text
+
+
+def _cmd_list(cfg: Any) -> None:
+    from bench_suite.backbones import PROFILES
+    from bench_suite.registry import method_specs
+
+    print("Methods (name, default keep rates, source):")
+    for spec in method_specs():
+        rates = ", ".join(f"{r:g}" for r in spec.keep_rates)
+        print(f"  {spec.name:<14} keep rates [{rates}]  ({spec.source})  {spec.description}")
+        defaults = ", ".join(f"{k}={v!r}" for k, v in spec.defaults().items() if k != "keep_rate")
+        print(f"  {'':<14} defaults: {defaults}")
+    print("Profiles:")
+    for p in PROFILES.values():
+        print(f"  {p.name:<10} {p.model} @ {p.img_size}px: {p.description}")
+
+
+def _cmd_teacher(cfg: Any) -> None:
+    from bench_suite.runner import make_datamodule, train_settings
+    from bench_suite.teacher import ASSETS_DIR, install_shipped, train_teacher
+
+    dm = make_datamodule(cfg, train_subset=None)
+    path = train_teacher(cfg.profile, dm, cfg.seed, cfg.output, train_settings(cfg, epochs=0),
+                         command="python -m bench_suite " + " ".join(sys.argv[1:] or ["teacher"]))
+    print(f"teacher written to {path}")
+    print(f"manifest: {path.parent / 'manifest.json'}")
+    if cfg.ship:
+        dest = ASSETS_DIR / path.parent.name
+        install_shipped(path, dest / "teacher.ckpt")
+        install_shipped(path.parent / "manifest.json", dest / "manifest.json")
+        print(f"shipped copy: {dest}")
+
+
+def _cmd_run(cfg: Any) -> None:
+    from bench_suite.runner import run_from_cli
+
+    run_from_cli(cfg)
+
+
+def _cmd_report(cfg: Any) -> None:
+    from bench_suite.report import write_report
+
+    for p in write_report(cfg.output, x=cfg.x, profile=cfg.profile, dataset=cfg.data):
+        print(f"wrote {p}")
+
+
+COMMANDS = {"list": _cmd_list, "run": _cmd_run, "teacher": _cmd_teacher, "report": _cmd_report}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from bench_suite.backbones import UnknownProfileError
+    from bench_suite.registry import UnknownMethodError
+    from bench_suite.teacher import TeacherError
+    from datamodules.errors import DataError
+
+    return (UserError, UnknownMethodError, UnknownProfileError, TeacherError, DataError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m bench_suite``; returns the exit status."""
+    parser = build_parser()
+    cfg = parser.parse_args(list(argv) if argv is not None else None)
+    command = cfg.command
+    sub_cfg = cfg[command]
+    if "devices" in sub_cfg:
+        sub_cfg.devices = _devices(sub_cfg.devices)
+    try:
+        COMMANDS[command](sub_cfg)
+    except _user_errors() as e:
+        print(f"bench_suite: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench_suite: interrupted; finished configurations are in the store, re-run to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

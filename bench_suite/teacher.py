@@ -1,0 +1,268 @@
+"""The full-attention teacher: trained once per backbone/dataset/seed, cached by a hash of its config.
+
+As in the paper, which fine-tunes every method from a pretrained ViT, the teacher is both the
+distillation target and the initialisation of every method. Where the teacher comes from, in order:
+
+1. ``--teacher PATH``: a checkpoint the user names (a Lightning checkpoint of the ``full`` method, or
+   the slim export this module writes);
+2. the cache ``<output>/teachers/<profile>-<dataset>-seed<seed>-<key>/teacher.ckpt``;
+3. a teacher shipped inside the package (``bench_suite/assets/teachers/``) whose manifest has the
+   same config key;
+4. training it now (``python -m bench_suite teacher`` does only this step).
+
+Its top-1 accuracy is re-measured on every run; a manifest's number is never reported.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench_suite.backbones import create_backbone, get_profile
+
+__all__ = ["TeacherError", "TeacherRecipe", "TEACHER_RECIPES", "teacher_key", "load_teacher_checkpoint",
+           "export_checkpoint", "shipped_teachers", "ASSETS_DIR", "file_sha256"]
+
+ASSETS_DIR = Path(__file__).parent / "assets" / "teachers"
+FORMAT = "bench_suite.teacher/1"
+
+
+class TeacherError(RuntimeError):
+    """A teacher checkpoint is unreadable or does not fit the requested backbone/dataset."""
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """How the full-attention teacher is trained from scratch (all settings enter the cache key).
+
+    Attributes:
+        epochs: passes over the training split.
+        lr: peak AdamW learning rate (cosine schedule, linear warm-up).
+        weight_decay: AdamW weight decay.
+        warmup_frac: fraction of steps of linear warm-up.
+        label_smoothing: cross-entropy label smoothing.
+        batch_size: images per batch.
+        drop_path_rate: stochastic depth of the backbone while training the teacher.
+    """
+
+    epochs: int = 12
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    label_smoothing: float = 0.1
+    batch_size: int = 128
+    drop_path_rate: float = 0.05
+
+
+TEACHER_RECIPES: dict[str, TeacherRecipe] = {
+    "mini": TeacherRecipe(),
+    "tiny": TeacherRecipe(epochs=1, lr=2e-3, drop_path_rate=0.0),
+}
+
+
+def teacher_key(profile: str, data: dict[str, Any], seed: int, recipe: TeacherRecipe) -> str:
+    """12-hex-digit hash of everything that defines a teacher (profile, data split, seed, recipe)."""
+    data = {k: v for k, v in data.items() if k not in ("batch_size", "data_dir")}
+    blob = json.dumps({"profile": profile, "data": data, "seed": seed, "recipe": asdict(recipe)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise TeacherError(f"teacher checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means unreadable
+        raise TeacherError(f"teacher checkpoint {path} is unreadable: {type(e).__name__}: {str(e).splitlines()[0]}") \
+            from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise TeacherError(f"{path} is not a bench_suite/Lightning checkpoint (no 'state_dict')")
+    return ckpt
+
+
+def load_teacher_checkpoint(path: str | Path, profile: str, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the profile's backbone and load the teacher weights from ``path``.
+
+    Accepts a Lightning checkpoint of the ``full`` method (keys ``model.*``) or the slim export of
+    :func:`export_checkpoint`.
+
+    Returns:
+        ``(model, meta)``: the backbone in eval mode and the checkpoint's ``bench_suite`` metadata.
+
+    Raises:
+        TeacherError: if the file is missing or unreadable, was made for another profile or number of
+            classes, or its weights do not fit the backbone.
+    """
+    path = Path(path)
+    ckpt = _read_checkpoint(path)
+    meta = dict(ckpt.get("bench_suite", {}))
+    if meta.get("profile") not in (None, profile):
+        raise TeacherError(f"teacher {path} was trained for profile {meta['profile']!r}, not {profile!r}")
+    if meta.get("num_classes") not in (None, num_classes):
+        raise TeacherError(f"teacher {path} has {meta['num_classes']} classes, the data has {num_classes}")
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if not state:
+        raise TeacherError(f"{path} holds no backbone weights (no 'model.*' keys)")
+    model = create_backbone(get_profile(profile), num_classes=num_classes)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        some = (result.missing_keys + result.unexpected_keys)[:3]
+        raise TeacherError(f"teacher {path} does not fit profile {profile!r}: mismatched weights {some}")
+    for name, p in model.state_dict().items():
+        if p.shape != state[name].shape:
+            raise TeacherError(f"teacher {path} does not fit profile {profile!r}: {name} has shape "
+                               f"{tuple(state[name].shape)}, expected {tuple(p.shape)}")
+    return model.eval(), meta
+
+
+def export_checkpoint(lightning_ckpt: str | Path, out: str | Path, meta: dict[str, Any]) -> Path:
+    """Write the slim teacher checkpoint (backbone weights + hyperparameters + ``meta``), without the
+    optimizer state, so that it can be shipped or cached."""
+    ckpt = _read_checkpoint(Path(lightning_ckpt))
+    slim = {
+        "format": FORMAT,
+        "state_dict": {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")},
+        "hyper_parameters": dict(ckpt.get("hyper_parameters", {})),
+        "bench_suite": meta,
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    torch.save(slim, tmp)
+    tmp.replace(out)
+    return out
+
+
+def shipped_teachers() -> list[dict[str, Any]]:
+    """Manifests of the teachers shipped in the package, each with its ``path``."""
+    out = []
+    for manifest in sorted(ASSETS_DIR.glob("*/manifest.json")):
+        info = json.loads(manifest.read_text())
+        info["path"] = str(manifest.parent / info.get("file", "teacher.ckpt"))
+        out.append(info)
+    return out
+
+
+def find_shipped(key: str) -> Path | None:
+    """Path of a shipped teacher whose manifest has config key ``key`` and whose sha256 matches."""
+    for info in shipped_teachers():
+        p = Path(info["path"])
+        if info.get("key") == key and p.is_file() and file_sha256(p) == info.get("sha256"):
+            return p
+    return None
+
+
+def install_shipped(src: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return dest
+
+
+def teacher_dir(output: str | Path, profile: str, dataset: str, seed: int, key: str) -> Path:
+    """Cache folder of one teacher under the output folder."""
+    return Path(output) / "teachers" / f"{profile}-{dataset}-seed{seed}-{key}"
+
+
+def train_teacher(profile: str, datamodule, seed: int, output: str | Path, settings,
+                  recipe: TeacherRecipe | None = None, command: str = "") -> Path:
+    """Train the full-attention teacher from scratch (resumable), write its slim checkpoint and a
+    manifest (command, seed, data, measured top-1, sha256, wall time) into the cache folder.
+
+    Args:
+        profile: backbone profile name.
+        datamodule: the dataset's LightningDataModule (its ``describe()`` enters the key).
+        seed: global seed (``pytorch_lightning.seed_everything``).
+        output: results folder; the teacher goes to ``<output>/teachers/...``.
+        settings: :class:`bench_suite.training.TrainSettings` (its ``epochs`` is replaced by the recipe's).
+        recipe: training recipe; defaults to ``TEACHER_RECIPES[profile]``.
+        command: the command line to record in the manifest.
+
+    Returns:
+        Path of the slim ``teacher.ckpt``.
+    """
+    import time
+    from dataclasses import replace
+
+    import pytorch_lightning as pl
+
+    from bench_suite.training import fit_and_test
+    from bench_suite.versions import versions
+    from methods.full import FullAttention
+
+    recipe = recipe or TEACHER_RECIPES.get(profile, TeacherRecipe())
+    datamodule.batch_size = recipe.batch_size
+    data = datamodule.describe()
+    key = teacher_key(profile, data, seed, recipe)
+    folder = teacher_dir(output, profile, data["dataset"], seed, key)
+    folder.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    datamodule.setup()
+    backbone = create_backbone(profile, num_classes=datamodule.num_classes, drop_path_rate=recipe.drop_path_rate)
+    module = FullAttention(backbone, lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_frac=recipe.warmup_frac,
+                           label_smoothing=recipe.label_smoothing, distill_logits=0.0)
+    start = time.perf_counter()
+    metrics = fit_and_test(module, datamodule, folder / "run", replace(settings, epochs=recipe.epochs))
+    seconds = time.perf_counter() - start
+    meta = {"profile": profile, "num_classes": datamodule.num_classes, "key": key, "seed": seed, "data": data,
+            "recipe": asdict(recipe)}
+    out = export_checkpoint(folder / "run" / "checkpoints" / "last.ckpt", folder / "teacher.ckpt", meta)
+    manifest = {**meta, "file": "teacher.ckpt", "sha256": file_sha256(out), "command": command,
+                "test_top1_at_creation": metrics.get("test/top1"), "val_top1_at_creation": metrics.get("val/top1"),
+                "train_seconds": round(seconds, 1), "versions": versions(),
+                "note": "top-1 here is a record of creation only; every run re-measures the teacher"}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return out
+
+
+def resolve_teacher(profile: str, datamodule, seed: int, output: str | Path, settings,
+                    teacher_path: str | Path | None = None, train_if_missing: bool = True,
+                    log=print) -> tuple[nn.Module, dict[str, Any]]:
+    """Find or make the teacher (see the module docstring for the order) and load it.
+
+    Returns:
+        ``(model, info)`` with ``info = {"path", "source", "key", "sha256"}``.
+
+    Raises:
+        TeacherError: if a given checkpoint is unreadable or mismatched, or no teacher exists and
+            ``train_if_missing`` is false.
+    """
+    recipe = TEACHER_RECIPES.get(profile, TeacherRecipe())
+    data = datamodule.describe()
+    key = teacher_key(profile, data, seed, recipe)
+    if teacher_path is not None:
+        path, source = Path(teacher_path), "given"
+    else:
+        folder = teacher_dir(output, profile, data["dataset"], seed, key)
+        path, source = folder / "teacher.ckpt", "cache"
+        if not path.is_file():
+            shipped = find_shipped(key)
+            if shipped is not None:
+                install_shipped(shipped, path)
+                manifest = shipped.parent / "manifest.json"
+                if manifest.is_file():
+                    shutil.copyfile(manifest, folder / "manifest.json")
+                source = "shipped"
+            elif train_if_missing:
+                log(f"no cached teacher for {profile}/{data['dataset']}/seed {seed} (key {key}): training it now")
+                train_teacher(profile, datamodule, seed, output, settings, recipe,
+                              command=f"python -m bench_suite teacher --profile {profile} --seed {seed}")
+                source = "trained"
+            else:
+                raise TeacherError(f"no teacher for {profile}/{data['dataset']}/seed {seed} (key {key}); "
+                                   f"run 'python -m bench_suite teacher --profile {profile} --seed {seed}'")
+    model, meta = load_teacher_checkpoint(path, profile, datamodule.num_classes)
+    return model, {"path": str(path), "source": source, "key": meta.get("key", key), "sha256": file_sha256(path)}

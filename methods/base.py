@@ -1,0 +1,200 @@
+"""The LightningModule every method shares.
+
+The typed ``__init__`` is the config (Lightning saves it with ``save_hyperparameters``); the backbone
+and the teacher are passed in, never built inside. Subclasses patch the backbone in :meth:`adapt`
+and add their own loss terms in :meth:`extra_losses`.
+
+Objective (Sparsifiner paper eq. 7-9, and the distillation used by EViT/DynamicViT fine-tuning)::
+
+    L = CE(y_pred, y) + distill_logits * KL(y_pred || y_teacher) + distill_tokens * MSE(x, x_teacher)
+        + (method terms)
+
+with ``KL`` computed as in DeiT/DynamicViT: ``KL(log_softmax(student/T), log_softmax(teacher/T)) * T^2``
+averaged over the batch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+__all__ = ["BenchModule", "ForwardOutput", "check_keep_rate"]
+
+
+def check_keep_rate(keep_rate: float) -> float:
+    """Validate a keep rate.
+
+    Raises:
+        ValueError: if ``keep_rate`` is not a number in (0, 1].
+    """
+    if not isinstance(keep_rate, (int, float)) or not 0.0 < float(keep_rate) <= 1.0 or math.isnan(keep_rate):
+        raise ValueError(f"keep rate must lie in (0, 1], got {keep_rate!r}")
+    return float(keep_rate)
+
+
+class ForwardOutput(dict):
+    """What a forward pass exposes to the losses: ``logits [B, K]``, ``tokens [B, N, C]`` (after the final
+    norm) and any method-specific entries (attention maps, policies, ...)."""
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self["logits"]
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self["tokens"]
+
+
+class BenchModule(pl.LightningModule):
+    """Base LightningModule of every method.
+
+    Args:
+        backbone: a timm ``VisionTransformer`` (see :mod:`bench_suite.backbones`); it is patched in
+            place by :meth:`adapt`.
+        keep_rate: the method's keep rate in (0, 1] (token keep rate or attention keep rate; 1.0 is
+            the no-op setting and must reproduce full attention).
+        teacher: frozen full-attention model for distillation (``None`` disables distillation).
+        lr: peak learning rate of AdamW.
+        min_lr: final learning rate of the cosine schedule.
+        weight_decay: AdamW weight decay (not applied to norms, biases, tokens, position embeddings).
+        warmup_frac: fraction of the training steps with linear warm-up.
+        label_smoothing: label smoothing of the cross-entropy.
+        distill_logits: weight of the logit distillation KL(student || teacher) (paper eq. 9).
+        distill_tokens: weight of the token distillation MSE of final tokens (paper eq. 8).
+        distill_temperature: softmax temperature of the logit distillation.
+
+    Raises:
+        ValueError: for a keep rate outside (0, 1].
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        keep_rate: float = 1.0,
+        teacher: nn.Module | None = None,
+        lr: float = 5e-4,
+        min_lr: float = 1e-6,
+        weight_decay: float = 0.05,
+        warmup_frac: float = 0.05,
+        label_smoothing: float = 0.0,
+        distill_logits: float = 0.5,
+        distill_tokens: float = 0.0,
+        distill_temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        check_keep_rate(keep_rate)
+        self.save_hyperparameters(ignore=["backbone", "teacher"])
+        self.keep_rate = float(keep_rate)
+        self.model = backbone
+        self.adapt(self.model)
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        num_classes = int(getattr(backbone, "num_classes", 0)) or 10
+        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.test_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+
+    # ---------------------------------------------------------------- method hooks
+    def adapt(self, model: nn.Module) -> None:
+        """Patch the backbone in place for this method (no-op for full attention)."""
+
+    def extra_losses(self, out: ForwardOutput, teacher_out: ForwardOutput | None,
+                     batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Method-specific loss terms, already weighted, keyed by a short name (logged as ``train/<name>``)."""
+        return {}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups over the trainable parameters (timm's no-weight-decay rule)."""
+        no_wd = getattr(self.model, "no_weight_decay", lambda: set())()
+        groups = param_groups_weight_decay(self.model, self.hparams.weight_decay, no_weight_decay_list=no_wd)
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+        return [g for g in groups if g["params"]]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, H, W]`` -> logits ``[B, K]``."""
+        return self.model(x)
+
+    def forward_train(self, x: torch.Tensor) -> ForwardOutput:
+        """Student forward for the losses: logits and final tokens (plus method entries)."""
+        tokens = self.model.forward_features(x)
+        return ForwardOutput(logits=self.model.forward_head(tokens), tokens=tokens)
+
+    @torch.no_grad()
+    def forward_teacher(self, x: torch.Tensor) -> ForwardOutput | None:
+        """Teacher forward (no gradients); ``None`` without a teacher."""
+        if self.teacher is None:
+            return None
+        self.teacher.eval()
+        tokens = self.teacher.forward_features(x)
+        return ForwardOutput(logits=self.teacher.forward_head(tokens), tokens=tokens)
+
+    # ---------------------------------------------------------------- losses
+    def losses(self, out: ForwardOutput, teacher_out: ForwardOutput | None,
+               batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """All weighted loss terms; their sum is the training loss."""
+        hp = self.hparams
+        _, y = batch
+        terms = {"ce": F.cross_entropy(out.logits, y, label_smoothing=hp.label_smoothing)}
+        if teacher_out is not None and hp.distill_logits > 0:
+            t = hp.distill_temperature
+            kl = F.kl_div(F.log_softmax(out.logits / t, -1), F.log_softmax(teacher_out.logits / t, -1),
+                          reduction="batchmean", log_target=True) * t * t
+            terms["kl"] = hp.distill_logits * kl
+        if teacher_out is not None and hp.distill_tokens > 0 and out.tokens.shape == teacher_out.tokens.shape:
+            terms["token_mse"] = hp.distill_tokens * F.mse_loss(out.tokens, teacher_out.tokens)
+        terms.update(self.extra_losses(out, teacher_out, batch))
+        return terms
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        terms = self.losses(self.forward_train(x), self.forward_teacher(x), batch)
+        loss = torch.stack(list(terms.values())).sum()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
+        for k, v in terms.items():
+            self.log(f"train/{k}", v, batch_size=len(x))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_top1.update(self(x), y)
+        self.log("val/top1", self.val_top1, prog_bar=True, on_epoch=True, on_step=False, batch_size=len(x))
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_top1.update(self(x), y)
+        self.log("test/top1", self.test_top1, on_epoch=True, on_step=False, batch_size=len(x))
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        warmup = int(hp.warmup_frac * total)
+        floor = hp.min_lr / hp.lr if hp.lr > 0 else 0.0
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total - warmup)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---------------------------------------------------------------- reporting
+    def mhsa_flops_paper_convention(self, n_tokens: int, depth: int, dim: int) -> float | None:
+        """MHSA FLOPs under the paper's hand-counting convention, where it differs from the measured
+        count (token-pruning methods); ``None`` when the measured count is the paper's count."""
+        return None
+
+    def sparsity_report(self) -> dict[str, float]:
+        """Method-specific measured statistics to store with a result (e.g. sparsity ratios)."""
+        return {}
