@@ -1,6 +1,7 @@
 """Efficient-attention methods, each a LightningModule registered with
 :func:`bench_suite.registry.register_method`. Importing this package registers the built-in ones."""
 from methods import full  # noqa: F401  (registers "full")
+from methods import evit  # noqa: F401  (registers "evit")
 from methods.base import BenchModule, ForwardOutput, check_keep_rate
 
 __all__ = ["BenchModule", "ForwardOutput", "check_keep_rate"]
