@@ -1,0 +1,137 @@
+"""Linformer: low-rank self-attention (Wang et al., "Linformer: Self-Attention with Linear Complexity",
+2020, sec. 4 eq. 7), the low-rank baseline of the Sparsifiner paper's Table 4.
+
+Keys and values are projected along the token axis by learned matrices ``E, F`` of shape ``[k, N]``::
+
+    head_h = softmax(Q_h (E K_h)^T / sqrt(d)) (F V_h)        # [B, N, d]
+
+so each query attends to ``k`` mixed "landmark" keys instead of ``N`` tokens.
+
+Decisions (documented, switchable where useful):
+* Sharing: one ``E`` and one ``F`` per layer, shared across the heads (Linformer's "headwise sharing";
+  the Sparsifiner repository's ``src/models/linformer.py`` baseline, ``share_kv_proj=False``).
+  ``share_kv=True`` ties ``F = E`` (Linformer's key-value sharing).
+* Initialisation: for ``k < N`` each entry ~ ``U(-1/sqrt(k), 1/sqrt(k))`` (the Sparsifiner and
+  lucidrains/linformer initialisation); for ``k = N``, ``E = F = I`` so that keep rate 1.0 reproduces
+  full attention exactly. Everything else (QKV, projections, MLPs, head) comes from the backbone the
+  runner passes in (initialised from the teacher).
+* Budget: ``k`` directly, or ``k = ceil(keep_rate * N)`` (:func:`bench_suite.backbones.keep_count`),
+  the same rule as Sparsifiner's attention budget ``B``, so Table 4's "same budget" comparison is one
+  flag (the paper sets Linformer's ``k`` to Sparsifiner-S's budget).
+* ``E``/``F`` live inside ``blocks.<i>.attn`` (parameters ``attn.E``, ``attn.F``), so the FLOP counter
+  attributes ``E K`` and ``F V`` to MHSA: per layer ``4 N k D`` multiply-accumulates (``E K``, ``F V``,
+  ``Q (E K)^T``, ``A (F V)``) against dense attention's ``2 N^2 D``. The projections are written as
+  batched matmuls with equal batch shapes so that fvcore counts them exactly.
+* The token count is fixed by ``E``/``F``: an input with another number of tokens raises.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from timm.layers import Attention
+from torch import nn
+
+from bench_suite.backbones import keep_count, num_tokens
+from bench_suite.registry import register_method
+from methods.adapter import merge_heads, split_heads, swap_class
+from methods.base import BenchModule
+
+__all__ = ["Linformer", "LinformerAttention", "init_projection"]
+
+
+def init_projection(k: int, n: int) -> torch.Tensor:
+    """A fresh ``[k, n]`` token projection: the identity when ``k == n``, otherwise
+    ``U(-1/sqrt(k), 1/sqrt(k))`` (Sparsifiner / lucidrains Linformer init).
+
+    Raises:
+        ValueError: unless ``1 <= k <= n``.
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"Linformer needs 1 <= k <= N, got k={k}, N={n}")
+    if k == n:
+        return torch.eye(n)
+    bound = 1.0 / math.sqrt(k)
+    return torch.empty(k, n).uniform_(-bound, bound)
+
+
+class LinformerAttention(Attention):
+    """timm ``Attention`` with Linformer's projected keys and values (paper eq. 7).
+
+    Attributes set by :func:`methods.adapter.swap_class`: ``E`` and ``F``, ``nn.Parameter [k, N]``
+    (the same parameter when key-value sharing is on).
+
+    Shapes: ``x [B, N, C]`` -> ``[B, N, C]``; attention probabilities ``[B, H, N, k]``.
+
+    Raises:
+        ValueError: if the input does not have the ``N`` tokens the projections were built for.
+        NotImplementedError: for ``attn_mask``/``is_causal`` (no meaning after mixing the tokens).
+    """
+
+    E: nn.Parameter
+    F: nn.Parameter
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("Linformer attention does not support attn_mask/is_causal")
+        b, n, _ = x.shape
+        k_dim, n_proj = self.E.shape
+        if n != n_proj:
+            raise ValueError(f"Linformer projections were built for {n_proj} tokens, got {n}")
+        q, k, v = split_heads(self, x)                                    # [B, H, N, d]
+        h = q.shape[1]
+        # [B, H, k, N] @ [B, H, N, d]: equal batch shapes, so fvcore counts B*H*k*N*d MACs each.
+        k_low = self.E.expand(b, h, k_dim, n) @ k                         # E K: [B, H, k, d]
+        v_low = self.F.expand(b, h, k_dim, n) @ v                         # F V: [B, H, k, d]
+        probs = ((q * self.scale) @ k_low.transpose(-2, -1)).softmax(dim=-1)  # [B, H, N, k]
+        return merge_heads(self, self.attn_drop(probs) @ v_low)          # [B, N, C]
+
+
+@register_method("linformer", keep_rates=(0.5, 0.25, 0.1),
+                 description="Linformer low-rank attention: keys/values projected to k = ceil(keep*N) tokens")
+class Linformer(BenchModule):
+    """Linformer low-rank attention (Wang et al., 2020) on a timm ViT, Sparsifiner Table 4's baseline.
+
+    Args:
+        backbone: timm ``VisionTransformer`` (teacher-initialised by the runner), patched in place.
+        keep_rate: sets ``k = ceil(keep_rate * N)`` when ``k`` is not given (1.0: ``k = N``, identity
+            projections, exactly full attention at initialisation).
+        teacher: frozen full-attention model for distillation.
+        k: the low-rank dimension directly (overrides ``keep_rate`` for the projections).
+        share_kv: tie ``F = E`` (Linformer key-value sharing); default separate ``E``, ``F``.
+        distill_tokens: final-token MSE weight; 0.5 as Sparsifiner's phase 2, since Table 4 trains
+            both models under identical settings.
+        **kwargs: further :class:`methods.base.BenchModule` settings.
+
+    Raises:
+        ValueError: for a keep rate outside (0, 1] or ``k`` outside ``[1, N]``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        keep_rate: float = 0.5,
+        teacher: nn.Module | None = None,
+        k: int | None = None,
+        share_kv: bool = False,
+        distill_tokens: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+            raise ValueError(f"k must be an int or None, got {k!r}")
+        self._k_arg, self._share_kv = k, bool(share_kv)
+        super().__init__(backbone, keep_rate=keep_rate, teacher=teacher, distill_tokens=distill_tokens, **kwargs)
+
+    def adapt(self, model: nn.Module) -> None:
+        self.n_tokens = num_tokens(model)
+        self.k = int(self._k_arg) if self._k_arg is not None else keep_count(self.keep_rate, self.n_tokens)
+        init_projection(self.k, self.n_tokens)  # validates 1 <= k <= N before anything is patched
+        for blk in model.blocks:
+            e = nn.Parameter(init_projection(self.k, self.n_tokens).to(blk.attn.qkv.weight))
+            f = e if self._share_kv else nn.Parameter(init_projection(self.k, self.n_tokens).to(blk.attn.qkv.weight))
+            swap_class(blk.attn, LinformerAttention, E=e, F=f)
+
+    def sparsity_report(self) -> dict[str, float]:
+        """The low-rank dimension ``k`` and ``k / N`` (the attention keep rate actually used)."""
+        return {"k": float(self.k), "k_over_n": self.k / self.n_tokens}
