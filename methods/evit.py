@@ -326,9 +326,18 @@ class EViT(BenchModule):
     def adapt(self, model: nn.Module) -> None:
         apply_evit(model, self.keep_rate, self._evit_stages_arg)
 
+    def paper_mhsa_flops(self) -> float | None:
+        """MHSA FLOPs per image of this backbone under the paper's hand count
+        (:func:`evit_paper_mhsa_flops`, absolute FLOPs, 1 MAC = 1 FLOP); ``None`` at keep rate 1.0, where
+        nothing is pruned and the measured dense count is the paper's."""
+        if self.keep_rate >= 1.0:
+            return None
+        return evit_paper_mhsa_flops(num_tokens(self.model), len(self.model.blocks), int(self.model.embed_dim),
+                                     self.keep_rate, self.model.evit_stages)
+
     def mhsa_flops_paper_convention(self, n_tokens: int, depth: int, dim: int) -> float | None:
-        """The paper's hand-counted MHSA FLOPs (:func:`evit_paper_mhsa_flops`, absolute FLOPs);
-        ``None`` at keep rate 1.0, where nothing is pruned and the measured dense count is the paper's."""
+        """:meth:`paper_mhsa_flops` for a given geometry (``n_tokens`` incl. CLS, ``depth`` blocks, width
+        ``dim``); the model's own stages when ``depth`` is its depth, else the default stages."""
         if self.keep_rate >= 1.0:
             return None
         stages = self.model.evit_stages if depth == len(self.model.blocks) else None

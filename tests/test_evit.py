@@ -90,6 +90,9 @@ def test_deit_s_measured_tokens_match_reference_mhsa_flops() -> None:
         assert round(2 * 384 * sum(t * t for t in seen) / 1e6, 2) == mflops
     for h in hooks:
         h.remove()
+    module = EViT(model, keep_rate=0.7)  # the method's paper-convention hook on the same geometry
+    assert round(module.paper_mhsa_flops() / 1e6, 1) == 193.1
+    assert module.paper_mhsa_flops() == evit_paper_mhsa_flops(197, 12, 384, 0.7)
 
 
 def test_paper_convention_mhsa_flops_closed_form() -> None:
