@@ -1,0 +1,282 @@
+"""Tests of the Pareto tables and plots (bench_suite.report), on synthetic rows made here."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_rgba
+
+from bench_suite.report import (X_AXES, ReportError, method_palette, pareto_figure, pareto_front, pareto_table, plot_pareto,
+                                summary_text, write_report, write_table)
+from bench_suite.store import ResultsStore, config_key
+
+# (method, keep rate, measured MHSA MFLOPs, top-1 %): sparsifiner dominates evit at equal FLOPs,
+# full is the most accurate, evit@0.5 is the cheapest.
+POINTS = [("full", 1.0, 0.07398, 82.0), ("evit", 0.5, 0.02, 70.0), ("evit", 0.7, 0.04, 74.0),
+          ("sparsifiner", 0.7, 0.04, 76.0), ("sparsifiner", 0.9, 0.06, 81.0), ("dynamicvit", 0.7, 0.05, 75.0)]
+FRONT = {("full", 1.0), ("evit", 0.5), ("sparsifiner", 0.7), ("sparsifiner", 0.9)}
+
+
+def make_row(method, keep_rate, mflops, top1, profile="tiny", dataset="fashion_mnist", status="ok", seed=0):
+    config = {"method": method, "keep_rate": keep_rate, "profile": profile, "dataset": dataset, "seed": seed}
+    metrics = {"top1": top1, "mhsa_mflops": mflops, "mhsa_mflops_paper": mflops * 1.1 if method != "full" else mflops,
+               "total_gflops": 0.5 + mflops, "img_per_s": 5000.0 / (1 + 10 * mflops),
+               "latency_ms_median": 2.0 + 30 * mflops, "peak_mib": 100.0}
+    units = {"top1": "%", "mhsa_mflops": "MFLOPs", "mhsa_mflops_paper": "MFLOPs", "total_gflops": "GFLOPs",
+             "img_per_s": "img/s", "latency_ms_median": "ms", "peak_mib": "MiB"}
+    return {"key": config_key(config), "status": status, "method": method, "keep_rate": keep_rate,
+            "profile": profile, "dataset": dataset, "seed": seed, "config": config,
+            "metrics": metrics if status == "ok" else {k: None for k in metrics}, "units": units,
+            "versions": {"torch": "2.14.1"}, "git": "0123456789ab", "error": None if status == "ok" else "boom"}
+
+
+@pytest.fixture
+def store_dir(tmp_path):
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        for p in POINTS:
+            store.put(make_row(*p))
+        store.put(make_row("linformer", 0.3, 0.01, None, status="failed"))
+        for p in POINTS[:3]:  # a second group
+            store.put(make_row(*p, profile="mini"))
+    return tmp_path
+
+
+def rows_of(store_dir, **filters):
+    with ResultsStore(store_dir / "results.sqlite") as store:
+        return store.rows(**filters)
+
+
+# ------------------------------------------------------------------ pareto_front
+
+def test_pareto_front_hand_made_points_with_ties_and_nan():
+    df = pd.DataFrame({
+        "mhsa_mflops": [1.0, 2.0, 2.0, 3.0, 1.0, np.nan, 4.0, 5.0, 0.5],
+        "top1":        [70., 75., 74., 75., 70., 99.0, np.nan, 80., 60.],
+    }, index=list("ABCDEFGHI"))
+    front = pareto_front(df)
+    # C: same cost as B, less accurate; D: as accurate as B, costlier; A and E are identical (a tie:
+    # neither dominates); F and G have a NaN (never on it, F's 99% must not dominate anything).
+    assert front.to_dict() == {"A": True, "B": True, "C": False, "D": False, "E": True, "F": False,
+                               "G": False, "H": True, "I": True}
+    assert front.dtype == bool and front.name == "pareto"
+
+
+def test_pareto_front_throughput_is_higher_is_better():
+    df = pd.DataFrame({"img_per_s": [100.0, 200.0, 150.0], "top1": [80.0, 80.0, 79.0]})
+    assert pareto_front(df, x="img_per_s").tolist() == [False, True, False]
+    # forced lower-is-better: (100, 80) is cheapest and best, it dominates both others
+    assert pareto_front(df, x="img_per_s", lower_x_is_better=True).tolist() == [True, False, False]
+
+
+def test_pareto_front_matches_definition_on_random_points():
+    rng = random.Random(0)
+    # few distinct values so that ties on x, on y and on both are frequent
+    pts = [(rng.choice([1, 2, 3, 4, 5, np.nan]), rng.choice([60, 65, 70, 75, np.nan])) for _ in range(60)]
+    df = pd.DataFrame(pts, columns=["mhsa_mflops", "top1"])
+
+    def dominated(i):
+        xi, yi = pts[i]
+        return any(xj <= xi and yj >= yi and (xj < xi or yj > yi) for j, (xj, yj) in enumerate(pts) if j != i
+                   and not (np.isnan(xj) or np.isnan(yj)))
+
+    expected = [not (np.isnan(x) or np.isnan(y)) and not dominated(i) for i, (x, y) in enumerate(pts)]
+    assert pareto_front(df).tolist() == expected
+    assert any(expected) and not all(expected)
+
+
+def test_pareto_front_unknown_column_lists_allowed():
+    with pytest.raises(ValueError, match="mhsa_mflops.*img_per_s"):
+        pareto_front(pd.DataFrame({"top1": [1.0]}), x="flops")
+
+
+# ------------------------------------------------------------------ table
+
+def test_pareto_table_columns_frontier_and_filtering(store_dir):
+    table = pareto_table(rows_of(store_dir, profile="tiny"))
+    assert list(table.columns) == ["method", "keep_rate", "mhsa_mflops", "mhsa_mflops_paper", "total_gflops",
+                                   "top1", "img_per_s", "latency_ms", "peak_mib", "pareto"]
+    assert "linformer" not in set(table["method"])  # failed rows are left out ...
+    assert table.attrs["n_failed"] == 1  # ... and counted
+    assert table.attrs["profile"] == "tiny" and table.attrs["dataset"] == "fashion_mnist"
+    assert table["mhsa_mflops"].is_monotonic_increasing
+    on = {(m, k) for m, k, p in zip(table["method"], table["keep_rate"], table["pareto"]) if p == "yes"}
+    assert on == FRONT
+    assert set(table["pareto"]) == {"yes", "no"}
+    lat = dict(zip(table["method"] + table["keep_rate"].astype(str), table["latency_ms"]))
+    assert lat["full1.0"] == pytest.approx(2.0 + 30 * 0.07398)  # latency_ms is the stored median
+
+
+def test_pareto_table_keeps_latest_row_per_key_and_other_axes(store_dir):
+    rows = rows_of(store_dir, profile="tiny")
+    stale = rows[rows["method"] == "full"].copy()
+    stale["created"] = "2000-01-01T00:00:00+00:00"
+    stale["top1"] = 10.0
+    table = pareto_table(pd.concat([rows, stale], ignore_index=True))
+    assert (table["method"] == "full").sum() == 1
+    assert table.loc[table["method"] == "full", "top1"].item() == 82.0
+    # throughput: higher is better, sorted descending, the fastest config is on the frontier
+    t = pareto_table(rows, x="img_per_s")
+    assert t["img_per_s"].is_monotonic_decreasing and t["pareto"].iloc[0] == "yes"
+    assert set(pareto_table(rows, x="latency_ms").query("pareto == 'yes'")["method"]) >= {"full", "evit"}
+
+
+def test_pareto_table_errors(store_dir):
+    rows = rows_of(store_dir)
+    with pytest.raises(ValueError, match="several .profile, dataset. groups"):
+        pareto_table(rows)
+    with pytest.raises(ValueError, match="allowed: mhsa_mflops, mhsa_mflops_paper, total_gflops"):
+        pareto_table(rows, x="params")
+    with pytest.raises(ValueError, match="status 'ok'"):
+        pareto_table(rows[rows["status"] == "failed"])
+    bad = rows[rows["profile"] == "mini"].copy()
+    bad["units"] = [{**u, "top1": "fraction"} for u in bad["units"]]
+    with pytest.raises(ValueError, match="top1.*fraction"):
+        pareto_table(bad)
+
+
+# ------------------------------------------------------------------ files
+
+def test_write_report_writes_md_csv_png_pdf(store_dir):
+    paths = write_report(store_dir)
+    names = sorted(p.name for p in paths)
+    assert names == sorted(f"pareto_{p}_fashion_mnist.{e}" for p in ("tiny", "mini") for e in ("md", "csv", "png", "pdf"))
+    for p in paths:
+        assert p.is_file() and p.stat().st_size > 0 and p.parent == store_dir
+
+    # the CSV round-trips the table's values at full precision
+    csv = pd.read_csv(store_dir / "pareto_tiny_fashion_mnist.csv")
+    table = pareto_table(rows_of(store_dir, profile="tiny"))
+    pd.testing.assert_frame_equal(csv, table, check_exact=True, check_dtype=False)
+
+    md = (store_dir / "pareto_tiny_fashion_mnist.md").read_text()
+    header = md.splitlines()[0]
+    for h in ("Method", "Keep rate", "MHSA (MFLOPs)", "MHSA, paper rule (MFLOPs)", "Top-1 (%)",
+              "Throughput (img/s)", "Latency (ms)", "Peak mem. (MiB)", "Pareto"):
+        assert h in header
+    caption = md.strip().splitlines()[-1]
+    assert caption.startswith("Table:") and "`tiny`" in caption and "`fashion_mnist`" in caption
+    assert "measured on this run" in caption and "1 failed" in caption
+    assert "| sparsifiner |" in md and "0.07398" in md and "82.00" in md  # 4 significant digits, 2 for top-1
+
+    png = (store_dir / "pareto_tiny_fashion_mnist.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image as mpimg
+    img = mpimg.imread(store_dir / "pareto_tiny_fashion_mnist.png")
+    assert img.shape[0] > 500 and img.shape[1] > 800  # 5.0 x 3.6 in at dpi 200
+    assert img[..., :3].std() > 0.05  # not a blank canvas
+    assert (store_dir / "pareto_tiny_fashion_mnist.pdf").read_bytes()[:5] == b"%PDF-"
+
+    # filters and another x axis give their own stems
+    only = write_report(store_dir, x="latency_ms", profile="mini")
+    assert sorted(p.name for p in only) == sorted(f"pareto_mini_fashion_mnist_latency_ms.{e}"
+                                                   for e in ("md", "csv", "png", "pdf"))
+
+
+def test_write_report_errors(tmp_path, store_dir):
+    with pytest.raises(ReportError, match="no results store"):  # a ValueError the CLI can print as one line
+        write_report(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+    with pytest.raises(ValueError, match="none with status 'ok'"):
+        write_report(store_dir, dataset="imagenet")
+    with pytest.raises(ValueError, match="allowed"):
+        write_report(store_dir, x="accuracy")
+    failed_only = tmp_path / "failed"
+    with ResultsStore(failed_only / "results.sqlite") as store:
+        store.put(make_row("evit", 0.5, 0.02, None, status="failed"))
+    with pytest.raises(ValueError, match="none with status 'ok'"):
+        write_report(failed_only)
+
+
+def test_markdown_hides_paper_column_when_identical_and_empty_columns(tmp_path):
+    table = pd.DataFrame({"method": ["full", "evit"], "keep_rate": [1.0, 0.7], "mhsa_mflops": [357.66, 193.09],
+                          "mhsa_mflops_paper": [357.66, 193.09], "total_gflops": [np.nan, np.nan],
+                          "top1": [79.8, 79.5], "pareto": ["yes", "yes"]})
+    table.attrs = {"profile": "deit_s", "dataset": "imagenet", "x": "mhsa_mflops", "git": "abc", "n_failed": 0}
+    md_path, csv_path = write_table(table, tmp_path, "t")
+    md = md_path.read_text()
+    assert "paper rule" not in md.splitlines()[0] and "GFLOPs" not in md.splitlines()[0]
+    assert "357.7" in md and "193.1" in md
+    assert list(pd.read_csv(csv_path).columns) == list(table.columns)  # the CSV keeps every column
+
+
+# ------------------------------------------------------------------ plot
+
+def _point_colours(fig, table):
+    """Map each plotted point (from the seaborn scatter collection) to its facecolour."""
+    ax = fig.axes[0]
+    scatter = ax.collections[0]
+    offsets = [tuple(np.round(o, 9)) for o in scatter.get_offsets()]
+    colours = [tuple(np.round(c, 6)) for c in scatter.get_facecolors()]
+    assert len(offsets) == len(table) and len(colours) == len(table)
+    return dict(zip(offsets, colours))
+
+
+def test_plot_one_colour_per_method_and_frontier(store_dir):
+    table = pareto_table(rows_of(store_dir, profile="tiny"))
+    fig = pareto_figure(table, title="t")
+    ax = fig.axes[0]
+    by_point = _point_colours(fig, table)
+    method_colour = {}
+    for m, x, y in zip(table["method"], table["mhsa_mflops"], table["top1"]):
+        c = by_point[(round(x, 9), round(y, 9))]
+        assert method_colour.setdefault(m, c) == c  # the same colour for all points of a method
+    assert len(set(method_colour.values())) == table["method"].nunique() == 4  # distinct across methods
+
+    palette = method_palette(table["method"].unique())
+    legend = ax.get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["full", "sparsifiner", "evit", "dynamicvit", "Pareto frontier"]
+    for handle, label in zip(legend.legend_handles, labels[:-1]):
+        colour = handle.get_facecolor() if hasattr(handle, "get_facecolor") else handle.get_markerfacecolor()
+        colour = to_rgba(np.asarray(colour).reshape(-1)[:4])
+        assert np.allclose(colour[:3], to_rgba(palette[label])[:3], atol=1e-6)
+        assert np.allclose(method_colour[label][:3], to_rgba(palette[label])[:3], atol=1e-5)
+
+    # the frontier step line runs through exactly the frontier points, by increasing cost
+    steps = [ln for ln in ax.lines if ln.get_drawstyle().startswith("steps")]
+    assert len(steps) == 1
+    front = table[table["pareto"] == "yes"].sort_values("mhsa_mflops")
+    assert np.allclose(steps[0].get_xdata(), front["mhsa_mflops"]) and np.allclose(steps[0].get_ydata(), front["top1"])
+    # every point is labelled with its keep rate
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == sorted(f"{k:g}" for k in table["keep_rate"])
+    assert ax.get_xlabel() == X_AXES["mhsa_mflops"].label and ax.get_ylabel() == "Top-1 accuracy (%)"
+
+
+def test_palette_is_consistent_across_plots(store_dir, tmp_path):
+    rows = rows_of(store_dir, profile="tiny")
+    subset = pareto_table(rows[rows["method"].isin(["evit", "dynamicvit"])])
+    full_tab = pareto_table(rows)
+    c_sub = {m: c for m, c in zip(subset["method"], _colours_by_row(pareto_figure(subset), subset))}
+    c_all = {m: c for m, c in zip(full_tab["method"], _colours_by_row(pareto_figure(full_tab), full_tab))}
+    for m in ("evit", "dynamicvit"):
+        assert np.allclose(c_sub[m], c_all[m])
+    # an unknown method never reuses a built-in method's colour
+    pal = method_palette(["evit", "my_method"])
+    assert all(not np.allclose(pal["my_method"], pal[k]) for k in ("full", "sparsifiner", "evit", "dynamicvit",
+                                                                      "linformer"))
+    paths = plot_pareto(rows, "total_gflops", tmp_path / "plots", "p", "title")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in paths)
+    with pytest.raises(ValueError, match="allowed"):
+        plot_pareto(rows, "flops", tmp_path, "p", "t")
+
+
+def _colours_by_row(fig, table):
+    by_point = _point_colours(fig, table)
+    return [by_point[(round(x, 9), round(y, 9))] for x, y in zip(table["mhsa_mflops"], table["top1"])]
+
+
+def test_summary_text(store_dir):
+    table = pareto_table(rows_of(store_dir, profile="tiny"))
+    text = summary_text(table)
+    lines = text.splitlines()
+    assert "tiny / fashion_mnist" in lines[0] and "1 failed" in lines[0]
+    assert len(lines) == 1 + 2 + len(table)  # title, header, rule, one line per configuration
+    header = lines[1]
+    start = header.index("Top-1 (%)")
+    span = slice(start, start + len("Top-1 (%)"))
+    for m, k, top1, p, line in zip(table["method"], table["keep_rate"], table["top1"], table["pareto"], lines[3:]):
+        assert line.startswith(m) and f"{k:g}" in line and line.rstrip().endswith(p)
+        assert line[span].strip() == f"{top1:.2f}"  # fixed-width: values sit under their header
