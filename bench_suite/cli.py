@@ -132,10 +132,13 @@ COMMANDS = {"list": _cmd_list, "run": _cmd_run, "teacher": _cmd_teacher, "report
 def _user_errors() -> tuple[type[BaseException], ...]:
     from bench_suite.backbones import UnknownProfileError
     from bench_suite.registry import UnknownMethodError
+    from bench_suite.report import ReportError
+    from bench_suite.store import StoreCorruptError
     from bench_suite.teacher import TeacherError
     from datamodules.errors import DataError
 
-    return (UserError, UnknownMethodError, UnknownProfileError, TeacherError, DataError)
+    return (UserError, UnknownMethodError, UnknownProfileError, TeacherError, DataError, ReportError,
+            StoreCorruptError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

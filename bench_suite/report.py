@@ -62,7 +62,7 @@ X_AXES: dict[str, Axis] = {
     "mhsa_mflops": Axis("mhsa_mflops", "MHSA FLOPs (MFLOPs)"),
     "mhsa_mflops_paper": Axis("mhsa_mflops_paper", "MHSA FLOPs, paper's counting rule (MFLOPs)"),
     "total_gflops": Axis("total_gflops", "Total FLOPs (GFLOPs)"),
-    "latency_ms": Axis("latency_ms", "Latency, median (ms)"),
+    "latency_ms": Axis("latency_ms", "Latency, median (ms per batch of 64)"),
     "img_per_s": Axis("img_per_s", "Throughput (img/s)", lower_is_better=False),
 }
 Y_COLUMN, Y_LABEL = "top1", "Top-1 accuracy (%)"
@@ -77,7 +77,7 @@ TABLE_COLUMNS: dict[str, str] = {
     "total_gflops": "Total (GFLOPs)",
     "top1": "Top-1 (%)",
     "img_per_s": "Throughput (img/s)",
-    "latency_ms": "Latency (ms)",
+    "latency_ms": "Latency (ms/batch)",
     "peak_mib": "Peak mem. (MiB)",
     "pareto": "Pareto",
 }

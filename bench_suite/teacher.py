@@ -14,6 +14,7 @@ Its top-1 accuracy is re-measured on every run; a manifest's number is never rep
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -228,6 +229,17 @@ def train_teacher(profile: str, datamodule, seed: int, output: str | Path, setti
     return out
 
 
+def _full_training_split(datamodule):
+    """The teacher always trains on the whole training split: a copy of ``datamodule`` without the
+    run's training subset (the validation split and test set are the same)."""
+    if getattr(datamodule, "train_subset", None) is None:
+        return datamodule
+    dm = copy.copy(datamodule)
+    dm.train_subset = None
+    dm._ready = False
+    return dm
+
+
 def resolve_teacher(profile: str, datamodule, seed: int, output: str | Path, settings,
                     teacher_path: str | Path | None = None, train_if_missing: bool = True,
                     log=print) -> tuple[nn.Module, dict[str, Any]]:
@@ -241,7 +253,8 @@ def resolve_teacher(profile: str, datamodule, seed: int, output: str | Path, set
             ``train_if_missing`` is false.
     """
     recipe = TEACHER_RECIPES.get(profile, TeacherRecipe())
-    data = datamodule.describe()
+    datamodule = _full_training_split(datamodule)
+    data = {**datamodule.describe(), "batch_size": recipe.batch_size}
     key = teacher_key(profile, data, seed, recipe)
     if teacher_path is not None:
         path, source = Path(teacher_path), "given"

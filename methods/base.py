@@ -190,9 +190,11 @@ class BenchModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---------------------------------------------------------------- reporting
-    def mhsa_flops_paper_convention(self, n_tokens: int, depth: int, dim: int) -> float | None:
-        """MHSA FLOPs under the paper's hand-counting convention, where it differs from the measured
-        count (token-pruning methods); ``None`` when the measured count is the paper's count."""
+    def paper_mhsa_flops(self) -> float | None:
+        """MHSA FLOPs per image (1 MAC = 1 FLOP) under the paper's hand-counting convention, where it
+        differs from the measured count (token-pruning methods, see
+        :func:`bench_suite.flops.token_pruning_paper_flops`); ``None`` when the measured count is the
+        only count."""
         return None
 
     def sparsity_report(self) -> dict[str, float]:
