@@ -277,7 +277,7 @@ def _define_marker_op() -> torch.library.Library | None:
         return None
     except (AttributeError, RuntimeError):
         pass
-    lib = torch.library.Library("bench_suite", "DEF")
+    lib = torch.library.Library("bench_suite", "FRAGMENT")  # other modules may add ops to the namespace
     # CONSERVATIVE alias analysis: torch.jit treats the op as having side effects, so the marker stays
     # in the traced graph even when its result is unused (dead-code elimination would drop it).
     lib.define(_MARKER_SCHEMA, alias_analysis="CONSERVATIVE")
