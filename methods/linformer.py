@@ -38,7 +38,7 @@ from bench_suite.registry import register_method
 from methods.adapter import merge_heads, split_heads, swap_class
 from methods.base import BenchModule
 
-__all__ = ["Linformer", "LinformerAttention", "init_projection"]
+__all__ = ["Linformer", "LinformerAttention", "apply_linformer", "init_projection"]
 
 
 def init_projection(k: int, n: int) -> torch.Tensor:
@@ -88,6 +88,37 @@ class LinformerAttention(Attention):
         return merge_heads(self, self.attn_drop(probs) @ v_low)          # [B, N, C]
 
 
+def apply_linformer(model: nn.Module, k: int, share_kv: bool = False) -> nn.Module:
+    """Patch every attention of a timm ``VisionTransformer`` in place into :class:`LinformerAttention`
+    with fresh per-layer projections ``E``, ``F`` ``[k, N]`` (:func:`init_projection`), shared across
+    heads. Records ``model.linformer_k``. Calling it again re-patches with fresh projections.
+
+    Args:
+        model: timm ``VisionTransformer`` (its ``N`` = patches + prefix tokens is fixed by ``E``/``F``).
+        k: low-rank dimension, ``1 <= k <= N``; ``k = N`` gives identity projections (full attention).
+        share_kv: tie ``F = E`` (Linformer key-value sharing).
+
+    Returns:
+        ``model`` (the same object).
+
+    Raises:
+        ValueError: unless ``1 <= k <= N``.
+        TypeError: if a block's attention is not a timm ``Attention``.
+    """
+    n = num_tokens(model)
+    init_projection(k, n)  # validates k before anything is patched
+    for i, blk in enumerate(model.blocks):
+        attn = blk.attn
+        if not isinstance(attn, Attention):
+            raise TypeError(f"block {i}: {type(attn).__name__} is not a timm Attention")
+        like = attn.qkv.weight
+        e = nn.Parameter(init_projection(k, n).to(like))
+        f = e if share_kv else nn.Parameter(init_projection(k, n).to(like))
+        swap_class(attn, LinformerAttention, E=e, F=f)
+    model.linformer_k = int(k)
+    return model
+
+
 @register_method("linformer", keep_rates=(0.5, 0.25, 0.1),
                  description="Linformer low-rank attention: keys/values projected to k = ceil(keep*N) tokens")
 class Linformer(BenchModule):
@@ -124,13 +155,10 @@ class Linformer(BenchModule):
         super().__init__(backbone, keep_rate=keep_rate, teacher=teacher, distill_tokens=distill_tokens, **kwargs)
 
     def adapt(self, model: nn.Module) -> None:
-        self.n_tokens = num_tokens(model)
-        self.k = int(self._k_arg) if self._k_arg is not None else keep_count(self.keep_rate, self.n_tokens)
-        init_projection(self.k, self.n_tokens)  # validates 1 <= k <= N before anything is patched
-        for blk in model.blocks:
-            e = nn.Parameter(init_projection(self.k, self.n_tokens).to(blk.attn.qkv.weight))
-            f = e if self._share_kv else nn.Parameter(init_projection(self.k, self.n_tokens).to(blk.attn.qkv.weight))
-            swap_class(blk.attn, LinformerAttention, E=e, F=f)
+        n = num_tokens(model)
+        k = int(self._k_arg) if self._k_arg is not None else keep_count(self.keep_rate, n)
+        apply_linformer(model, k, share_kv=self._share_kv)
+        self.n_tokens, self.k = n, k
 
     def sparsity_report(self) -> dict[str, float]:
         """The low-rank dimension ``k`` and ``k / N`` (the attention keep rate actually used)."""
