@@ -70,6 +70,21 @@ def build_parser() -> ArgumentParser:
     p_report.add_argument("--profile", type=str | None, default=None, help="only rows of this profile")
     p_report.add_argument("--data", type=str | None, default=None, help="only rows of this dataset")
     sub.add_subcommand("report", p_report, help="rewrite tables and plots from the store")
+
+    p_vis = ArgumentParser(description="Save Sparsifiner's connectivity mask, sparse and full attention of a "
+                                       "query patch per layer and head (paper Fig. 3) as PNG in <output>/figures.")
+    p_vis.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options")
+    p_vis.add_argument("--method", type=str, default="sparsifiner", help="sparsifiner or sparsif_evit")
+    p_vis.add_argument("--keep-rate", type=float, default=0.25, help="attention keep rate of the configuration")
+    p_vis.add_argument("--checkpoint", type=str | None, default=None,
+                       help="Lightning checkpoint (default: the runner's one for this configuration)")
+    p_vis.add_argument("--images", type=int, default=4, help="number of test images")
+    p_vis.add_argument("--query", type=int | None, default=None, help="query patch index (default: centre)")
+    p_vis.add_argument("--profile", type=str, default="mini", help="backbone profile (see 'list')")
+    p_vis.add_argument("--data", type=str, default="fashion_mnist", help="dataset: fashion_mnist or imagenet")
+    p_vis.add_argument("--data-dir", type=str | None, default=None, help="folder holding the dataset")
+    p_vis.add_argument("--output", type=str, default="results", help="results folder (figures/ inside)")
+    sub.add_subcommand("visualize", p_vis, help="plot Sparsifiner's masks and attention maps (Fig. 3)")
     return parser
 
 
@@ -126,7 +141,16 @@ def _cmd_report(cfg: Any) -> None:
         print(f"wrote {p}")
 
 
-COMMANDS = {"list": _cmd_list, "run": _cmd_run, "teacher": _cmd_teacher, "report": _cmd_report}
+def _cmd_visualize(cfg: Any) -> None:
+    from bench_suite.visualize import visualize
+
+    for p in visualize(cfg.method, cfg.keep_rate, cfg.output, cfg.checkpoint, cfg.images, cfg.query,
+                       cfg.profile, cfg.data, cfg.data_dir):
+        print(f"wrote {p}")
+
+
+COMMANDS = {"list": _cmd_list, "run": _cmd_run, "teacher": _cmd_teacher, "report": _cmd_report,
+            "visualize": _cmd_visualize}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

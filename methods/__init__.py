@@ -2,6 +2,7 @@
 :func:`bench_suite.registry.register_method`. Importing this package registers the built-in ones."""
 from methods import full  # noqa: F401  (registers "full")
 from methods import evit  # noqa: F401  (registers "evit")
+from methods import sparsifiner  # noqa: F401  (registers "sparsifiner", "sparsif_evit")
 from methods import dynamicvit, linformer  # noqa: F401
 from methods.base import BenchModule, ForwardOutput, check_keep_rate
 

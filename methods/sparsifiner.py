@@ -1,0 +1,588 @@
+"""Sparsifiner and Sparsif-EViT (Wei et al., CVPR 2023): learned instance-dependent sparse attention.
+
+Layout as ToMe/EViT: the algorithm is framework-free in :mod:`methods.sparse_attention`; this module
+patches timm's ViT in place (:func:`apply_sparsifiner`, :func:`apply_sparsif_evit`, through
+:mod:`methods.adapter`) and holds the registered LightningModules (:class:`Sparsifiner`,
+:class:`SparsifEViT`) with the paper's distillation objective and two-phase schedule.
+
+Training (paper eq. 7-12, sec. 4). ``L = CE + l_tok MSE(x, x_teach) + l_cls KL(y || y_teach)
++ l_attn MSE(A~_down W_up, A_teach)``, the L2 of eq. 11 realised as AdamW weight decay 0.05 on ``W_up``.
+Two phases inside one Lightning fit, switched in :meth:`Sparsifiner.on_train_batch_start`:
+
+* phase 1 (the first ``phase1_frac`` of the optimiser steps; paper 5 of 45+5 epochs, official 5 of 50):
+  backbone frozen (parameters and BatchNorm statistics), only the connectivity predictors train, with
+  the attention distillation loss only (weights token 0, cls 0, attn 1.0). The ``W_up`` threshold 1e-2
+  is applied in the forward (paper sec. 4: "we also apply a threshold 1e-2 on basis W_up");
+* at the switch, ``W_up`` entries below 1e-2 are zeroed in place (Fig. 6: "pruned after training"),
+  so phase 2, validation, testing and FLOP counting use a truly sparse basis (the threshold stays in
+  the forward too, so a module that never ran phase 1 is sparse as well);
+* phase 2: the backbone trains with weights token 0.5, cls 0.5, attn 0.0 (paper); the predictor is
+  frozen (official code). With the attention weight 0 and the mask detached the predictor gets no
+  gradient anyway; the paper's "jointly" would only let weight decay shrink it.
+
+Differences from the official code (lim142857/Sparsifiner ``src/models/sparsifiner.py``, ``losses.py``,
+``main.py``, ``sparsifiner_default_config.yaml``) and which one the suite follows:
+
+============================== ======================================= =================================
+topic                          official code                           this suite (flag for the other)
+============================== ======================================= =================================
+q/k channels of the predictor  shrunk per head by Linear d -> d/2       paper: full ``d``
+                               (``proj_c_q``/``proj_c_k``)             (``reduce_c_factor=2``)
+low-rank logit scale           ``num_heads ** -0.5``                   paper eq. 1: ``c ** -0.5``
+n_down                         ``N // 6`` = 32 at 197 tokens           paper 32, scaled
+                                                                       ``round(32 N / 197)`` >= 8
+                                                                       (``n_down=``)
+coefficients (eq. 2)           top-8 per row (``BASIS_COEF.TOPK``)     paper: ``> tau = 0.05``
+                               at eval/phase 2; dense in phase 1       (``coef_topk=8``)
+W_up threshold                 2e-2 on ``abs(W_up)`` (the sign is      paper: 1e-2 on the magnitude,
+                               lost), eval/phase 2 only                sign kept, in every forward
+                                                                       (``threshold_w_up_in_phase1=False``
+                                                                       for the official phase 1)
+W_down / W_up per head         shared by the heads of a layer          same (paper Fig. 6; ``shared_heads``)
+CLS query row                  full (not predicted)                    same (``cls_full_row``)
+mask gradient                  detached                                same
+attention loss                 MSE ``reduction='sum'`` / layers,       paper: mean MSE averaged over
+                               weight 0.01, CLS row excluded           layers, weight 1.0, CLS row excluded
+                                                                       when it is full
+phase-1 forward                full attention, no token pruning        same (``phase1_full_attention``)
+phase-2 predictor              frozen                                  same (``train_predictor_phase2``)
+learning rates                 separate optimisers/schedules per       one AdamW + the suite's cosine
+                               phase (3e-4 / 8e-5 peak)                schedule; ``predictor_lr``
+============================== ======================================= =================================
+
+Sparsif-EViT (paper Table 1; no official code): Sparsifiner's attention sparsity in every layer plus
+EViT's token reorganisation (:func:`methods.evit.evit_reorganise`) in the pruning blocks. Every layer
+with ``N_l`` tokens has the budget ``B_l = ceil(attention keep rate * N_l)`` (the paper: "the fraction
+of attention connectivities at any given MHSA layer"). The predictor's ``W_down``/``W_up`` are indexed by
+the original token positions; the suite tracks each token's (soft) position through the
+reorganisation (one-hot for kept tokens, the normalised class-attention weights for the fused token)
+and uses ``W p`` as the token's column (:func:`methods.sparse_attention.mix_positions`). EViT ranks by
+the CLS row, which the full CLS row keeps exact. Token distillation uses the tokens that keep one
+original position (the CLS and the kept patch tokens), as the official code restricts it to kept tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from bench_suite.backbones import keep_count, num_tokens, pruning_stages
+from bench_suite.registry import register_method
+from methods.adapter import attention_probs, attentions_of, merge_heads, split_heads, swap_class
+from methods.base import BenchModule, ForwardOutput, check_keep_rate
+from methods.evit import evit_reorganise
+from methods.sparse_attention import (
+    ConnectivityPredictor,
+    default_n_down,
+    get_sparse_attention_impl,
+    sparsifiner_attention,
+)
+
+__all__ = [
+    "SparsifinerAttention",
+    "SparsifEViTBlock",
+    "apply_sparsifiner",
+    "apply_sparsif_evit",
+    "Sparsifiner",
+    "SparsifEViT",
+]
+
+
+# --------------------------------------------------------------------------- the timm adapter
+class SparsifinerAttention(Attention):
+    """timm ``Attention`` whose core is Sparsifiner's sparse MHSA (paper eq. 1-6).
+
+    ``x [B, N, C]`` -> ``split_heads`` -> :func:`methods.sparse_attention.sparsifiner_attention` ->
+    ``merge_heads`` -> ``[B, N, C]``. Attributes set by :func:`apply_sparsifiner`:
+
+    * ``predictor`` (:class:`ConnectivityPredictor`, a child module), ``attn_keep_rate``,
+      ``cls_full_row``, ``impl`` (sparse attention implementation used without gradients);
+    * switches set by the LightningModule: ``phase1_dense`` (full attention while training, phase 1),
+      ``collect_scores`` (keep the connectivity scores with their graph for eq. 10),
+      ``self_target`` (also keep the dense attention as the distillation target when there is no
+      teacher), ``need_cls_attn`` (EViT), ``record`` (dense maps for visualisation);
+    * ``token_state``: dict shared with :class:`SparsifEViTBlock` (``"positions"``), or ``None``.
+
+    After each forward, ``last`` holds ``n`` (tokens), ``budget``, ``coef_sparsity`` (fraction of
+    ``A_down`` entries set to 0, a 0-d tensor), ``positions``, and when asked ``scores``,
+    ``dense_target``, ``cls_attn`` and ``records``.
+    """
+
+    predictor: ConnectivityPredictor
+    attn_keep_rate: float = 1.0
+    cls_full_row: bool = True
+    impl: str | None = None
+    phase1_dense: bool = False
+    collect_scores: bool = False
+    self_target: bool = False
+    need_cls_attn: bool = False
+    record: bool = False
+    token_state: dict | None = None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """``x [B, N, C]`` -> ``[B, N, C]``.
+
+        Raises:
+            NotImplementedError: for an attention mask or causal attention.
+        """
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("Sparsifiner attention takes no attention mask / causal attention")
+        q, k, v = split_heads(self, x)  # [B, H, N, d]
+        positions = None
+        if self.token_state is not None and x.shape[1] != self.predictor.num_tokens:
+            positions = self.token_state.get("positions")
+        dense = self.training and self.phase1_dense
+        res = sparsifiner_attention(q, k, v, self.predictor, self.attn_keep_rate, self.cls_full_row, self.impl,
+                                    dense=dense, positions=positions, need_predictor=self.collect_scores,
+                                    need_cls_attn=self.need_cls_attn, record=self.record)
+        last: dict[str, Any] = {"n": x.shape[1], "budget": res.budget, "positions": positions}
+        if res.pred is not None:
+            last["coef_sparsity"] = (res.pred.coef.detach() == 0).float().mean()
+            if self.collect_scores:
+                last["scores"] = res.pred.scores
+        if self.collect_scores and self.self_target:
+            last["dense_target"] = (res.dense_probs if res.dense_probs is not None
+                                    else attention_probs(self, q, k)).detach()
+        if res.cls_attn is not None:
+            last["cls_attn"] = res.cls_attn
+        if self.record:
+            last["records"] = {k_: t.detach() for k_, t in res.records.items()}
+        self.last = last
+        return merge_heads(self, res.out)
+
+
+class SparsifEViTBlock(Block):
+    """timm ``Block`` with EViT's token reorganisation after a Sparsifiner MHSA (Sparsif-EViT).
+
+    ``x = x + attn(norm1(x))``; :func:`methods.evit.evit_reorganise` with the head-averaged CLS
+    attention (the CLS row is dense); the tokens' soft positions ``[B, N', N0]`` are reorganised the
+    same way (rows renormalised) and shared with the later attention modules through ``token_state``;
+    then the MLP. Blocks that would keep every token, and the training forward of phase 1 (the
+    official code prunes no tokens while it trains the predictor), run timm's forward unchanged.
+
+    Attributes: ``token_keep_rate`` (float), ``token_state`` (dict shared with the attention modules),
+    ``tokens_out`` (tokens after the last forward).
+    """
+
+    token_keep_rate: float = 1.0
+    token_state: dict | None = None
+    tokens_out: int | None = None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """``x [B, N, C]`` -> ``[B, N', C]``, ``N' = 2 + ceil(token_keep_rate (N - 1))`` when pruning."""
+        b, n, _ = x.shape
+        n0 = self.attn.predictor.num_tokens
+        prune = not (self.training and self.attn.phase1_dense) and keep_count(self.token_keep_rate, n - 1) < n - 1
+        self.attn.need_cls_attn = prune
+        if not prune:
+            self.tokens_out = n
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("Sparsif-EViT blocks take no attention mask / causal attention")
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        cls_attn = self.attn.last.pop("cls_attn")[:, :, 1:].mean(dim=1)  # [B, N-1], head-averaged
+        x, _ = evit_reorganise(x, cls_attn, self.token_keep_rate)
+        pos = self.token_state.get("positions") if n != n0 else None
+        if pos is None:
+            pos = torch.eye(n0, dtype=x.dtype, device=x.device).expand(b, n0, n0)
+        pos, _ = evit_reorganise(pos, cls_attn.detach(), self.token_keep_rate)
+        self.token_state["positions"] = pos / pos.sum(-1, keepdim=True).clamp_min(1e-12)
+        self.tokens_out = x.shape[1]
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _check_vit(model: nn.Module, cls_full_row: bool) -> None:
+    for i, blk in enumerate(model.blocks):
+        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
+            raise TypeError(f"block {i} ({type(blk).__name__}) is not a timm Block with a timm Attention")
+        if getattr(blk.attn, "gate", None) is not None:
+            raise NotImplementedError("gated timm attention is not supported by Sparsifiner")
+        if blk.attn.attn_drop.p > 0:
+            raise ValueError(f"block {i}: attention dropout {blk.attn.attn_drop.p} is not supported by the "
+                             f"sparse attention; build the backbone with attn_drop_rate=0")
+    if cls_full_row and getattr(model, "num_prefix_tokens", 1) != 1:
+        raise ValueError("cls_full_row needs a ViT with exactly one prefix (CLS) token")
+
+
+def apply_sparsifiner(model: nn.Module, keep_rate: float, n_down: int | None = None, tau: float = 0.05,
+                      w_up_threshold: float = 1e-2, cls_full_row: bool = True, shared_heads: bool = True,
+                      reduce_c_factor: int = 1, coef_topk: int | None = None, impl: str | None = None) -> nn.Module:
+    """Patch a timm ``VisionTransformer`` in place into Sparsifiner (weights untouched, predictors added).
+
+    Every block's attention becomes :class:`SparsifinerAttention` with its own
+    :class:`ConnectivityPredictor` (``blocks.<i>.attn.predictor``), sized for ``N =``
+    :func:`bench_suite.backbones.num_tokens` tokens.
+
+    Args:
+        model: timm ``VisionTransformer``.
+        keep_rate: attention keep rate in (0, 1]; ``B = ceil(keep_rate * N)``.
+        n_down: low rank (default :func:`methods.sparse_attention.default_n_down`).
+        tau, w_up_threshold, shared_heads, reduce_c_factor, coef_topk: see :class:`ConnectivityPredictor`.
+        cls_full_row: keep the CLS query row dense (official code).
+        impl: sparse attention implementation for gradient-free forwards (``None``: the default).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: for a keep rate outside (0, 1], an unknown implementation, attention dropout, or
+            invalid predictor settings.
+        TypeError: if a block is not a timm ``Block`` with a timm ``Attention``.
+    """
+    keep_rate = check_keep_rate(keep_rate)
+    get_sparse_attention_impl(impl)
+    _check_vit(model, cls_full_row)
+    n = num_tokens(model)
+    n_down = default_n_down(n) if n_down is None else int(n_down)
+    for blk in model.blocks:
+        attn = blk.attn
+        pred = ConnectivityPredictor(n, attn.head_dim, attn.num_heads, n_down, tau, w_up_threshold,
+                                     shared_heads, reduce_c_factor, coef_topk)
+        pred.to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
+        swap_class(attn, SparsifinerAttention, predictor=pred, attn_keep_rate=keep_rate,
+                   cls_full_row=cls_full_row, impl=impl, phase1_dense=False, collect_scores=False,
+                   self_target=False, need_cls_attn=False, record=False, token_state=None, last={})
+    model.sparsifiner_keep_rate = keep_rate
+    model.sparsifiner_n_down = n_down
+    return model
+
+
+def apply_sparsif_evit(model: nn.Module, keep_rate: float, token_keep_rate: float = 0.7,
+                       stages: Sequence[int] | None = None, **predictor_kwargs: Any) -> nn.Module:
+    """Patch a timm ``VisionTransformer`` in place into Sparsif-EViT: :func:`apply_sparsifiner` in every
+    block, and :class:`SparsifEViTBlock` (EViT reorganisation) in the pruning blocks.
+
+    Args:
+        keep_rate: attention keep rate; token_keep_rate: EViT token keep rate (both in (0, 1]).
+        stages: 0-based pruning blocks (default :func:`bench_suite.backbones.pruning_stages`).
+        **predictor_kwargs: :func:`apply_sparsifiner` settings (``cls_full_row`` must stay True: EViT
+            ranks tokens by the CLS row).
+
+    Raises:
+        ValueError: for invalid keep rates or stages, ``cls_full_row=False``, or a model without one CLS
+            token.
+    """
+    token_keep_rate = check_keep_rate(token_keep_rate)
+    if not predictor_kwargs.get("cls_full_row", True):
+        raise ValueError("Sparsif-EViT ranks tokens by the CLS attention row, which must stay full")
+    depth = len(model.blocks)
+    stages = tuple(sorted(set(pruning_stages(depth) if stages is None else (int(s) for s in stages))))
+    if not stages or stages[0] < 0 or stages[-1] >= depth:
+        raise ValueError(f"stages must be block indices in [0, {depth}), got {stages}")
+    if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", "token") != "token":
+        raise ValueError("Sparsif-EViT needs a ViT with one CLS token and global_pool='token'")
+    apply_sparsifiner(model, keep_rate, **predictor_kwargs)
+    state: dict[str, Any] = {"positions": None}
+    for blk in model.blocks:
+        blk.attn.token_state = state
+    for i in stages:
+        swap_class(model.blocks[i], SparsifEViTBlock, token_keep_rate=token_keep_rate, token_state=state,
+                   tokens_out=None)
+    model.evit_stages = stages
+    model.evit_keep_rate = token_keep_rate
+    return model
+
+
+# --------------------------------------------------------------------------- the LightningModules
+@register_method("sparsifiner", keep_rates=(0.5, 0.25, 0.1),
+                 description="Sparsifiner (Wei et al. CVPR 2023): learned top-B sparse attention per query")
+class Sparsifiner(BenchModule):
+    """Sparsifiner: instance-dependent sparse attention from a low-rank connectivity mask predictor
+    (Wei et al., CVPR 2023), trained by distillation from the full-attention teacher in two phases.
+
+    Args:
+        backbone: timm ``VisionTransformer`` (patched in place).
+        keep_rate: attention keep rate in (0, 1]; budget ``B = ceil(keep_rate * N)`` keys per query.
+        teacher: frozen full-attention timm ViT (logits, final tokens and, through forward hooks on its
+            attention modules, attention maps). Without a teacher the attention target is the backbone's
+            own dense attention (the official "attention self-distillation").
+        n_down: predictor low rank (default ``round(32 N / 197)``, at least 8).
+        tau: coefficient threshold (eq. 2).
+        w_up_threshold: ``W_up`` magnitude threshold.
+        cls_full_row: keep the CLS query row dense.
+        shared_heads: one ``W_down``/``W_up`` per layer (True) or per head.
+        reduce_c_factor: official-code channel reduction of q/k in the predictor (1: paper).
+        coef_topk: official-code top-k coefficients instead of ``tau`` (None: paper).
+        phase1_frac: fraction of the training steps in phase 1 (default 0.1, the official 5 of 50 epochs).
+        phase1_steps: phase-1 length in optimiser steps (overrides ``phase1_frac``).
+        phase1_full_attention: full attention (and no token pruning) in the phase-1 training forward.
+        threshold_w_up_in_phase1: apply the ``W_up`` threshold in the phase-1 forward (paper) or not
+            (official).
+        train_predictor_phase2: keep training the predictor in phase 2 (paper "jointly") instead of
+            freezing it (official).
+        attn_distill_phase1, attn_distill_phase2: weight of eq. 10 in each phase (paper 1.0 / 0.0).
+        predictor_lr: peak learning rate of the predictor (None: ``lr``).
+        attention_impl: sparse attention implementation for gradient-free forwards.
+        distill_logits, distill_tokens: phase-2 weights of eq. 9 and eq. 8 (paper 0.5 / 0.5); phase 1
+            uses 0 / 0 and no cross-entropy.
+        **kwargs: other :class:`methods.base.BenchModule` settings (lr, weight_decay = 0.05, ...).
+
+    Raises:
+        ValueError: for invalid keep rates, phase settings or predictor settings.
+    """
+
+    def __init__(self, backbone: nn.Module, keep_rate: float = 0.25, teacher: nn.Module | None = None,
+                 n_down: int | None = None, tau: float = 0.05, w_up_threshold: float = 1e-2,
+                 cls_full_row: bool = True, shared_heads: bool = True, reduce_c_factor: int = 1,
+                 coef_topk: int | None = None, phase1_frac: float = 0.1, phase1_steps: int | None = None,
+                 phase1_full_attention: bool = True, threshold_w_up_in_phase1: bool = True,
+                 train_predictor_phase2: bool = False, attn_distill_phase1: float = 1.0,
+                 attn_distill_phase2: float = 0.0, predictor_lr: float | None = None,
+                 attention_impl: str = "torch", distill_logits: float = 0.5, distill_tokens: float = 0.5,
+                 **kwargs: Any) -> None:
+        if not 0.0 <= phase1_frac <= 1.0:
+            raise ValueError(f"phase1_frac must lie in [0, 1], got {phase1_frac}")
+        if phase1_steps is not None and phase1_steps < 0:
+            raise ValueError(f"phase1_steps must be >= 0, got {phase1_steps}")
+        if attn_distill_phase1 <= 0 and (phase1_frac > 0 or phase1_steps):
+            raise ValueError("phase 1 trains the predictor with the attention loss only: attn_distill_phase1 "
+                             "must be > 0 (or set phase1_frac=0)")
+        if attn_distill_phase2 < 0:
+            raise ValueError(f"attn_distill_phase2 must be >= 0, got {attn_distill_phase2}")
+        super().__init__(backbone, keep_rate=keep_rate, teacher=teacher, distill_logits=distill_logits,
+                         distill_tokens=distill_tokens, **kwargs)
+        self.phase = 2  # inference behaviour until training starts
+        self._applied_phase: int | None = None
+        self._phase1_steps = 0
+
+    # ---------------------------------------------------------------- adapter
+    def _predictor_kwargs(self) -> dict[str, Any]:
+        hp = self.hparams
+        return dict(n_down=hp.n_down, tau=hp.tau, w_up_threshold=hp.w_up_threshold, cls_full_row=hp.cls_full_row,
+                    shared_heads=hp.shared_heads, reduce_c_factor=hp.reduce_c_factor, coef_topk=hp.coef_topk,
+                    impl=hp.attention_impl)
+
+    def adapt(self, model: nn.Module) -> None:
+        apply_sparsifiner(model, self.keep_rate, **self._predictor_kwargs())
+
+    def _attns(self) -> list[SparsifinerAttention]:
+        return attentions_of(self.model)
+
+    # ---------------------------------------------------------------- phases
+    def _attn_weight(self, phase: int | None = None) -> float:
+        phase = self.phase if phase is None else phase
+        return float(self.hparams.attn_distill_phase1 if phase == 1 else self.hparams.attn_distill_phase2)
+
+    def set_phase(self, phase: int) -> None:
+        """Switch to training phase 1 (predictor only, attention distillation) or 2 (backbone).
+
+        Freezes/unfreezes parameters, prunes ``W_up`` in place on entering phase 2, and sets the
+        attention modules' switches. Called by :meth:`on_train_batch_start`; public for tests.
+
+        Raises:
+            ValueError: for a phase other than 1 or 2.
+        """
+        if phase not in (1, 2):
+            raise ValueError(f"phase must be 1 or 2, got {phase}")
+        hp = self.hparams
+        self.phase = phase
+        p1 = phase == 1
+        for name, p in self.model.named_parameters():
+            is_pred = ".predictor." in name
+            p.requires_grad_(is_pred if p1 else (not is_pred or hp.train_predictor_phase2))
+        collect = self._attn_weight(phase) > 0
+        for attn in self._attns():
+            attn.phase1_dense = p1 and hp.phase1_full_attention
+            attn.collect_scores = collect
+            attn.self_target = collect and self.teacher is None
+            attn.predictor.threshold_w_up = (not p1) or hp.threshold_w_up_in_phase1
+            if not p1:
+                attn.predictor.prune_()
+        self._applied_phase = phase
+
+    def phase1_length(self) -> int:
+        """Phase-1 length in optimiser steps: ``phase1_steps``, else ``ceil(phase1_frac * total steps)``."""
+        hp = self.hparams
+        if hp.phase1_steps is not None:
+            return int(hp.phase1_steps)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
+        return int(math.ceil(hp.phase1_frac * total)) if total > 0 else 0
+
+    def on_train_start(self) -> None:
+        self._phase1_steps = self.phase1_length()
+        self._applied_phase = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        phase = 1 if self.global_step < self._phase1_steps else 2
+        if phase != self._applied_phase:
+            self.set_phase(phase)
+        if phase == 1:  # a frozen backbone keeps its BatchNorm statistics too
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def on_train_end(self) -> None:
+        for attn in self._attns():  # drop the graphs kept for the loss, keep the statistics
+            attn.last.pop("scores", None)
+            attn.last.pop("dense_target", None)
+
+    # ---------------------------------------------------------------- optimisation
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The base class's AdamW groups (weight decay 0.05 on ``W_up``: paper eq. 11) over all parameters,
+        the predictors in their own groups (``predictor_lr``). The phase's freezing is re-applied at the
+        next batch."""
+        self.model.requires_grad_(True)
+        groups = super().param_groups()
+        pred_ids = {id(p) for n, p in self.model.named_parameters() if ".predictor." in n}
+        out = []
+        for g in groups:
+            rest = [p for p in g["params"] if id(p) not in pred_ids]
+            pred = [p for p in g["params"] if id(p) in pred_ids]
+            if rest:
+                out.append({**g, "params": rest})
+            if pred:
+                extra = {"lr": self.hparams.predictor_lr} if self.hparams.predictor_lr else {}
+                out.append({**g, "params": pred, **extra})
+        self._applied_phase = None
+        return out
+
+    # ---------------------------------------------------------------- teacher and losses
+    @torch.no_grad()
+    def forward_teacher(self, x: torch.Tensor) -> ForwardOutput | None:
+        """Teacher logits and tokens; plus ``attn``, its attention probabilities ``[B, H, N, N]`` per layer,
+        when the current phase distils attention (forward hooks on its attention modules recompute them
+        from their input with :func:`methods.adapter.split_heads`/``attention_probs``)."""
+        if self.teacher is None:
+            return None
+        if self._attn_weight() <= 0:
+            return super().forward_teacher(x)
+        maps: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            q, k, _ = split_heads(module, args[0])
+            maps.append(attention_probs(module, q, k))
+
+        handles = [a.register_forward_hook(hook) for a in attentions_of(self.teacher)]
+        try:
+            out = super().forward_teacher(x)
+        finally:
+            for h in handles:
+                h.remove()
+        out["attn"] = maps
+        return out
+
+    def attention_distillation(self, teacher_out: ForwardOutput | None) -> torch.Tensor:
+        """Eq. 10 averaged over layers: ``MSE(A~_down W_up, A_teach)`` on the predicted query rows (all but
+        the CLS row when it is full). Teacher maps are mapped to the student's tokens by their positions
+        (rows averaged, columns summed over a fused token's positions).
+
+        Raises:
+            RuntimeError: if the last forward did not keep the connectivity scores.
+        """
+        losses = []
+        teacher_maps = None if teacher_out is None else teacher_out.get("attn")
+        for i, attn in enumerate(self._attns()):
+            last = attn.last
+            if "scores" not in last:
+                raise RuntimeError("the last forward kept no connectivity scores (collect_scores is off)")
+            scores = last["scores"]
+            if teacher_maps is not None:
+                target = teacher_maps[i]
+                pos = last.get("positions")
+                if pos is not None:
+                    rows = torch.einsum("bnm,bhmk->bhnk", pos, target)
+                    target = torch.einsum("bhnk,bjk->bhnj", rows, (pos > 0).to(rows.dtype))
+            else:
+                target = last["dense_target"]
+            if attn.cls_full_row:
+                target = target[:, :, 1:]
+            losses.append(F.mse_loss(scores, target))
+        return torch.stack(losses).mean()
+
+    def _token_distillation(self, out: ForwardOutput, teacher_out: ForwardOutput) -> torch.Tensor | None:
+        """Eq. 8 when token pruning changed the token count: MSE over the tokens that keep one original
+        position (CLS and kept patch tokens), against the teacher's tokens at those positions."""
+        state = getattr(self.model.blocks[0].attn, "token_state", None)
+        pos = None if state is None else state.get("positions")
+        if pos is None or pos.shape[1] != out.tokens.shape[1]:
+            return None
+        one_hot = pos.amax(-1) >= 1.0 - 1e-6  # [B, N]
+        src = pos.argmax(-1)  # [B, N]
+        t = torch.gather(teacher_out.tokens, 1, src.unsqueeze(-1).expand(-1, -1, teacher_out.tokens.shape[-1]))
+        return F.mse_loss(out.tokens[one_hot], t[one_hot])
+
+    def losses(self, out: ForwardOutput, teacher_out: ForwardOutput | None,
+               batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Phase 1: ``{"attn_distill"}`` only (eq. 10 x ``attn_distill_phase1``). Phase 2: the base class's
+        CE + 0.5 KL + 0.5 token MSE (eq. 7-9), plus eq. 10 x ``attn_distill_phase2`` if > 0."""
+        if self.phase == 1:
+            return {"attn_distill": self._attn_weight(1) * self.attention_distillation(teacher_out)}
+        terms = super().losses(out, teacher_out, batch)
+        hp = self.hparams
+        if teacher_out is not None and hp.distill_tokens > 0 and "token_mse" not in terms:
+            mse = self._token_distillation(out, teacher_out)
+            if mse is not None:
+                terms["token_mse"] = hp.distill_tokens * mse
+        if self._attn_weight(2) > 0:
+            terms["attn_distill"] = self._attn_weight(2) * self.attention_distillation(teacher_out)
+        return terms
+
+    # ---------------------------------------------------------------- reporting
+    def sparsity_report(self) -> dict[str, float]:
+        """Measured on the batch of the last forward, averaged over layers (fractions in [0, 1]):
+
+        * ``coef_sparsity``: fraction of the basis coefficients ``A_down`` set to 0 (``<= tau``; paper ~87%);
+        * ``w_up_sparsity``: fraction of ``W_up`` entries with ``|w| < 1e-2`` (paper ~90%);
+        * ``mask_density``: ``nnz(M) / N_l^2`` of the connectivity mask (CLS row included);
+        * ``attention_budget``: mean ``B`` over layers; ``n_down``.
+
+        Empty before the first forward.
+        """
+        attns = self._attns()
+        if not all("coef_sparsity" in a.last for a in attns):
+            return {}
+        dens = []
+        for a in attns:
+            n, b = a.last["n"], a.last["budget"]
+            nnz = (n + (n - 1) * b) if a.cls_full_row else n * b
+            dens.append(nnz / (n * n))
+        return {
+            "coef_sparsity": float(torch.stack([a.last["coef_sparsity"] for a in attns]).mean()),
+            "w_up_sparsity": float(sum(a.predictor.w_up_sparsity() for a in attns) / len(attns)),
+            "mask_density": float(sum(dens) / len(dens)),
+            "attention_budget": float(sum(a.last["budget"] for a in attns) / len(attns)),
+            "n_down": float(attns[0].predictor.n_down),
+        }
+
+
+@register_method("sparsif_evit", keep_rates=(0.5, 0.25, 0.1),
+                 description="Sparsif-EViT (Wei et al. CVPR 2023, Table 1): Sparsifiner attention + EViT tokens")
+class SparsifEViT(Sparsifiner):
+    """Sparsif-EViT (Sparsifiner paper, Table 1): Sparsifiner's sparse attention in every layer and EViT's
+    token reorganisation (keep the top CLS-attention tokens, fuse the rest) in the pruning blocks.
+
+    Args:
+        backbone: timm ``VisionTransformer`` (patched in place).
+        keep_rate: attention keep rate (the registry's keep rate); ``B_l = ceil(keep_rate * N_l)``.
+        teacher: frozen full-attention model (see :class:`Sparsifiner`).
+        token_keep_rate: EViT token keep rate of each pruning block (paper Table 1: 0.7 and 0.5).
+        stages: 0-based pruning blocks (default :func:`bench_suite.backbones.pruning_stages`).
+        **kwargs: :class:`Sparsifiner` settings.
+
+    Raises:
+        ValueError: for invalid keep rates or stages.
+    """
+
+    def __init__(self, backbone: nn.Module, keep_rate: float = 0.25, teacher: nn.Module | None = None,
+                 token_keep_rate: float = 0.7, stages: tuple[int, ...] | None = None, **kwargs: Any) -> None:
+        check_keep_rate(token_keep_rate)
+        super().__init__(backbone, keep_rate=keep_rate, teacher=teacher, **kwargs)
+
+    def adapt(self, model: nn.Module) -> None:
+        hp = self.hparams
+        apply_sparsif_evit(model, self.keep_rate, hp.token_keep_rate, hp.stages, **self._predictor_kwargs())
+
+    def sparsity_report(self) -> dict[str, float]:
+        """:meth:`Sparsifiner.sparsity_report` plus ``tokens_after_block<i>`` of each pruning block."""
+        out = super().sparsity_report()
+        if out:
+            for i in self.model.evit_stages:
+                out[f"tokens_after_block{i}"] = float(self.model.blocks[i].tokens_out or 0)
+        return out

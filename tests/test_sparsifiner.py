@@ -1,0 +1,264 @@
+"""Sparsifiner / Sparsif-EViT LightningModules (methods/sparsifiner.py) and the visual check."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from bench_suite.backbones import create_backbone
+from methods.sparse_attention import attention_budget
+from methods.sparsifiner import SparsifEViT, Sparsifiner, SparsifinerAttention
+
+from conftest import have_fashion_mnist
+
+N, D, H, DEPTH, NDOWN = 17, 16, 2, 4, 8  # the tiny profile: 16 patches + CLS, head dim 16, 2 heads, 4 blocks
+
+
+def _images(b=3, seed=0):
+    return torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def _backbone(seed=0):
+    torch.manual_seed(seed)
+    return create_backbone("tiny", num_classes=10)
+
+
+def test_registered_with_keep_rates_and_typed_defaults():
+    from bench_suite.registry import get_method
+
+    spec = get_method("sparsifiner")
+    assert spec.factory is Sparsifiner and spec.keep_rates == (0.5, 0.25, 0.1)
+    se = get_method("sparsif_evit")
+    assert se.factory is SparsifEViT and 0.25 in se.keep_rates
+    defaults = se.defaults()
+    assert defaults["token_keep_rate"] == 0.7 and defaults["tau"] == 0.05 and defaults["w_up_threshold"] == 0.01
+    assert defaults["distill_tokens"] == 0.5 and defaults["distill_logits"] == 0.5
+
+
+def test_keep_rate_one_equals_full_attention():
+    base = _backbone().eval()
+    x = _images()
+    with torch.no_grad():
+        ref = base(x)
+        m = Sparsifiner(copy.deepcopy(base), keep_rate=1.0).eval()
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)
+        m.set_phase(2)  # pruning W_up changes nothing at B = N
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)
+
+
+def test_sparsif_evit_at_attention_keep_one_equals_evit():
+    from methods.evit import EViT
+
+    base = _backbone().eval()
+    x = _images()
+    with torch.no_grad():
+        ref = EViT(copy.deepcopy(base), keep_rate=0.5).eval()(x)
+        m = SparsifEViT(copy.deepcopy(base), keep_rate=1.0, token_keep_rate=0.5).eval()
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)
+    assert [m.model.blocks[i].tokens_out for i in m.model.evit_stages] == [10, 7, 5]
+
+
+def test_every_query_row_has_exactly_b_connections():
+    m = Sparsifiner(_backbone(), keep_rate=0.25).eval()
+    for a in m.model.blocks:
+        a.attn.record = True
+    with torch.no_grad():
+        m(_images())
+    b = attention_budget(0.25, N)
+    for blk in m.model.blocks:
+        mask = blk.attn.last["records"]["mask"]  # [B, H, N, N]
+        assert mask.shape == (3, H, N, N)
+        assert mask[:, :, 1:].sum(-1).eq(b).all()  # patch queries: B keys
+        assert mask[:, :, 0].all()  # the CLS query row is full
+        sparse = blk.attn.last["records"]["sparse_probs"]
+        assert torch.equal(sparse > 0, mask)
+    report = m.sparsity_report()
+    assert report["attention_budget"] == b
+    assert report["mask_density"] == pytest.approx((N + (N - 1) * b) / N**2)
+    w = torch.cat([blk.attn.predictor.w_up.detach().flatten() for blk in m.model.blocks])
+    assert report["w_up_sparsity"] == pytest.approx(float((w.abs() < 0.01).float().mean()))
+
+
+def test_sparse_path_matches_dense_masked_reference_in_the_model():
+    """The gathered sparse attention equals masked_fill(-inf) dense attention with the same mask, in a model."""
+    m = Sparsifiner(_backbone(), keep_rate=0.25).eval()
+    attn = m.model.blocks[0].attn
+    attn.record = True
+    x = torch.randn(2, N, 32)
+    with torch.no_grad():
+        out = attn(x)
+        q, k, v = __import__("methods.adapter", fromlist=["split_heads"]).split_heads(attn, x)
+        probs = attn.last["records"]["sparse_probs"]
+        ref = __import__("methods.adapter", fromlist=["merge_heads"]).merge_heads(attn, probs @ v)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+def _hand_made(m: Sparsifiner):
+    """W_down = 0 makes every A_down row uniform (1 / n_down); W_up row r gets r + 1 entries above 1e-2."""
+    nnz = []
+    with torch.no_grad():
+        for blk in m.model.blocks:
+            p = blk.attn.predictor
+            p.w_down.zero_()
+            p.w_up.fill_(0.001)  # below the threshold: pruned
+            for r in range(p.n_down):
+                p.w_up[:, r, : r + 1] = 0.5
+            nnz.append(sum(r + 1 for r in range(p.n_down)))
+    return nnz
+
+
+@pytest.mark.parametrize("keep_rate,tau", [(0.25, 0.05), (0.5, 0.05), (0.1, 0.2)])
+def test_mhsa_flops_equal_closed_form_from_nonzeros(keep_rate, tau):
+    from bench_suite.flops import count_flops
+
+    m = Sparsifiner(_backbone(), keep_rate=keep_rate, tau=tau).eval()
+    row_nnz = _hand_made(m)
+    b = attention_budget(keep_rate, N)
+    coef_nonzero = 1.0 / NDOWN > tau  # uniform coefficients: all kept or all pruned
+    per_layer = []
+    for nnz in row_nnz:
+        lowrank = H * (NDOWN * N * D + (N - 1) * NDOWN * D)  # W_down K and Q K_down^T
+        sparse_sparse = H * (N - 1) * nnz if coef_nonzero else 0  # sum over nonzero coefs of nnz(W_up row)
+        attention = H * 2 * D * (N + (N - 1) * b)  # q k at nnz(M) and A V; CLS row full
+        per_layer.append(lowrank + sparse_sparse + attention)
+    report = count_flops(m.model, _images(4))
+    assert report.per_layer_mhsa_mflops == pytest.approx([v / 1e6 for v in per_layer], abs=1e-9)
+    assert report.mhsa_mflops == pytest.approx(sum(per_layer) / 1e6, abs=1e-9)
+    m(_images(2))
+    assert m.sparsity_report()["coef_sparsity"] == (0.0 if coef_nonzero else 1.0)
+
+
+def test_sparsif_evit_counts_fewer_flops_and_tracks_positions():
+    from bench_suite.flops import count_flops
+
+    x = _images(4)
+    sp = Sparsifiner(_backbone(), keep_rate=0.25).eval()
+    se = SparsifEViT(_backbone(), keep_rate=0.25, token_keep_rate=0.5).eval()
+    f_sp, f_se = count_flops(sp.model, x), count_flops(se.model, x)
+    assert f_se.per_layer_mhsa_mflops[0] == pytest.approx(f_sp.per_layer_mhsa_mflops[0])  # same 17 tokens
+    assert f_se.mhsa_mflops < f_sp.mhsa_mflops
+    with torch.no_grad():
+        se(x)
+    last = se.model.blocks[-1].attn.last
+    assert last["n"] == 7 and last["budget"] == attention_budget(0.25, 7)
+    pos = last["positions"]  # [B, 7, 17]: CLS, kept tokens one-hot, the new fused token (last) soft
+    torch.testing.assert_close(pos.sum(-1), torch.ones(4, 7))
+    assert (pos[:, 0, 0] == 1).all()
+    assert (pos[:, -1] > 0).sum(-1).gt(1).all()
+    assert (pos.amax(-1) < 1).sum(-1).le(2).all()  # at most one earlier fused token was kept
+
+
+def _loader(n=16, batch=4):
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(ds, batch_size=batch)
+
+
+class _Snapshots(pl.Callback):
+    def __init__(self):
+        self.at = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # runs before the module's hook
+        self.at[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def _trainer(steps, callbacks=()):
+    return pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, callbacks=list(callbacks))
+
+
+@pytest.mark.parametrize("method,with_teacher", [(Sparsifiner, True), (SparsifEViT, False)])
+def test_phase1_trains_only_the_predictor_and_phase2_only_the_backbone(method, with_teacher):
+    teacher = _backbone(seed=1) if with_teacher else None
+    m = method(_backbone(), keep_rate=0.25, teacher=teacher, phase1_steps=2, lr=1e-2)
+    snaps = _Snapshots()
+    start = {k: v.detach().clone() for k, v in m.model.state_dict().items()}
+    _trainer(4, [snaps]).fit(m, train_dataloaders=_loader())
+    end = m.model.state_dict()
+    mid = snaps.at[2]  # after the two phase-1 steps, before the phase switch
+
+    def pred(k):
+        return ".predictor." in k
+
+    for k in start:
+        if pred(k):
+            assert not torch.equal(start[k], mid[k]), f"phase 1 did not train {k}"
+        else:
+            assert torch.equal(start[k], mid[k]), f"phase 1 changed the backbone's {k}"
+    for k in start:
+        if k.endswith("predictor.w_up"):  # phase 2: only pruned at the switch, then frozen
+            assert torch.equal(end[k], mid[k] * (mid[k].abs() >= 1e-2))
+        elif pred(k):
+            assert torch.equal(end[k], mid[k]), f"phase 2 changed the predictor's {k}"
+    changed = [k for k in start if not pred(k) and not torch.equal(mid[k], end[k])]
+    assert "blocks.0.attn.qkv.weight" in changed and "head.weight" in changed
+    assert m.phase == 2 and m.sparsity_report()["w_up_sparsity"] == pytest.approx(
+        float(torch.cat([end[k].flatten() for k in end if k.endswith("w_up")]).eq(0).float().mean()))
+
+
+def test_phase1_loss_is_attention_distillation_against_teacher_maps():
+    teacher = _backbone(seed=1).eval()
+    m = Sparsifiner(_backbone(), keep_rate=0.25, teacher=teacher)
+    m.set_phase(1)
+    m.train()
+    x = _images(2)
+    out, t_out = m.forward_train(x), m.forward_teacher(x)
+    assert len(t_out["attn"]) == DEPTH and t_out["attn"][0].shape == (2, H, N, N)
+    terms = m.losses(out, t_out, (x, torch.zeros(2, dtype=torch.long)))
+    assert list(terms) == ["attn_distill"]
+    manual = torch.stack([torch.nn.functional.mse_loss(b.attn.last["scores"], t[:, :, 1:])
+                          for b, t in zip(m.model.blocks, t_out["attn"])]).mean()
+    torch.testing.assert_close(terms["attn_distill"], manual)
+    m.set_phase(2)
+    terms2 = m.losses(m.forward_train(x), m.forward_teacher(x), (x, torch.zeros(2, dtype=torch.long)))
+    assert set(terms2) == {"ce", "kl", "token_mse"}
+
+
+def _checkpoint(tmp_path, method=Sparsifiner, **kw):
+    m = method(create_backbone("tiny", num_classes=10), keep_rate=0.25, phase1_steps=1, **kw)
+    trainer = _trainer(2)
+    trainer.fit(m, train_dataloaders=_loader(8))
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return m, path
+
+
+@pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST IDX files not installed")
+@pytest.mark.parametrize("method,name", [(Sparsifiner, "sparsifiner"), (SparsifEViT, "sparsif_evit")])
+def test_visualize_loads_checkpoint_and_writes_pngs(tmp_path, method, name):
+    from bench_suite.cli import main
+    from bench_suite.visualize import load_module
+
+    trained, path = _checkpoint(tmp_path, method)
+    loaded = load_module(name, path, "tiny")
+    for k, v in trained.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[k], v)
+    rc = main(["visualize", "--method", name, "--keep-rate", "0.25", "--profile", "tiny", "--checkpoint", str(path),
+               "--images", "2", "--query", "5", "--output", str(tmp_path / "out")])
+    assert rc == 0
+    pngs = sorted((tmp_path / "out" / "figures").glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_visualize_user_errors(tmp_path, capsys):
+    from bench_suite.cli import main
+
+    assert main(["visualize", "--profile", "tiny", "--output", str(tmp_path)]) == 2  # no store, no checkpoint
+    assert "pass --checkpoint" in capsys.readouterr().err
+    assert main(["visualize", "--profile", "tiny", "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
+
+
+def test_invalid_settings_raise():
+    with pytest.raises(ValueError):
+        Sparsifiner(_backbone(), keep_rate=0.0)
+    with pytest.raises(ValueError):
+        Sparsifiner(_backbone(), keep_rate=0.25, attn_distill_phase1=0.0)
+    with pytest.raises(ValueError):
+        SparsifEViT(_backbone(), keep_rate=0.25, token_keep_rate=1.5)
+    with pytest.raises(ValueError, match="attention dropout"):
+        Sparsifiner(create_backbone("tiny", attn_drop_rate=0.1), keep_rate=0.25)
+    assert isinstance(Sparsifiner(_backbone(), keep_rate=0.5).model.blocks[0].attn, SparsifinerAttention)
