@@ -85,6 +85,38 @@ def build_parser() -> ArgumentParser:
     p_vis.add_argument("--data-dir", type=str | None, default=None, help="folder holding the dataset")
     p_vis.add_argument("--output", type=str, default="results", help="results folder (figures/ inside)")
     sub.add_subcommand("visualize", p_vis, help="plot Sparsifiner's masks and attention maps (Fig. 3)")
+
+    p_speed = ArgumentParser(description=(
+        "Wall-clock eval speed on the CPU (random weights): latency (median, p90), throughput and peak memory "
+        "of methods (default), of one MHSA core (--core), or the sparse attention kernel against dense SDPA "
+        "(--kernel, writes kernel.csv). Rows go to <output>/results.sqlite and speed.csv."))
+    p_speed.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options")
+    p_speed.add_argument("--profile", type=str, default="deit_t384", help="backbone profile (see 'list')")
+    p_speed.add_argument("--methods", type=str | None, default=None,
+                         help="comma-separated method names (default: all registered)")
+    p_speed.add_argument("--keep-rates", type=str | None, default=None,
+                         help="comma-separated keep rates (default: each method's grid; core/kernel 0.25,0.1,0.05)")
+    p_speed.add_argument("--batch-size", type=int, default=8, help="images (sequences) per timed batch")
+    p_speed.add_argument("--threads", type=int | None, default=None,
+                         help="intra-op threads, fixed and recorded (default: torch's, usually all cores)")
+    p_speed.add_argument("--repeats", type=int, default=10, help="timed rounds (candidates interleaved)")
+    p_speed.add_argument("--warmup", type=int, default=3, help="untimed runs per candidate first")
+    p_speed.add_argument("--output", type=str, default="results", help="results folder")
+    p_speed.add_argument("--seed", type=int, default=0, help="seed of random weights, inputs and key indices")
+    p_speed.add_argument("--impl", type=str, default="cpp",
+                         help="sparse attention implementation(s) of methods that have one: cpp, torch or cpp,torch")
+    p_speed.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p_speed.add_argument("--core", action="store_true", help="time one MHSA core instead of whole models")
+    p_speed.add_argument("--kernel", action="store_true",
+                         help="time the sparse attention kernel against dense SDPA on the N x keep-rate grid")
+    p_speed.add_argument("--build", action="store_true", help="compile the C++ kernel (or find it cached) and exit")
+    p_speed.add_argument("--n", type=int | None, default=None, help="--core: tokens N (default: the profile's)")
+    p_speed.add_argument("--heads", type=int | None, default=None,
+                         help="--core/--kernel: heads (default: the profile's / DeiT-T's 3)")
+    p_speed.add_argument("--head-dim", type=int | None, default=None,
+                         help="--core/--kernel: head dim (default: the profile's / DeiT-T's 64)")
+    p_speed.add_argument("--kernel-n", type=str, default="197,577,2305", help="--kernel: comma-separated N values")
+    sub.add_subcommand("speed", p_speed, help="wall-clock latency/throughput/memory; sparse kernel vs dense")
     return parser
 
 
@@ -149,8 +181,14 @@ def _cmd_visualize(cfg: Any) -> None:
         print(f"wrote {p}")
 
 
+def _cmd_speed(cfg: Any) -> None:
+    from bench_suite.speed import run_from_cli as run_speed_cli
+
+    run_speed_cli(cfg)
+
+
 COMMANDS = {"list": _cmd_list, "run": _cmd_run, "teacher": _cmd_teacher, "report": _cmd_report,
-            "visualize": _cmd_visualize}
+            "visualize": _cmd_visualize, "speed": _cmd_speed}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

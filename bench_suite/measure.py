@@ -6,18 +6,27 @@ the median and 90th percentile in ms per batch, throughput as batch size / media
 Peak memory is the peak of tensor memory allocated during one forward (MiB): on CUDA from
 ``torch.cuda.max_memory_allocated``; on the CPU from the PyTorch profiler's allocation events
 (cumulative sum of allocations and frees, maximum over time), so it counts the forward's tensors only.
+
+Comparisons on a shared machine: :func:`measure_callables` and :func:`measure_models` time several
+candidates *interleaved* (round ``r`` runs every candidate once, in an order that rotates from round to
+round), so a burst of load from other processes hits all candidates alike and their ratios stay
+meaningful even when the absolute times drift. Calls much shorter than the timer's resolution are
+timed in loops of ``inner`` calls (chosen from the warm-up so that one sample lasts about
+``min_sample_ms``) and reported per call.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["LatencyResult", "measure_latency", "peak_memory_mib", "fixed_threads"]
+__all__ = ["measure_latency", "measure_callables", "measure_models", "peak_memory_mib",
+           "peak_memory_callable_mib", "fixed_threads", "summarize_times"]
 
 MIB = 1024.0 * 1024.0
 
@@ -88,6 +97,116 @@ def measure_latency(model: nn.Module, images: torch.Tensor, warmup: int = 3, rep
     p90 = sorted(times)[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
     return {"latency_ms_median": median, "latency_ms_p90": p90, "img_per_s": len(images) / (median / 1000.0),
             "batch_size": float(len(images)), "threads": float(threads), "repeats": float(repeats)}
+
+
+def summarize_times(times_ms: list[float]) -> dict[str, float]:
+    """Median, 90th percentile (nearest rank) and minimum of a list of times (ms).
+
+    Raises:
+        ValueError: for an empty list.
+    """
+    if not times_ms:
+        raise ValueError("no times to summarize")
+    ordered = sorted(times_ms)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return {"median_ms": statistics.median(ordered), "p90_ms": p90, "min_ms": ordered[0]}
+
+
+def measure_callables(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeats: int = 10,
+                      num_threads: int | None = None, min_sample_ms: float = 0.0,
+                      device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+    """Time several zero-argument callables interleaved, under ``torch.inference_mode``.
+
+    Every callable runs ``warmup`` untimed calls; then ``repeats`` rounds, each timing every callable once
+    (one sample = ``inner`` back-to-back calls, divided by ``inner``), the order rotating by one position per
+    round. ``inner`` is 1 unless ``min_sample_ms`` > 0, then the smallest count whose estimated duration
+    (from the slowest warm-up call) reaches ``min_sample_ms``.
+
+    Returns:
+        ``{name: {"median_ms", "p90_ms", "min_ms" (ms per call), "inner", "repeats", "threads"}}``.
+
+    Raises:
+        ValueError: if ``repeats < 1`` or ``fns`` is empty.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if not fns:
+        raise ValueError("nothing to time")
+    dev = torch.device(device)
+    names = list(fns)
+    inner = {}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with fixed_threads(num_threads) as threads, torch.inference_mode():
+        for name in names:
+            slowest = 0.0
+            for _ in range(max(1, warmup)):
+                start = time.perf_counter()
+                fns[name]()
+                _sync(dev)
+                slowest = max(slowest, (time.perf_counter() - start) * 1000.0)
+            inner[name] = 1 if min_sample_ms <= 0 else max(1, int(math.ceil(min_sample_ms / max(slowest, 1e-3))))
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                fn, count = fns[name], inner[name]
+                start = time.perf_counter()
+                for _ in range(count):
+                    fn()
+                _sync(dev)
+                times[name].append((time.perf_counter() - start) * 1000.0 / count)
+    return {n: {**summarize_times(times[n]), "inner": float(inner[n]), "repeats": float(repeats),
+                "threads": float(threads)} for n in names}
+
+
+def measure_models(models: dict[str, nn.Module], images: torch.Tensor, warmup: int = 3, repeats: int = 10,
+                   num_threads: int | None = None) -> dict[str, dict[str, float]]:
+    """Eval latency of several models on one batch, interleaved (see :func:`measure_callables`).
+
+    Returns:
+        ``{name: {"latency_ms_median", "latency_ms_p90", "latency_ms_min" (ms per batch), "img_per_s",
+        "batch_size", "threads", "repeats"}}``, the same keys as :func:`measure_latency` plus the minimum.
+
+    Raises:
+        ValueError: if ``repeats < 1`` or ``models`` is empty.
+    """
+    modes = {n: m.training for n, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        res = measure_callables({n: (lambda m=m: m(images)) for n, m in models.items()}, warmup=warmup,
+                                repeats=repeats, num_threads=num_threads, device=images.device)
+    finally:
+        for n, m in models.items():
+            m.train(modes[n])
+    return {n: {"latency_ms_median": r["median_ms"], "latency_ms_p90": r["p90_ms"], "latency_ms_min": r["min_ms"],
+                "img_per_s": len(images) / (r["median_ms"] / 1000.0), "batch_size": float(len(images)),
+                "threads": r["threads"], "repeats": r["repeats"]} for n, r in res.items()}
+
+
+def peak_memory_callable_mib(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    """Peak tensor memory allocated during one call of ``fn`` under ``torch.inference_mode`` (MiB),
+    excluding what exists before the call (same method as :func:`peak_memory_mib`). Memory that a C++
+    operator allocates through PyTorch's allocator (its output) is counted; its private scratch is not."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        with torch.inference_mode():
+            fn()
+        torch.cuda.synchronize(dev)
+        return (torch.cuda.max_memory_allocated(dev) - base) / MIB
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), torch.inference_mode(), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                    if e.self_cpu_memory_usage)
+    current = peak = 0
+    for _, delta in deltas:
+        current += delta
+        peak = max(peak, current)
+    return peak / MIB
 
 
 def peak_memory_mib(model: nn.Module, images: torch.Tensor) -> float:

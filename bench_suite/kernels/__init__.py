@@ -1,0 +1,211 @@
+"""Sparse (top-B) attention kernels: a fused C++ CPU kernel and a pure-PyTorch fallback.
+
+The operation is the forward of Sparsifiner's sparse MHSA (Wei et al., CVPR 2023, eq. 4-6): each query
+row ``i`` attends only to its ``Bk`` selected keys ``idx[..., i, :]`` (the connectivity mask ``M`` of eq. 3
+as key indices, distinct per row)::
+
+    out[b, h, i] = sum_j softmax_j(scale * q[b, h, i] . k[b, h, idx[b, h, i, j]]) * v[b, h, idx[b, h, i, j]]
+
+Shapes: ``q [B, H, Nq, d]``, ``k, v [B, H, Nk, d]`` (``Nq = Nk = N`` in self-attention),
+``idx [B, H, Nq, Bk]`` int64 (the C++ kernel also takes int32), ``out [B, H, Nq, d]``. Cost:
+``2 * B * H * Nq * Bk * d`` multiply-accumulates, against ``2 * B * H * Nq * Nk * d`` for dense attention.
+
+Implementations (``impl=``):
+
+- ``"cpp"``: :func:`sparse_attention_cpp`, the fused kernel (``csrc/sparse_attention.cpp``; OpenMP over
+  ``B * H * Nq`` query rows, float32 accumulation, no gathered copies, no dense ``N x N`` matrix). Forward
+  only: it refuses inputs that require gradients while autograd is recording.
+- ``"torch"``: :func:`sparse_attention_torch`, gather-based and differentiable (training uses this one).
+- ``"auto"``: ``"cpp"`` when the inputs are CPU float32/float64 tensors that need no gradient and the
+  kernel can be built, else ``"torch"``.
+
+The kernel is compiled just in time on first use and cached (see :mod:`bench_suite.kernels.loader`);
+``python -m bench_suite speed --build`` compiles it ahead of time.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from bench_suite.kernels.loader import KernelBuildError, build_info, kernel_available, load_kernel
+
+__all__ = [
+    "IMPLS",
+    "KernelBuildError",
+    "build_info",
+    "check_inputs",
+    "kernel_available",
+    "load_kernel",
+    "register",
+    "sparse_attention",
+    "sparse_attention_cpp",
+    "sparse_attention_torch",
+]
+
+IMPLS = ("auto", "cpp", "torch")
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> None:
+    """Validate shapes and dtypes of a sparse attention call (no pass over the data).
+
+    Raises:
+        ValueError: a tensor is not 4-D, shapes disagree (``q [B, H, Nq, d]``, ``k``/``v [B, H, Nk, d]``,
+            ``idx [B, H, Nq, Bk]``), the budget ``Bk`` is 0 or larger than ``Nk``, or devices differ.
+        TypeError: ``q``/``k``/``v`` are not one floating dtype, or ``idx`` is not an integer tensor.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v), ("idx", idx)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sparse attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"sparse attention: {name} must be 4-D, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise TypeError(f"sparse attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"sparse attention: idx must hold integer key indices (int64), got {idx.dtype}")
+    b, h, nq, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape[3] != d or v.shape != k.shape:
+        raise ValueError(f"sparse attention: k and v must be [B, H, Nk, d] = [{b}, {h}, Nk, {d}], got "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if idx.shape[:3] != (b, h, nq):
+        raise ValueError(f"sparse attention: idx must be [B, H, Nq, Bk] = [{b}, {h}, {nq}, Bk], got "
+                         f"{tuple(idx.shape)}")
+    bk, nk = idx.shape[3], k.shape[2]
+    if b * h * nq > 0 and not 1 <= bk <= nk:
+        raise ValueError(f"sparse attention: the budget Bk = idx.shape[3] = {bk} must lie in [1, Nk = {nk}]")
+    if len({t.device for t in (q, k, v, idx)}) != 1:
+        raise ValueError("sparse attention: q, k, v, idx must be on one device, got "
+                         + ", ".join(str(t.device) for t in (q, k, v, idx)))
+
+
+def _default_scale(q: torch.Tensor, scale: float | None) -> float:
+    return float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
+
+
+def sparse_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                           scale: float | None = None) -> torch.Tensor:
+    """Gather-based sparse attention in PyTorch (differentiable, any device, any floating dtype).
+
+    Materialises the gathered keys and values ``[B, H, Nq, Bk, d]``: simple and exact, but slow.
+
+    Args:
+        q: ``[B, H, Nq, d]``; k, v: ``[B, H, Nk, d]``; idx: ``[B, H, Nq, Bk]`` key indices in ``[0, Nk)``.
+        scale: score scale; default ``d ** -0.5``.
+
+    Returns:
+        ``[B, H, Nq, d]``.
+
+    Raises:
+        ValueError, TypeError: see :func:`check_inputs`. IndexError: an index outside ``[0, Nk)``.
+    """
+    check_inputs(q, k, v, idx)
+    b, h, nq, d = q.shape
+    bk = idx.shape[3]
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= k.shape[2]):
+        raise IndexError(f"sparse attention: idx holds key indices outside [0, {k.shape[2]})")
+    flat = idx.long().reshape(b, h, nq * bk, 1).expand(b, h, nq * bk, d)
+    kg = k.gather(2, flat).reshape(b, h, nq, bk, d)
+    vg = v.gather(2, flat).reshape(b, h, nq, bk, d)
+    scores = torch.einsum("bhnd,bhnjd->bhnj", q, kg) * _default_scale(q, scale)
+    return torch.einsum("bhnj,bhnjd->bhnd", scores.softmax(dim=-1), vg)
+
+
+def sparse_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                         scale: float | None = None) -> torch.Tensor:
+    """The fused C++ CPU kernel (forward only); builds it on first use.
+
+    Inputs whose head dimension is unit-stride (contiguous tensors, or the permuted ``[B, H, N, d]`` views
+    of a fused QKV projection) are read in place; others are copied once with ``.contiguous()``. The result
+    is ``[B, H, Nq, d]`` stored as ``[B, Nq, H, d]`` (so ``out.transpose(1, 2)`` is contiguous).
+
+    Args:
+        q: ``[B, H, Nq, d]``; k, v: ``[B, H, Nk, d]``, float32 (float32 accumulation) or float64.
+        idx: ``[B, H, Nq, Bk]`` int64 or int32 key indices in ``[0, Nk)``, distinct per row (a repeated index
+            is counted as often as it appears).
+        scale: score scale; default ``d ** -0.5``.
+
+    Raises:
+        ValueError: shapes (see :func:`check_inputs`), a non-CPU tensor.
+        TypeError: dtypes other than float32/float64 and int64/int32.
+        IndexError: an index outside ``[0, Nk)`` (every index is checked inside the kernel).
+        RuntimeError: an input requires grad while autograd is recording (use ``impl="torch"`` to train).
+        KernelBuildError: the kernel cannot be built here.
+    """
+    check_inputs(q, k, v, idx)
+    if q.device.type != "cpu":
+        raise ValueError(f"sparse attention: the C++ kernel runs on the CPU, got tensors on {q.device}; "
+                         f"use impl='torch'")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"sparse attention: the C++ kernel takes float32 or float64, got {q.dtype}; "
+                        f"convert the inputs or use impl='torch'")
+    if idx.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"sparse attention: the C++ kernel takes int64 or int32 indices, got {idx.dtype}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("sparse attention: the C++ kernel is forward-only and the inputs require grad; "
+                           "run under torch.no_grad()/torch.inference_mode() or use impl='torch' for training")
+    load_kernel()
+    q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return torch.ops.bench_suite_kernels.sparse_attention(q, k, v, idx, _default_scale(q, scale))
+
+
+_auto_warned = False
+
+
+def _use_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    global _auto_warned
+    if q.device.type != "cpu" or q.dtype not in _FLOAT_DTYPES:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return False
+    try:
+        load_kernel()
+    except KernelBuildError as e:
+        if not _auto_warned:
+            _auto_warned = True
+            warnings.warn(f"{e}; impl='auto' falls back to the PyTorch implementation", RuntimeWarning,
+                          stacklevel=3)
+        return False
+    return True
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                     scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """Sparse attention with the chosen implementation (``"cpp"``, ``"torch"`` or ``"auto"``).
+
+    See :func:`sparse_attention_cpp` and :func:`sparse_attention_torch` for arguments and errors.
+
+    Raises:
+        ValueError: an unknown ``impl``.
+    """
+    if impl == "torch":
+        return sparse_attention_torch(q, k, v, idx, scale)
+    if impl == "cpp":
+        return sparse_attention_cpp(q, k, v, idx, scale)
+    if impl == "auto":
+        check_inputs(q, k, v, idx)
+        fn = sparse_attention_cpp if _use_cpp(q, k, v) else sparse_attention_torch
+        return fn(q, k, v, idx, scale)
+    raise ValueError(f"unknown sparse attention impl {impl!r}; choose one of {', '.join(IMPLS)}")
+
+
+def _cpp_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
+    """``SPARSE_ATTENTION_IMPLS["cpp"]``: the kernel for CPU float inputs that need no gradient (eval,
+    inference), else the differentiable PyTorch path, so that a model built with the kernel still trains
+    and runs on CUDA. Unlike ``"auto"`` it never hides a failed build: that raises
+    :class:`KernelBuildError`, so a benchmark cannot silently time the fallback."""
+    if q.device.type == "cpu" and q.dtype in _FLOAT_DTYPES and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return sparse_attention_cpp(q, k, v, idx, scale)
+    return sparse_attention_torch(q, k, v, idx, scale)
+
+
+def register() -> None:
+    """Register the kernel as Sparsifiner's ``"cpp"`` sparse attention implementation
+    (``methods.sparse_attention.register_sparse_attention_impl("cpp", ...)``). Cheap: the kernel is built on
+    the first call that needs it, not here. Idempotent."""
+    from methods.sparse_attention import register_sparse_attention_impl
+
+    register_sparse_attention_impl("cpp", _cpp_impl)

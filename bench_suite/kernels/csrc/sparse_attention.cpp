@@ -1,0 +1,349 @@
+// Fused sparse (top-B) attention for the CPU: the forward of Sparsifiner's sparse MHSA
+// (Wei et al., CVPR 2023, eq. 4-6), without a dense N x N matrix and without gathered copies.
+//
+//   out[b, h, i, :] = sum_j p_j * v[b, h, idx[b, h, i, j], :],
+//   p = softmax_j( scale * q[b, h, i, :] . k[b, h, idx[b, h, i, j], :] ),   j = 0 .. Bk-1
+//
+// Shapes: q [B, H, Nq, d], k and v [B, H, Nk, d], idx [B, H, Nq, Bk] (int64 or int32), out [B, H, Nq, d].
+// q, k, v may have any strides in their first three dimensions (e.g. the permuted views that timm's
+// fused QKV projection gives), but the head dimension must be unit-stride; the Python wrapper copies
+// otherwise. The output is allocated as [B, Nq, H, d] and returned as its [B, H, Nq, d] permutation,
+// so that the usual `out.transpose(1, 2).reshape(B, Nq, H * d)` after attention is a free view.
+//
+// Per query row (one task of the parallel loop over B * H * Nq rows):
+//   pass 1: s_j = (scale * q) . k_{idx_j} for the Bk selected keys, into a Bk-long score buffer, and max m;
+//   softmax: s_j <- exp(s_j - m), l = sum_j s_j (vectorised exp polynomial for float32);
+//   pass 2: acc = sum_j s_j * v_{idx_j} in registers (float32 accumulation), out = acc / l.
+// Two passes over a small score buffer instead of a one-pass online softmax: the online form rescales
+// the d-wide accumulator whenever the running max grows, which costs as much as one more AV step per
+// rescale, while the score buffer (Bk floats, in L1) costs nothing measurable. Keys are read once in
+// pass 1 and values once in pass 2, each a unit-stride row of d floats.
+//
+// Work: 2 * Bk * d multiply-accumulates per query row (QK^T and AV), against 2 * Nk * d for dense.
+// Errors: TORCH_CHECK_* (ValueError / TypeError / IndexError in Python) for wrong devices, dtypes,
+// shapes, head-dim strides and out-of-range key indices (all indices are checked on the fly).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+template <typename scalar_t>
+struct Problem {
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  const void* idx;
+  scalar_t* out;
+  int64_t H, Nq, Nk, Bk, d;
+  int64_t qs_b, qs_h, qs_n;  // strides in elements
+  int64_t ks_b, ks_h, ks_n;
+  int64_t vs_b, vs_h, vs_n;
+  int64_t is_b, is_h, is_n, is_j;
+  int64_t os_b, os_h, os_n;
+  scalar_t scale;
+};
+
+// Per-thread scratch (scores and validated key indices of one query row), reused across calls.
+template <typename scalar_t>
+struct Scratch {
+  std::vector<scalar_t> scores;
+  std::vector<int64_t> keys;
+  std::vector<scalar_t> qbuf, abuf;
+  void fit(int64_t bk, int64_t d) {
+    const size_t padded = static_cast<size_t>((bk + 15) / 16 * 16);
+    if (scores.size() < padded) scores.resize(padded);
+    if (keys.size() < static_cast<size_t>(bk)) keys.resize(static_cast<size_t>(bk));
+    if (qbuf.size() < static_cast<size_t>(d)) qbuf.resize(static_cast<size_t>(d));
+    if (abuf.size() < static_cast<size_t>(d)) abuf.resize(static_cast<size_t>(d));
+  }
+};
+
+template <typename scalar_t>
+Scratch<scalar_t>& scratch() {
+  thread_local Scratch<scalar_t> s;
+  return s;
+}
+
+// Key index j of the row, checked against [0, Nk); an invalid index is recorded in `bad` (first one wins)
+// and replaced by 0 so the row still computes (the call raises afterwards).
+template <typename index_t>
+inline int64_t checked_key(const index_t* ir, int64_t j, int64_t is_j, uint64_t nk, std::atomic<int64_t>& bad) {
+  const int64_t kj = static_cast<int64_t>(ir[j * is_j]);
+  if (static_cast<uint64_t>(kj) >= nk) {  // also catches negatives
+    int64_t none = std::numeric_limits<int64_t>::min();
+    bad.compare_exchange_strong(none, kj);
+    return 0;
+  }
+  return kj;
+}
+
+inline void row_coords(int64_t t, int64_t H, int64_t Nq, int64_t& b, int64_t& h, int64_t& i) {
+  i = t % Nq;
+  const int64_t bh = t / Nq;
+  h = bh % H;
+  b = bh / H;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Generic path: any head dim, float32 or float64 (plain loops the compiler may vectorise).
+template <typename scalar_t, typename index_t>
+void attend_rows_generic(const Problem<scalar_t>& P, int64_t begin, int64_t end, std::atomic<int64_t>& bad) {
+  const int64_t d = P.d, Bk = P.Bk;
+  Scratch<scalar_t>& S = scratch<scalar_t>();
+  S.fit(Bk, d);
+  scalar_t* s = S.scores.data();
+  int64_t* keys = S.keys.data();
+  scalar_t* qsc = S.qbuf.data();
+  scalar_t* acc = S.abuf.data();
+  const index_t* idx = static_cast<const index_t*>(P.idx);
+  const uint64_t nk = static_cast<uint64_t>(P.Nk);
+  for (int64_t t = begin; t < end; ++t) {
+    int64_t b, h, i;
+    row_coords(t, P.H, P.Nq, b, h, i);
+    const scalar_t* qr = P.q + b * P.qs_b + h * P.qs_h + i * P.qs_n;
+    const scalar_t* kb = P.k + b * P.ks_b + h * P.ks_h;
+    const scalar_t* vb = P.v + b * P.vs_b + h * P.vs_h;
+    const index_t* ir = idx + b * P.is_b + h * P.is_h + i * P.is_n;
+    scalar_t* orow = P.out + b * P.os_b + h * P.os_h + i * P.os_n;
+    for (int64_t c = 0; c < d; ++c) qsc[c] = qr[c] * P.scale;
+    scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t j = 0; j < Bk; ++j) {
+      keys[j] = checked_key(ir, j, P.is_j, nk, bad);
+      const scalar_t* kr = kb + keys[j] * P.ks_n;
+      scalar_t a = 0;
+      for (int64_t c = 0; c < d; ++c) a += qsc[c] * kr[c];
+      s[j] = a;
+      m = std::max(m, a);
+    }
+    scalar_t l = 0;
+    for (int64_t j = 0; j < Bk; ++j) {
+      s[j] = std::exp(s[j] - m);
+      l += s[j];
+    }
+    for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+    for (int64_t j = 0; j < Bk; ++j) {
+      const scalar_t p = s[j];
+      const scalar_t* vr = vb + keys[j] * P.vs_n;
+      for (int64_t c = 0; c < d; ++c) acc[c] += p * vr[c];
+    }
+    const scalar_t inv = scalar_t(1) / l;
+    for (int64_t c = 0; c < d; ++c) orow[c] = acc[c] * inv;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Fast path: float32, head dim D = 16 * NV, written with GCC/Clang vector extensions (16 floats per
+// vector: one AVX-512 register, two AVX2 registers; the compiler maps them to the target's ISA).
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads/stores
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v16f load16(const float* p) { return *reinterpret_cast<const v16f_u*>(p); }
+inline void store16(float* p, v16f x) { *reinterpret_cast<v16f_u*>(p) = x; }
+inline v16f splat(float x) { return v16f{} + x; }
+
+// exp(x) for x <= 0 (the softmax argument s_j - max), 16 lanes at a time: Cephes-style range reduction
+// x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n from the exponent bits.
+// Relative error about 2e-7; exactly 0 below -87 (e^-87 ~ 1.6e-38) and for the -inf padding.
+inline v16f exp16_nonpositive(v16f x) {
+  const v16f lo = splat(-87.0f);
+  const v16i under = x < lo;
+  const v16f xc = under ? lo : x;
+  v16f n = xc * 1.44269504088896341f + 0.5f;
+  // floor for negative and positive values: truncate, then subtract 1 where truncation rounded up
+  const v16i ni = __builtin_convertvector(n, v16i);
+  v16f nf = __builtin_convertvector(ni, v16f);
+  nf = (nf > n) ? nf - 1.0f : nf;
+  v16f r = xc - nf * 0.693359375f;
+  r = r + nf * 2.12194440e-4f;
+  v16f p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v16i bits = (__builtin_convertvector(nf, v16i) + 127) << 23;
+  v16f pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  const v16f e = p * pow2;
+  return under ? v16f{} : e;
+}
+
+inline float hsum16(v16f x) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  typedef float v8f __attribute__((vector_size(32)));
+  typedef float v4f __attribute__((vector_size(16)));
+  const v8f a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+#else
+  float s = 0;
+  for (int c = 0; c < 16; ++c) s += x[c];
+  return s;
+#endif
+}
+
+template <typename index_t, int NV>
+void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::atomic<int64_t>& bad) {
+  const int64_t Bk = P.Bk;
+  const int64_t Bk16 = (Bk + 15) / 16 * 16;
+  Scratch<float>& S = scratch<float>();
+  S.fit(Bk, 16 * NV);
+  float* s = S.scores.data();
+  int64_t* keys = S.keys.data();
+  const index_t* idx = static_cast<const index_t*>(P.idx);
+  const uint64_t nk = static_cast<uint64_t>(P.Nk);
+  const float ninf = -std::numeric_limits<float>::infinity();
+
+  for (int64_t t = begin; t < end; ++t) {
+    int64_t b, h, i;
+    row_coords(t, P.H, P.Nq, b, h, i);
+    const float* qr = P.q + b * P.qs_b + h * P.qs_h + i * P.qs_n;
+    const float* kb = P.k + b * P.ks_b + h * P.ks_h;
+    const float* vb = P.v + b * P.vs_b + h * P.vs_h;
+    const index_t* ir = idx + b * P.is_b + h * P.is_h + i * P.is_n;
+    float* orow = P.out + b * P.os_b + h * P.os_h + i * P.os_n;
+
+    v16f qv[NV];
+    for (int c = 0; c < NV; ++c) qv[c] = load16(qr + 16 * c) * P.scale;
+
+    // pass 1: scores s_j = (scale q) . k_{idx_j}, and their max
+    float m = ninf;
+    for (int64_t j = 0; j < Bk; ++j) {
+      const int64_t kj = checked_key(ir, j, P.is_j, nk, bad);
+      keys[j] = kj;
+      const float* kr = kb + kj * P.ks_n;
+      v16f a = qv[0] * load16(kr);
+      for (int c = 1; c < NV; ++c) a += qv[c] * load16(kr + 16 * c);
+      const float sj = hsum16(a);
+      s[j] = sj;
+      m = sj > m ? sj : m;
+    }
+    for (int64_t j = Bk; j < Bk16; ++j) s[j] = ninf;  // padding: exp gives exactly 0
+
+    // softmax numerators e_j = exp(s_j - m) (in place) and their sum l
+    const v16f mv = splat(m);
+    v16f lv{};
+    for (int64_t j = 0; j < Bk16; j += 16) {
+      const v16f e = exp16_nonpositive(load16(s + j) - mv);
+      store16(s + j, e);
+      lv += e;
+    }
+    const float l = hsum16(lv);
+
+    // pass 2: acc = sum_j e_j v_{idx_j}; two accumulator sets hide the FMA latency
+    v16f acc0[NV], acc1[NV];
+    for (int c = 0; c < NV; ++c) acc0[c] = acc1[c] = v16f{};
+    int64_t j = 0;
+    for (; j + 1 < Bk; j += 2) {
+      const float* v0 = vb + keys[j] * P.vs_n;
+      const float* v1 = vb + keys[j + 1] * P.vs_n;
+      const v16f p0 = splat(s[j]), p1 = splat(s[j + 1]);
+      for (int c = 0; c < NV; ++c) {
+        acc0[c] += p0 * load16(v0 + 16 * c);
+        acc1[c] += p1 * load16(v1 + 16 * c);
+      }
+    }
+    if (j < Bk) {
+      const float* v0 = vb + keys[j] * P.vs_n;
+      const v16f p0 = splat(s[j]);
+      for (int c = 0; c < NV; ++c) acc0[c] += p0 * load16(v0 + 16 * c);
+    }
+    const float inv = 1.0f / l;
+    for (int c = 0; c < NV; ++c) store16(orow + 16 * c, (acc0[c] + acc1[c]) * inv);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+void run(const Problem<scalar_t>& P, int64_t rows_total, std::atomic<int64_t>& bad) {
+  // about 64k multiply-accumulates per task chunk: large enough to amortise scheduling
+  const int64_t per_row = std::max<int64_t>(1, 2 * P.Bk * P.d);
+  const int64_t grain = std::max<int64_t>(1, 65536 / per_row);
+  at::parallel_for(0, rows_total, grain, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      switch (P.d) {
+        case 32: return attend_rows_f32<index_t, 2>(P, begin, end, bad);
+        case 64: return attend_rows_f32<index_t, 4>(P, begin, end, bad);
+        case 128: return attend_rows_f32<index_t, 8>(P, begin, end, bad);
+        default: break;
+      }
+    }
+    attend_rows_generic<scalar_t, index_t>(P, begin, end, bad);
+  });
+}
+
+at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& idx, double scale) {
+  TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && idx.device().is_cpu(),
+                    "sparse_attention: the C++ kernel runs on the CPU only");
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && idx.dim() == 4,
+                    "sparse_attention: q, k, v, idx must be 4-D ([B, H, N, d] and [B, H, N, Bk])");
+  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+                   "sparse_attention: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+                   ", ", v.scalar_type());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+                   "sparse_attention: q, k, v must be float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
+                   "sparse_attention: idx must be int64 or int32, got ", idx.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3);
+  const int64_t Nk = k.size(2), Bk = idx.size(3);
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(1) == H && k.size(3) == d && v.sizes() == k.sizes(),
+                    "sparse_attention: k and v must be [B, H, Nk, d] matching q ", q.sizes(), ", got k ",
+                    k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK_VALUE(idx.size(0) == B && idx.size(1) == H && idx.size(2) == Nq,
+                    "sparse_attention: idx must be [B, H, Nq, Bk] = [", B, ", ", H, ", ", Nq, ", Bk], got ",
+                    idx.sizes());
+  TORCH_CHECK_VALUE(Bk >= 1 || B * H * Nq == 0, "sparse_attention: the budget Bk (idx.size(3)) must be >= 1");
+  TORCH_CHECK_VALUE(d == 0 || (q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1) || B * H * Nq == 0,
+                    "sparse_attention: the head dimension of q, k, v must be unit-stride (call .contiguous())");
+
+  // [B, Nq, H, d] storage, returned as the [B, H, Nq, d] view
+  at::Tensor out = at::empty({B, Nq, H, d}, q.options()).permute({0, 2, 1, 3});
+  if (B * H * Nq == 0 || d == 0) return out;
+  TORCH_CHECK_VALUE(Nk >= 1, "sparse_attention: there are no keys (Nk = 0)");
+
+  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::min()};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_attention_cpu", [&] {
+    Problem<scalar_t> P{q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                        idx.const_data_ptr(), out.mutable_data_ptr<scalar_t>(),
+                        H, Nq, Nk, Bk, d,
+                        q.stride(0), q.stride(1), q.stride(2),
+                        k.stride(0), k.stride(1), k.stride(2),
+                        v.stride(0), v.stride(1), v.stride(2),
+                        idx.stride(0), idx.stride(1), idx.stride(2), idx.stride(3),
+                        out.stride(0), out.stride(1), out.stride(2),
+                        static_cast<scalar_t>(scale)};
+    if (idx.scalar_type() == at::kLong) {
+      run<scalar_t, int64_t>(P, B * H * Nq, bad);
+    } else {
+      run<scalar_t, int32_t>(P, B * H * Nq, bad);
+    }
+  });
+  const int64_t bad_value = bad.load();
+  TORCH_CHECK_INDEX(bad_value == std::numeric_limits<int64_t>::min(), "sparse_attention: idx holds key index ",
+                    bad_value, " outside [0, ", Nk, ")");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bench_suite_kernels, m) {
+  m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor idx, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bench_suite_kernels, CPU, m) { m.impl("sparse_attention", &sparse_attention_cpu); }

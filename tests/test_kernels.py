@@ -1,0 +1,276 @@
+"""Tests of the fused sparse attention CPU kernel (bench_suite/kernels) against references.
+
+The reference is dense masked attention in float64: ``softmax(masked_fill(q k^T * scale, ~M, -inf)) v`` with
+the connectivity mask ``M`` built from the key indices (Sparsifiner eq. 4-6), independent of both
+implementations under test. The first test to need the kernel compiles it (cached afterwards).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench_suite import kernels
+from bench_suite.backbones import keep_count
+from bench_suite.kernels import (KernelBuildError, check_inputs, sparse_attention, sparse_attention_cpp,
+                                 sparse_attention_torch)
+from bench_suite.kernels import loader
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    try:
+        kernels.load_kernel()
+    except KernelBuildError as e:  # pragma: no cover - a machine without a compiler
+        pytest.skip(f"kernel cannot be built here: {e}")
+
+
+def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                    scale: float | None = None, chunk: int = 256) -> torch.Tensor:
+    """Dense masked attention in float64, ``[B, H, Nq, d]`` (query rows in chunks to bound memory)."""
+    q, k, v = q.double(), k.double(), v.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs = []
+    for s in range(0, q.shape[2], chunk):
+        qi, ii = q[:, :, s:s + chunk], idx[:, :, s:s + chunk].long()
+        logits = (qi @ k.transpose(-1, -2)) * scale
+        mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, ii, True)
+        outs.append(logits.masked_fill(~mask, float("-inf")).softmax(-1) @ v)
+    return torch.cat(outs, dim=2)
+
+
+def random_case(b: int, h: int, nq: int, nk: int, d: int, bk: int, seed: int = 0,
+                dtype: torch.dtype = torch.float32, scale_inputs: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, d, generator=g, dtype=dtype) * scale_inputs
+    k = torch.randn(b, h, nk, d, generator=g, dtype=dtype) * scale_inputs
+    v = torch.randn(b, h, nk, d, generator=g, dtype=dtype)
+    idx = torch.rand(b, h, nq, nk, generator=g).argsort(dim=-1)[..., :bk].contiguous()
+    return q, k, v, idx
+
+
+# ----------------------------------------------------------------- agreement with the reference
+SHAPES = [  # (B, H, Nq, Nk, d, Bk)
+    (1, 1, 1, 1, 64, 1),        # one query, one key: output is that key's value
+    (1, 1, 17, 17, 64, 1),      # budget 1
+    (2, 3, 17, 17, 64, 17),     # B = N (dense), batch and heads > 1
+    (2, 3, 197, 197, 64, 20),   # DeiT-S tokens, keep 0.1
+    (1, 2, 50, 50, 32, 13),     # head dim 32 (vector path with 2 registers)
+    (1, 2, 37, 37, 128, 5),     # head dim 128
+    (2, 2, 31, 31, 24, 7),      # head dim 24 (generic path), N prime
+    (1, 1, 23, 41, 64, 19),     # Nq != Nk (e.g. the patch rows without the CLS row)
+    (3, 1, 9, 9, 1, 3),         # head dim 1
+]
+
+
+@pytest.mark.parametrize("b,h,nq,nk,d,bk", SHAPES)
+def test_kernel_matches_dense_masked_reference(b, h, nq, nk, d, bk) -> None:
+    q, k, v, idx = random_case(b, h, nq, nk, d, bk, seed=b * 1000 + nq)
+    ref = dense_reference(q, k, v, idx)
+    out = sparse_attention_cpp(q, k, v, idx)
+    assert out.shape == (b, h, nq, d) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(sparse_attention_torch(q, k, v, idx).double(), ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("n", [197, 577, 2305])
+def test_every_benchmark_shape(n: int) -> None:
+    """The kernel grid's shapes (DeiT-T heads 3 x 64, keep 0.25 / 0.1 / 0.05), on a subset of query rows for
+    N = 2305 (the kernel treats every row alike; the rows' keys span all of N)."""
+    for r in (0.25, 0.1, 0.05):
+        bk = keep_count(r, n)
+        nq = n if n < 1000 else 200
+        q, k, v, idx = random_case(1, 3, nq, n, 64, bk, seed=n)
+        torch.testing.assert_close(sparse_attention_cpp(q, k, v, idx).double(), dense_reference(q, k, v, idx),
+                                   rtol=1e-5, atol=2e-6)
+
+
+def test_full_budget_equals_dense_sdpa() -> None:
+    q, k, v, _ = random_case(2, 3, 65, 65, 64, 1, seed=3)
+    idx = torch.arange(65).flip(0).expand(2, 3, 65, 65).contiguous()  # every key, in reverse order
+    torch.testing.assert_close(sparse_attention_cpp(q, k, v, idx), F.scaled_dot_product_attention(q, k, v),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_single_key_returns_its_value() -> None:
+    q, k, v, _ = random_case(2, 2, 11, 11, 64, 1, seed=4)
+    idx = torch.randint(0, 11, (2, 2, 11, 1))
+    expected = torch.gather(v, 2, idx.expand(-1, -1, -1, 64))
+    torch.testing.assert_close(sparse_attention_cpp(q, k, v, idx), expected, rtol=0, atol=1e-6)
+
+
+def test_float64_is_exact_to_double_precision() -> None:
+    q, k, v, idx = random_case(2, 2, 40, 40, 64, 9, seed=5, dtype=torch.float64)
+    out = sparse_attention_cpp(q, k, v, idx)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, dense_reference(q, k, v, idx), rtol=1e-12, atol=1e-12)
+
+
+def test_large_logits_are_stable() -> None:
+    """Scores of magnitude ~1e3: the max-subtracted softmax neither overflows nor underflows to NaN."""
+    q, k, v, idx = random_case(1, 2, 30, 30, 64, 12, seed=6, scale_inputs=8.0)
+    out = sparse_attention_cpp(q, k, v, idx)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), dense_reference(q, k, v, idx), rtol=1e-4, atol=1e-5)
+
+
+def test_explicit_scale_and_int32_indices() -> None:
+    q, k, v, idx = random_case(2, 2, 33, 33, 64, 8, seed=7)
+    ref = dense_reference(q, k, v, idx, scale=0.37)
+    torch.testing.assert_close(sparse_attention_cpp(q, k, v, idx.int(), 0.37).double(), ref, rtol=1e-5, atol=2e-6)
+
+
+def test_duplicate_index_counts_twice() -> None:
+    """Documented behaviour: a repeated index is a repeated term of the softmax."""
+    q, k, v, _ = random_case(1, 1, 1, 4, 64, 1, seed=8)
+    idx = torch.tensor([[[[2, 2, 0]]]])
+    s = (q[0, 0, 0] @ k[0, 0].T) * 64 ** -0.5
+    w = torch.stack([s[2], s[2], s[0]]).softmax(0)
+    expected = w[0] * v[0, 0, 2] + w[1] * v[0, 0, 2] + w[2] * v[0, 0, 0]
+    torch.testing.assert_close(sparse_attention_cpp(q, k, v, idx)[0, 0, 0], expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- layouts
+def test_permuted_qkv_views_are_read_in_place() -> None:
+    """timm's fused QKV gives q, k, v as non-contiguous [B, H, N, d] views with a unit-stride head dim."""
+    g = torch.Generator().manual_seed(9)
+    b, n, h, d = 2, 29, 3, 64
+    qkv = torch.randn(b, n, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    idx = torch.rand(b, h, n, n, generator=g).argsort(-1)[..., :6]
+    out = sparse_attention_cpp(q, k, v, idx)
+    torch.testing.assert_close(out, sparse_attention_cpp(q.contiguous(), k.contiguous(), v.contiguous(), idx))
+    torch.testing.assert_close(out.double(), dense_reference(q, k, v, idx), rtol=1e-5, atol=2e-6)
+
+
+def test_strided_head_dim_and_strided_indices_are_handled() -> None:
+    q, k, v, idx = random_case(2, 2, 21, 21, 32, 5, seed=10)
+    qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # head dim stride != 1
+    idx_wide = torch.zeros(2, 2, 21, 10, dtype=torch.int64)
+    idx_wide[..., ::2] = idx  # idx with stride 2 in the last dim
+    idx_s = idx_wide[..., ::2]
+    assert qt.stride(-1) != 1 and idx_s.stride(-1) == 2
+    torch.testing.assert_close(sparse_attention_cpp(qt, k, v, idx_s).double(), dense_reference(q, k, v, idx),
+                               rtol=1e-5, atol=2e-6)
+
+
+def test_output_layout_makes_head_merge_free() -> None:
+    q, k, v, idx = random_case(2, 3, 13, 13, 64, 4, seed=11)
+    out = sparse_attention_cpp(q, k, v, idx)
+    assert out.transpose(1, 2).is_contiguous()  # [B, N, H, d] storage: merge_heads' reshape is a view
+
+
+def test_empty_batch() -> None:
+    q, k, v, idx = random_case(1, 2, 5, 5, 64, 2)
+    out = sparse_attention_cpp(q[:0], k[:0], v[:0], idx[:0])
+    assert out.shape == (0, 2, 5, 64)
+
+
+# ----------------------------------------------------------------- errors
+def test_out_of_range_indices_raise_index_error() -> None:
+    q, k, v, idx = random_case(1, 2, 9, 9, 64, 3)
+    for bad in (9, -1, 2**40):
+        wrong = idx.clone()
+        wrong[0, 1, 4, 2] = bad
+        with pytest.raises(IndexError, match=rf"{bad}.*outside \[0, 9\)"):
+            sparse_attention_cpp(q, k, v, wrong)
+        with pytest.raises(IndexError):
+            sparse_attention_torch(q, k, v, wrong)
+
+
+def test_wrong_dtypes_raise_type_error() -> None:
+    q, k, v, idx = random_case(1, 1, 5, 5, 64, 2)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        sparse_attention_cpp(q.half(), k.half(), v.half(), idx)
+    with pytest.raises(TypeError, match="share one floating dtype"):
+        sparse_attention_cpp(q, k.double(), v, idx)
+    with pytest.raises(TypeError, match="integer key indices"):
+        sparse_attention_cpp(q, k, v, idx.float())
+    with pytest.raises(TypeError, match="int64 or int32"):
+        sparse_attention_cpp(q, k, v, idx.to(torch.int16))
+
+
+@pytest.mark.parametrize("case", ["not4d", "heads", "headdim", "v_shape", "idx_rows", "budget0", "budget_big"])
+def test_shape_errors_raise_value_error(case: str) -> None:
+    q, k, v, idx = random_case(2, 2, 7, 7, 64, 3)
+    args = {"not4d": (q[0], k, v, idx), "heads": (q, k[:, :1], v[:, :1], idx),
+            "headdim": (q, k[..., :32], v[..., :32], idx), "v_shape": (q, k, v[:, :, :5], idx),
+            "idx_rows": (q, k, v, idx[:, :, :4]), "budget0": (q, k, v, idx[..., :0]),
+            "budget_big": (q, k, v, torch.zeros(2, 2, 7, 8, dtype=torch.int64))}[case]
+    with pytest.raises(ValueError):
+        sparse_attention_cpp(*args)
+    with pytest.raises(ValueError):
+        check_inputs(*args)
+
+
+def test_forward_only_refuses_grad_and_auto_falls_back() -> None:
+    q, k, v, idx = random_case(1, 2, 12, 12, 64, 4, seed=12)
+    q.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        sparse_attention_cpp(q, k, v, idx)
+    with torch.no_grad():
+        sparse_attention_cpp(q, k, v, idx)  # fine without autograd
+    out = sparse_attention(q, k, v, idx, impl="auto")  # the differentiable torch path
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    with pytest.raises(ValueError, match="unknown sparse attention impl"):
+        sparse_attention(q, k, v, idx, impl="cuda")
+
+
+def test_auto_uses_the_kernel_for_inference() -> None:
+    q, k, v, idx = random_case(1, 2, 12, 12, 64, 4, seed=13)
+    with torch.inference_mode():
+        a = sparse_attention(q, k, v, idx, impl="auto")
+    assert a.transpose(1, 2).is_contiguous()  # the kernel's output layout, not the torch path's
+    torch.testing.assert_close(a, sparse_attention(q, k, v, idx, impl="torch"), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- build and registration
+def test_build_is_cached_and_named_by_source_flags_and_cpu() -> None:
+    info = kernels.build_info()
+    assert info["loaded"] and info["cached"]
+    assert "-fopenmp" in info["flags"] and "-O3" in info["flags"]
+    assert info["name"].startswith("bench_suite_sparse_attention_")
+    assert info["name"] == loader._extension_name(info["flags"])
+    kernels.load_kernel()  # idempotent
+
+
+def test_missing_compiler_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loader, "_loaded", False)
+    monkeypatch.setattr(loader, "_load_error", None)
+    monkeypatch.setattr(loader, "_compiler", lambda: None)
+    with pytest.raises(KernelBuildError, match="no C\\+\\+ compiler.*impl='torch'"):
+        loader.load_kernel()
+    with pytest.raises(KernelBuildError):  # remembered, not retried
+        loader.load_kernel()
+    assert not loader.kernel_available()
+
+
+def test_registers_as_sparsifiner_cpp_impl() -> None:
+    sa = pytest.importorskip("methods.sparse_attention")
+    kernels.register()
+    fn = sa.get_sparse_attention_impl("cpp")
+    q, k, v, idx = random_case(2, 3, 40, 41, 64, 6, seed=14)
+    scale = 64 ** -0.5
+    with torch.inference_mode():
+        out = sa.sparse_attention(q, k, v, idx, scale, impl="cpp")
+        torch.testing.assert_close(out, sa.SPARSE_ATTENTION_IMPLS["torch"](q, k, v, idx, scale), rtol=1e-5,
+                                   atol=1e-6)
+        assert fn(q, k, v, idx, scale).transpose(1, 2).is_contiguous()  # the kernel ran
+    q.requires_grad_(True)  # with autograd the registered entry takes the differentiable path
+    fn(q, k, v, idx, scale).sum().backward()
+    assert q.grad is not None
+
+
+def test_kernel_matches_torch_on_many_random_shapes() -> None:
+    g = torch.Generator().manual_seed(15)
+    for trial in range(20):
+        b, h = (int(x) for x in torch.randint(1, 4, (2,), generator=g))
+        nk = int(torch.randint(1, 90, (1,), generator=g))
+        nq = int(torch.randint(1, 90, (1,), generator=g))
+        d = [16, 32, 48, 64, 80][trial % 5]
+        bk = int(torch.randint(1, nk + 1, (1,), generator=g))
+        q, k, v, idx = random_case(b, h, nq, nk, d, bk, seed=100 + trial)
+        torch.testing.assert_close(sparse_attention_cpp(q, k, v, idx).double(), dense_reference(q, k, v, idx),
+                                   rtol=1e-5, atol=2e-6, msg=lambda m: f"{(b, h, nq, nk, d, bk)}: {m}")

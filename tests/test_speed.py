@@ -1,0 +1,169 @@
+"""Tests of ``python -m bench_suite speed`` and the interleaved timing helpers (no timed assertions)."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench_suite.cli import main
+from bench_suite.kernels import KernelBuildError, load_kernel
+from bench_suite.measure import measure_callables, measure_models, summarize_times
+from bench_suite.speed import KERNEL_COLUMNS, SPEED_COLUMNS, random_key_indices
+from bench_suite.store import ResultsStore, config_key
+
+TINY = ["--batch-size", "2", "--repeats", "2", "--warmup", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    try:
+        load_kernel()
+    except KernelBuildError as e:  # pragma: no cover
+        pytest.skip(f"kernel cannot be built here: {e}")
+
+
+def _csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+# ----------------------------------------------------------------- helpers
+def test_random_key_indices_are_distinct_and_in_range() -> None:
+    g = torch.Generator().manual_seed(0)
+    idx = random_key_indices(2, 3, 11, 13, 5, g)
+    assert idx.shape == (2, 3, 11, 5) and idx.dtype == torch.int64
+    assert int(idx.min()) >= 0 and int(idx.max()) < 13
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # distinct within every row
+    with pytest.raises(ValueError, match="budget"):
+        random_key_indices(1, 1, 3, 4, 5)
+
+
+def test_measure_callables_interleaves_and_counts_calls() -> None:
+    calls: list[str] = []
+    res = measure_callables({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=2, repeats=4)
+    assert calls[:4] == ["a", "a", "b", "b"]  # warm-up, then rounds
+    timed = calls[4:]
+    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]  # the order rotates from round to round
+    for r in res.values():
+        assert r["repeats"] == 4 and r["inner"] == 1 and r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
+    with pytest.raises(ValueError):
+        measure_callables({}, repeats=1)
+    with pytest.raises(ValueError):
+        measure_callables({"a": lambda: None}, repeats=0)
+
+
+def test_measure_callables_loops_short_calls() -> None:
+    n = {"x": 0}
+
+    def f() -> None:
+        n["x"] += 1
+
+    res = measure_callables({"f": f}, warmup=1, repeats=3, min_sample_ms=1.0)
+    inner = int(res["f"]["inner"])
+    assert inner > 1 and n["x"] == 1 + 3 * inner
+
+
+def test_summarize_times_nearest_rank() -> None:
+    s = summarize_times([5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0])
+    assert s == {"median_ms": 6.0, "p90_ms": 10.0, "min_ms": 1.0}
+
+
+def test_measure_models_restores_training_mode() -> None:
+    m = torch.nn.Linear(4, 2).train()
+    res = measure_models({"lin": m}, torch.randn(3, 4), warmup=1, repeats=2, num_threads=1)
+    assert m.training
+    r = res["lin"]
+    assert r["batch_size"] == 3 and r["threads"] == 1
+    assert math.isclose(r["img_per_s"], 3 / (r["latency_ms_median"] / 1000))
+
+
+# ----------------------------------------------------------------- the command
+def test_kernel_grid_writes_kernel_csv(tmp_path: Path, kernel: None, capsys: pytest.CaptureFixture) -> None:
+    assert main(["speed", "--kernel", "--kernel-n", "20,33", "--keep-rates", "0.25,0.1", *TINY,
+                 "--output", str(tmp_path)]) == 0
+    header, rows = _csv(tmp_path / "kernel.csv")
+    assert header == list(KERNEL_COLUMNS)
+    assert [(int(r["n"]), float(r["keep_rate"])) for r in rows] == [(20, 0.25), (20, 0.1), (33, 0.25), (33, 0.1)]
+    for r in rows:
+        n, rate = int(r["n"]), float(r["keep_rate"])
+        assert (int(r["heads"]), int(r["head_dim"]), int(r["batch"])) == (3, 64, 2)  # DeiT-T heads by default
+        dense, sparse = float(r["dense_ms"]), float(r["sparse_ms"])
+        assert dense > 0 and sparse > 0
+        assert math.isclose(float(r["speedup"]), dense / sparse, rel_tol=1e-9)
+        assert math.isclose(float(r["flop_ratio"]), n / math.ceil(rate * n), rel_tol=1e-9)
+    out = capsys.readouterr().out
+    assert "3 heads x head dim 64 (DeiT-T)" in out and "load average" in out
+    assert not (tmp_path / "results.sqlite").exists()  # the kernel grid goes to kernel.csv only
+
+
+def test_core_rows_in_store_and_speed_csv(tmp_path: Path, kernel: None) -> None:
+    assert main(["speed", "--core", "--profile", "tiny", "--keep-rates", "0.5", "--impl", "cpp,torch", *TINY,
+                 "--output", str(tmp_path)]) == 0
+    with ResultsStore(tmp_path) as store:
+        df = store.rows()
+    assert len(df) == 5  # dense; sparse cpp/torch; sparsifiner core cpp/torch
+    assert {(m, c["attention_impl"]) for m, c in zip(df["method"], df["config"])} == {
+        ("dense_sdpa", None), ("sparse_attention", "cpp"), ("sparse_attention", "torch"),
+        ("sparsifiner_core", "cpp"), ("sparsifiner_core", "torch")}
+    for _, row in df.iterrows():
+        c = row["config"]
+        assert c["kind"] == "speed" and c["scope"] == "core" and c["weights"] == "random"
+        assert (c["n"], c["heads"], c["head_dim"], c["threads"]) == (17, 2, 16, 1)  # tiny: 17 tokens, 2 x 16
+        assert row["key"] == config_key(c) and row["dataset"] == "synthetic" and row["status"] == "ok"
+        assert row["units"]["latency_ms_median"] == "ms" and row["units"]["peak_mib"] == "MiB"
+        assert row["budget"] == (17 if row["method"] == "dense_sdpa" else math.ceil(0.5 * 17))
+        assert math.isclose(row["speedup_vs_dense"] * row["latency_ratio_to_dense"], 1.0, rel_tol=1e-9)
+        assert row["peak_mib"] >= 0
+    dense = df[df["method"] == "dense_sdpa"].iloc[0]
+    assert dense["keep_rate"] == 1.0 and dense["latency_ratio_to_dense"] == 1.0
+    header, lines = _csv(tmp_path / "speed.csv")
+    assert header == list(SPEED_COLUMNS)
+    assert sorted(r["key"] for r in lines) == sorted(df["key"])
+
+
+def test_model_rows_in_store(tmp_path: Path, kernel: None) -> None:
+    args = ["speed", "--profile", "tiny", "--methods", "full,evit,sparsifiner", "--keep-rates", "0.5",
+            "--impl", "cpp", *TINY, "--output", str(tmp_path)]
+    assert main(args) == 0
+    with ResultsStore(tmp_path) as store:
+        df = store.rows()
+    assert sorted(zip(df["method"], df["keep_rate"])) == [("evit", 0.5), ("full", 1.0), ("sparsifiner", 0.5)]
+    for _, row in df.iterrows():
+        c = row["config"]
+        assert c["kind"] == "speed" and c["scope"] == "model" and c["weights"] == "random"
+        assert c["profile"] == "tiny" and c["batch_size"] == 2 and c["threads"] == 1 and c["repeats"] == 2
+        assert c["attention_impl"] == ("cpp" if row["method"] == "sparsifiner" else None)
+        assert row["latency_ms_min"] <= row["latency_ms_median"] <= row["latency_ms_p90"]
+        assert math.isclose(row["img_per_s"], 2 / (row["latency_ms_median"] / 1000), rel_tol=1e-9)
+        assert row["units"]["img_per_s"] == "img/s"
+    full = df[df["method"] == "full"].iloc[0]
+    assert full["latency_ratio_to_full"] == 1.0
+    sp = df[df["method"] == "sparsifiner"].iloc[0]
+    assert sp["attention_budget"] == math.ceil(0.5 * 17)  # the method's own sparsity report is stored
+    # re-running the same configuration replaces its rows (same keys)
+    assert main(args) == 0
+    with ResultsStore(tmp_path) as store:
+        assert len(store) == 3
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--keep-rates", "1.5"], "keep-rates"),
+    (["--impl", "cuda"], "--impl"),
+    (["--methods", "nope"], "unknown method"),
+    (["--profile", "nope"], "unknown profile"),
+    (["--repeats", "0"], "repeats"),
+])
+def test_user_errors_exit_2(tmp_path: Path, extra: list[str], message: str,
+                            capsys: pytest.CaptureFixture) -> None:
+    assert main(["speed", "--profile", "tiny", *extra, "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench_suite: error:") and message in err
+
+
+def test_build_flag(kernel: None, capsys: pytest.CaptureFixture) -> None:
+    assert main(["speed", "--build"]) == 0
+    assert "sparse attention kernel ready" in capsys.readouterr().out
