@@ -1,7 +1,7 @@
 """Shared ViT backbones, created through timm.
 
 Every backbone is a stock ``timm.models.vision_transformer.VisionTransformer``: the paper-scale
-profiles use timm's own model names (``deit_small_patch16_224``, ``deit_tiny_patch16_384``) and the
+profiles use timm's own model names (``deit_small_patch16_224``, ``deit_tiny_patch16_224`` at 384) and the
 CPU profiles are registered into timm's model registry with ``@register_model`` so that
 ``timm.create_model`` builds them too. Methods never copy timm's ViT code; they swap attention or
 blocks in place (see :mod:`methods.adapter`).
@@ -152,7 +152,9 @@ PROFILES: dict[str, Profile] = {
                 "CPU default: conv-stem ViT, 12 blocks, width 128, 50 tokens at 28x28"),
         Profile("tiny", "bench_vit_tiny", 28, 1, "test-sized ViT: 4 blocks, width 32, 17 tokens at 28x28"),
         Profile("deit_s", "deit_small_patch16_224", 224, 3, "DeiT-S, 12 blocks, width 384, 197 tokens at 224"),
-        Profile("deit_t384", "deit_tiny_patch16_384", 384, 3, "DeiT-T, 12 blocks, width 192, 577 tokens at 384"),
+        # timm ships DeiT-T only at 224; the paper's DeiT-T-384 is the same architecture at 384x384
+        # (timm resizes the position embedding grid for img_size=384: 24x24 patches + CLS = 577 tokens).
+        Profile("deit_t384", "deit_tiny_patch16_224", 384, 3, "DeiT-T, 12 blocks, width 192, 577 tokens at 384"),
     ]
 }
 

@@ -42,12 +42,12 @@ RUN_DEFAULTS: dict[str, dict[str, Any]] = {
 PAPER_DEFAULTS = {"epochs": 30, "train_subset": None, "batch_size": 64}
 FLOPS_IMAGES = 8       # real test images the FLOPs are counted on (per-image average)
 SPEED_BATCH = 64       # batch size of the latency measurement
+# Units of the stored metrics. MHSA FLOPs follow the paper: 1 MAC = 1 FLOP, only Q K^T and A V (plus
+# whatever a method computes inside its attention module instead), per image; latency is per batch.
 UNITS = {
-    "top1": "%", "val_top1": "%", "mhsa_mflops": "MFLOPs per image (1 MAC = 1 FLOP; Q K^T and A V only)",
-    "mhsa_mflops_paper": "MFLOPs per image, the paper's hand-counting convention",
-    "mhsa_proj_mflops": "MFLOPs per image, MHSA incl. QKV and output projections",
-    "total_gflops": "GFLOPs per image", "img_per_s": "img/s", "latency_ms_median": "ms per batch",
-    "latency_ms_p90": "ms per batch", "peak_mib": "MiB", "train_seconds": "s",
+    "top1": "%", "val_top1": "%", "mhsa_mflops": "MFLOPs", "mhsa_mflops_paper": "MFLOPs",
+    "mhsa_proj_mflops": "MFLOPs", "total_gflops": "GFLOPs", "img_per_s": "img/s", "latency_ms_median": "ms",
+    "latency_ms_p90": "ms", "peak_mib": "MiB", "train_seconds": "s",
 }
 
 

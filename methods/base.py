@@ -190,12 +190,24 @@ class BenchModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---------------------------------------------------------------- reporting
-    def paper_mhsa_flops(self) -> float | None:
-        """MHSA FLOPs per image (1 MAC = 1 FLOP) under the paper's hand-counting convention, where it
-        differs from the measured count (token-pruning methods, see
-        :func:`bench_suite.flops.token_pruning_paper_flops`); ``None`` when the measured count is the
-        only count."""
+    def token_pruning_stages(self) -> tuple[int, ...] | None:
+        """Block indices where this method prunes tokens (EViT, DynamicViT); ``None`` for methods
+        that keep every token. Used for the paper's FLOP convention."""
         return None
+
+    def paper_mhsa_flops(self) -> float | None:
+        """MHSA FLOPs per image (1 MAC = 1 FLOP) under the paper's hand-counting convention for the
+        token-pruning rows (:func:`bench_suite.flops.token_pruning_paper_flops` on this backbone's
+        geometry and :meth:`token_pruning_stages`); ``None`` where the measured count is the only count
+        (methods that keep every token, and keep rate 1.0)."""
+        stages = self.token_pruning_stages()
+        if stages is None or self.keep_rate >= 1.0:
+            return None
+        from bench_suite.backbones import num_tokens
+        from bench_suite.flops import token_pruning_paper_flops
+
+        return float(token_pruning_paper_flops(len(self.model.blocks), num_tokens(self.model),
+                                               int(self.model.embed_dim), self.keep_rate, stages))
 
     def sparsity_report(self) -> dict[str, float]:
         """Method-specific measured statistics to store with a result (e.g. sparsity ratios)."""

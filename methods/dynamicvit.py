@@ -446,17 +446,12 @@ class DynamicViT(BenchModule):
         ]
 
     # ---------------------------------------------------------------- reporting
-    def mhsa_flops_paper_convention(self, n_tokens: int, depth: int, dim: int) -> float | None:
-        """MHSA FLOPs (1 MAC = 1 FLOP, absolute) under the paper's hand count for the token-pruning rows
-        (stage budgets ``ceil(rho^s * (N-1))``, a full CLS row per head; DeiT-S: 193.09 M at 0.7,
-        149.05 M at 0.5), via :func:`bench_suite.flops.token_pruning_paper_flops` with this model's
-        stages. ``None`` at keep rate 1.0. The measured count (:func:`bench_suite.flops.count_flops`)
-        uses the tokens really kept, ``int(rho^s * (N-1))`` (DeiT-S: 165.63 M / 119.20 M)."""
-        from bench_suite.flops import token_pruning_paper_flops
-
-        if not self._state.active:
-            return None  # nothing is pruned: the measured dense count is the paper's
-        return float(token_pruning_paper_flops(depth, n_tokens, dim, self.keep_rate, self.stages))
+    def token_pruning_stages(self) -> tuple[int, ...] | None:
+        """The prediction stages; the paper's convention (:meth:`BenchModule.paper_mhsa_flops`) charges
+        ``ceil(rho^s * (N-1))`` tokens there, while the measured count
+        (:func:`bench_suite.flops.count_flops`) uses the tokens really kept, ``int(rho^s * (N-1))``
+        (DeiT-S: 193.09 M against 165.63 M at 0.7)."""
+        return self.stages if self._state.active else None
 
     def sparsity_report(self) -> dict[str, float]:
         """Kept patch tokens per stage at inference and the mean token keep ratio over the blocks."""

@@ -48,7 +48,6 @@ from methods.base import BenchModule, check_keep_rate
 __all__ = [
     "evit_reorganise",
     "evit_token_schedule",
-    "evit_paper_mhsa_flops",
     "EViTAttention",
     "EViTBlock",
     "apply_evit",
@@ -126,36 +125,6 @@ def evit_token_schedule(n_tokens: int, depth: int, keep_rate: float,
             if k < n - 1:
                 n = 1 + k + int(fuse)
     return out
-
-
-def evit_paper_mhsa_flops(n_tokens: int, depth: int, dim: int, keep_rate: float,
-                          stages: Sequence[int] | None = None) -> float:
-    """MHSA FLOPs of a token-pruned ViT under the hand-counting convention that reproduces the
-    EViT/DynamicViT rows of the Sparsifiner paper (Table 1; see ``methods-and-flops.md``).
-
-    One multiply-accumulate = one FLOP; only ``Q K^T`` and ``A V``. Stage ``s`` (1-based) keeps
-    ``k_s = ceil(keep_rate^s * (n_tokens - 1))`` patch tokens (compounded from the input count, no
-    fused token) and every layer of the stage is charged ``2 * dim * (k_s^2 + n_tokens)`` (a
-    ``k_s x k_s`` patch block plus one full CLS row per head); layers up to and including the first
-    pruning block, and any stage that keeps every token, are dense, ``2 * dim * n_tokens^2``.
-    DeiT-S (197 tokens, width 384, 12 layers): 193.09 M at keep rate 0.7, 149.05 M at 0.5
-    (paper 193.1 / 149.1).
-
-    Returns:
-        FLOPs (absolute count, not MFLOPs).
-
-    Raises:
-        ValueError: for a keep rate outside (0, 1] or stages outside ``[0, depth)``.
-    """
-    keep_rate = check_keep_rate(keep_rate)
-    stages = _check_stages(pruning_stages(depth) if stages is None else stages, depth)
-    total, s = 0, 0
-    for layer in range(depth):
-        k = keep_count(keep_rate ** s, n_tokens - 1)
-        total += n_tokens ** 2 if k >= n_tokens - 1 else k * k + n_tokens
-        if layer in stages:
-            s += 1
-    return float(2 * dim * total)
 
 
 # --------------------------------------------------------------------------- the timm adapter
@@ -326,22 +295,8 @@ class EViT(BenchModule):
     def adapt(self, model: nn.Module) -> None:
         apply_evit(model, self.keep_rate, self._evit_stages_arg)
 
-    def paper_mhsa_flops(self) -> float | None:
-        """MHSA FLOPs per image of this backbone under the paper's hand count
-        (:func:`evit_paper_mhsa_flops`, absolute FLOPs, 1 MAC = 1 FLOP); ``None`` at keep rate 1.0, where
-        nothing is pruned and the measured dense count is the paper's."""
-        if self.keep_rate >= 1.0:
-            return None
-        return evit_paper_mhsa_flops(num_tokens(self.model), len(self.model.blocks), int(self.model.embed_dim),
-                                     self.keep_rate, self.model.evit_stages)
-
-    def mhsa_flops_paper_convention(self, n_tokens: int, depth: int, dim: int) -> float | None:
-        """:meth:`paper_mhsa_flops` for a given geometry (``n_tokens`` incl. CLS, ``depth`` blocks, width
-        ``dim``); the model's own stages when ``depth`` is its depth, else the default stages."""
-        if self.keep_rate >= 1.0:
-            return None
-        stages = self.model.evit_stages if depth == len(self.model.blocks) else None
-        return evit_paper_mhsa_flops(n_tokens, depth, dim, self.keep_rate, stages)
+    def token_pruning_stages(self) -> tuple[int, ...]:
+        return tuple(self.model.evit_stages)
 
     def sparsity_report(self) -> dict[str, float]:
         """Token counts of the last forward: ``tokens_in`` and ``tokens_after_block<i>`` for each pruning

@@ -184,7 +184,7 @@ def test_keep_one_equals_the_unpatched_model() -> None:
     terms = module.losses(module.forward_train(x), module.forward_teacher(x), (x, torch.zeros(4, dtype=torch.long)))
     assert "ratio" not in terms
     assert terms["kl"].abs().item() < 1e-6 and terms["token_mse"].abs().item() < 1e-8  # student == teacher
-    assert module.mhsa_flops_paper_convention(17, 4, 32) is None
+    assert module.paper_mhsa_flops() is None
 
 
 # ------------------------------------------------------------------ losses
@@ -286,7 +286,7 @@ def test_measured_mhsa_flops_on_deit_s_follow_the_kept_tokens(deit_s, rho: float
     reference = {0.7: 165.63, 0.5: 119.20}[rho]  # methods-and-flops.md, measured DynamicViT on DeiT-S
     assert round(report.mhsa_mflops, 2) == reference
     # the paper's hand count uses ceil(rho^s * 196) and full CLS rows: Table 1's 193.1 / 149.1
-    paper = module.mhsa_flops_paper_convention(197, 12, 384) / 1e6
+    paper = module.paper_mhsa_flops() / 1e6
     assert paper == pytest.approx(flops.token_pruning_paper_flops(12, 197, 384, rho, (3, 6, 9)) / 1e6)
     assert round(paper, 1) == {0.7: 193.1, 0.5: 149.1}[rho]
     dense = flops.dense_mhsa_flops(12, 197, 384) / 1e6

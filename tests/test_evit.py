@@ -11,7 +11,8 @@ from timm.models.vision_transformer import Block
 
 from bench_suite.backbones import create_backbone, num_tokens, pruning_stages
 from bench_suite.registry import get_method
-from methods.evit import (EViT, EViTAttention, EViTBlock, apply_evit, evit_paper_mhsa_flops,
+from bench_suite.flops import token_pruning_paper_flops
+from methods.evit import (EViT, EViTAttention, EViTBlock, apply_evit,
                           evit_reorganise, evit_token_schedule)
 
 
@@ -92,7 +93,7 @@ def test_deit_s_measured_tokens_match_reference_mhsa_flops() -> None:
         h.remove()
     module = EViT(model, keep_rate=0.7)  # the method's paper-convention hook on the same geometry
     assert round(module.paper_mhsa_flops() / 1e6, 1) == 193.1
-    assert module.paper_mhsa_flops() == evit_paper_mhsa_flops(197, 12, 384, 0.7)
+    assert module.paper_mhsa_flops() == token_pruning_paper_flops(12, 197, 384, 0.7)
 
 
 def test_paper_convention_mhsa_flops_closed_form() -> None:
@@ -101,9 +102,9 @@ def test_paper_convention_mhsa_flops_closed_form() -> None:
     for rho, paper in ((0.7, 193.1), (0.5, 149.1)):
         ks = [math.ceil(rho ** s * 196) for s in (1, 2, 3)]
         closed = 768 * (4 * 197 ** 2 + 3 * (ks[0] ** 2 + 197) + 3 * (ks[1] ** 2 + 197) + 2 * (ks[2] ** 2 + 197))
-        assert evit_paper_mhsa_flops(197, 12, 384, rho) == closed
+        assert token_pruning_paper_flops(12, 197, 384, rho) == closed
         assert round(closed / 1e6, 1) == paper
-    assert evit_paper_mhsa_flops(197, 12, 384, 1.0) == 12 * 2 * 197 ** 2 * 384  # keep 1.0: dense
+    assert token_pruning_paper_flops(12, 197, 384, 1.0) == 12 * 2 * 197 ** 2 * 384  # keep 1.0: dense
 
 
 # ------------------------------------------------------------------ the pure reorganisation
