@@ -171,10 +171,19 @@ def _trainer(steps, callbacks=()):
                       limit_val_batches=0, callbacks=list(callbacks))
 
 
+def _bn_stem_backbone(seed=0):
+    """tiny with mini's BatchNorm conv stem (patch 4: 49 + 1 tokens), to check that phase 1 freezes BN too."""
+    from bench_suite.backbones import _mini_stem
+
+    torch.manual_seed(seed)
+    return create_backbone("tiny", num_classes=10, embed_layer=_mini_stem, patch_size=4)
+
+
 @pytest.mark.parametrize("method,with_teacher", [(Sparsifiner, True), (SparsifEViT, False)])
 def test_phase1_trains_only_the_predictor_and_phase2_only_the_backbone(method, with_teacher):
-    teacher = _backbone(seed=1) if with_teacher else None
-    m = method(_backbone(), keep_rate=0.25, teacher=teacher, phase1_steps=2, lr=1e-2)
+    make = _bn_stem_backbone if with_teacher else _backbone
+    teacher = make(seed=1) if with_teacher else None
+    m = method(make(), keep_rate=0.25, teacher=teacher, phase1_steps=2, lr=1e-2)
     snaps = _Snapshots()
     start = {k: v.detach().clone() for k, v in m.model.state_dict().items()}
     _trainer(4, [snaps]).fit(m, train_dataloaders=_loader())
@@ -196,6 +205,8 @@ def test_phase1_trains_only_the_predictor_and_phase2_only_the_backbone(method, w
             assert torch.equal(end[k], mid[k]), f"phase 2 changed the predictor's {k}"
     changed = [k for k in start if not pred(k) and not torch.equal(mid[k], end[k])]
     assert "blocks.0.attn.qkv.weight" in changed and "head.weight" in changed
+    if with_teacher:  # BatchNorm statistics: frozen in phase 1 (checked above), updated in phase 2
+        assert "patch_embed.stem.1.running_mean" in changed
     assert m.phase == 2 and m.sparsity_report()["w_up_sparsity"] == pytest.approx(
         float(torch.cat([end[k].flatten() for k in end if k.endswith("w_up")]).eq(0).float().mean()))
 
@@ -233,7 +244,8 @@ def test_visualize_loads_checkpoint_and_writes_pngs(tmp_path, method, name):
     from bench_suite.cli import main
     from bench_suite.visualize import load_module
 
-    trained, path = _checkpoint(tmp_path, method)
+    # the runner trains with a teacher, whose weights end up in the checkpoint too
+    trained, path = _checkpoint(tmp_path, method, teacher=_backbone(seed=1) if method is SparsifEViT else None)
     loaded = load_module(name, path, "tiny")
     for k, v in trained.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[k], v)
