@@ -12,7 +12,17 @@ from bench_suite.backbones import create_backbone
 from methods.sparse_attention import attention_budget
 from methods.sparsifiner import SparsifEViT, Sparsifiner, SparsifinerAttention
 
-from conftest import have_fashion_mnist
+
+def have_fashion_mnist() -> bool:
+    from datamodules import DataError
+    from datamodules.fashion_mnist import locate
+
+    try:
+        locate(None, download=False)
+        return True
+    except DataError:
+        return False
+
 
 N, D, H, DEPTH, NDOWN = 17, 16, 2, 4, 8  # the tiny profile: 16 patches + CLS, head dim 16, 2 heads, 4 blocks
 
