@@ -222,7 +222,8 @@ def run_benchmark(cfg: Any, log=print) -> list[dict[str, Any]]:
         start = time.perf_counter()
         try:
             pl.seed_everything(opts.seed, workers=True, verbose=False)
-            module = spec.factory(copy.deepcopy(teacher).train(), keep_rate=rate, teacher=teacher)
+            backbone = copy.deepcopy(teacher).train().requires_grad_(True)  # the teacher itself stays frozen
+            module = spec.factory(backbone, keep_rate=rate, teacher=teacher)
             metrics = fit_and_test(module, dm, run_dir, settings)
             train_seconds = time.perf_counter() - start
             measured = measure_module(module, dm)

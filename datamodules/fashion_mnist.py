@@ -230,6 +230,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             if self.train_subset < 1:
                 raise DataError(f"train_subset must be at least 1, got {self.train_subset}")
             train_idx = train_idx[: self.train_subset]
+        self.train_idx, self.val_idx = train_idx, val_idx
         test_images, test_labels = load_split(self.paths, "test")
         mk = lambda im, lb, aug: _Images(im, lb, self.img_size, self.in_chans, aug)  # noqa: E731
         self.train_set = mk(images[train_idx], labels[train_idx], self.augment)
