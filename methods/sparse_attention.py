@@ -74,6 +74,7 @@ __all__ = [
     "sparse_product_macs",
     "mix_positions",
     "position_mix_macs",
+    "map_attention_to_tokens",
     "PredictorOutput",
     "ConnectivityPredictor",
     "SparsifinerResult",
@@ -399,6 +400,23 @@ def mix_positions(w: Tensor, positions: Tensor) -> Tensor:
         macs = position_mix_macs(w.shape[0] * w.shape[1], positions)
         return mark_macs(_position_mix_op(w, positions), macs)
     return torch.matmul(w.unsqueeze(0), positions.transpose(-2, -1).unsqueeze(1))
+
+
+def map_attention_to_tokens(attn: Tensor, positions: Tensor) -> Tensor:
+    """An attention map over the original tokens, seen from tokens at soft positions (after EViT).
+
+    Query rows are averaged with the position weights (a kept token's row is its original row, the
+    fused token's row the weighted mean of the rows it fused); key columns are summed over the
+    positions a token covers (attention to the fused token is the attention to everything it fused).
+
+    Args:
+        attn: ``[B, H, N0, N0]`` (rows sum to 1); positions: row-stochastic ``[B, N, N0]``.
+
+    Returns:
+        ``[B, H, N, N]`` (rows still sum to 1 when every original position is covered by a token).
+    """
+    rows = torch.einsum("bnm,bhmk->bhnk", positions, attn)
+    return torch.einsum("bhnk,bjk->bhnj", rows, (positions > 0).to(rows.dtype))
 
 
 @dataclass

@@ -80,6 +80,7 @@ from methods.sparse_attention import (
     ConnectivityPredictor,
     default_n_down,
     get_sparse_attention_impl,
+    map_attention_to_tokens,
     sparsifiner_attention,
 )
 
@@ -504,8 +505,7 @@ class Sparsifiner(BenchModule):
                 target = teacher_maps[i]
                 pos = last.get("positions")
                 if pos is not None:
-                    rows = torch.einsum("bnm,bhmk->bhnk", pos, target)
-                    target = torch.einsum("bhnk,bjk->bhnj", rows, (pos > 0).to(rows.dtype))
+                    target = map_attention_to_tokens(target, pos)
             else:
                 target = last["dense_target"]
             if attn.cls_full_row:

@@ -153,6 +153,21 @@ def test_mix_positions_is_a_gather_for_one_hot_rows():
     assert sa.position_mix_macs(4, torch.cat([pos[:1], torch.cat([pos[0, :3], fused[0]])[None]])) == 4 * 2
 
 
+def test_map_attention_to_tokens_gathers_kept_and_sums_fused():
+    attn = torch.softmax(torch.randn(1, 2, 6, 6), -1)
+    pos = torch.zeros(1, 4, 6)
+    pos[0, 0, 0] = pos[0, 1, 3] = pos[0, 2, 1] = 1.0  # CLS, tokens 3 and 1 kept
+    pos[0, 3, [2, 4, 5]] = torch.tensor([0.5, 0.3, 0.2])  # fused token
+    out = sa.map_attention_to_tokens(attn, pos)
+    kept = [0, 3, 1]
+    torch.testing.assert_close(out[:, :, :3, :3], attn[:, :, kept][:, :, :, kept])
+    torch.testing.assert_close(out[:, :, :3, 3], attn[:, :, kept][:, :, :, [2, 4, 5]].sum(-1))
+    r = torch.einsum("m,bhmk->bhk", pos[0, 3], attn)  # the fused query: weighted mean of its rows
+    expected = torch.stack([r[..., 0], r[..., 3], r[..., 1], r[..., 2] + r[..., 4] + r[..., 5]], -1)
+    torch.testing.assert_close(out[:, :, 3], expected)
+    torch.testing.assert_close(out.sum(-1), torch.ones(1, 2, 4))
+
+
 def test_keep_rate_one_gives_full_attention_in_both_cls_modes():
     torch.manual_seed(0)
     q, k, v = (t.float() for t in _qkv(2, 2, 10, 8))

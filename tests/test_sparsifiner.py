@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench_suite.backbones import create_backbone
+from methods.adapter import merge_heads, split_heads
 from methods.sparse_attention import attention_budget
 from methods.sparsifiner import SparsifEViT, Sparsifiner, SparsifinerAttention
 
@@ -100,9 +101,9 @@ def test_sparse_path_matches_dense_masked_reference_in_the_model():
     x = torch.randn(2, N, 32)
     with torch.no_grad():
         out = attn(x)
-        q, k, v = __import__("methods.adapter", fromlist=["split_heads"]).split_heads(attn, x)
+        q, k, v = split_heads(attn, x)
         probs = attn.last["records"]["sparse_probs"]
-        ref = __import__("methods.adapter", fromlist=["merge_heads"]).merge_heads(attn, probs @ v)
+        ref = merge_heads(attn, probs @ v)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
 
 
@@ -237,6 +238,28 @@ def test_phase1_loss_is_attention_distillation_against_teacher_maps():
     m.set_phase(2)
     terms2 = m.losses(m.forward_train(x), m.forward_teacher(x), (x, torch.zeros(2, dtype=torch.long)))
     assert set(terms2) == {"ce", "kl", "token_mse"}
+
+
+def test_sparsif_evit_distils_attention_in_pruned_layers_through_positions():
+    from methods.sparse_attention import map_attention_to_tokens
+
+    teacher = _backbone(seed=1).eval()
+    m = SparsifEViT(_backbone(), keep_rate=0.25, token_keep_rate=0.5, teacher=teacher, phase1_full_attention=False)
+    m.set_phase(1)
+    m.train()
+    x = _images(2)
+    out, t_out = m.forward_train(x), m.forward_teacher(x)
+    last = m.model.blocks[-1].attn.last
+    assert last["scores"].shape == (2, H, 6, 7)  # pruned: 7 tokens in the last layer
+    loss = m.losses(out, t_out, (x, torch.zeros(2, dtype=torch.long)))["attn_distill"]
+    manual = torch.stack([torch.nn.functional.mse_loss(
+        b.attn.last["scores"],
+        (t if b.attn.last["positions"] is None else map_attention_to_tokens(t, b.attn.last["positions"]))[:, :, 1:])
+        for b, t in zip(m.model.blocks, t_out["attn"])]).mean()
+    torch.testing.assert_close(loss, manual)
+    loss.backward()
+    assert m.model.blocks[-1].attn.predictor.w_up.grad.abs().sum() > 0
+    assert m.model.blocks[-1].attn.qkv.weight.grad is None  # frozen backbone
 
 
 def _checkpoint(tmp_path, method=Sparsifiner, **kw):
