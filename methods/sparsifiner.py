@@ -47,7 +47,11 @@ attention loss                 MSE ``reduction='sum'`` / layers,       paper: me
 phase-1 forward                full attention, no token pruning        same (``phase1_full_attention``)
 phase-2 predictor              frozen                                  same (``train_predictor_phase2``)
 learning rates                 separate optimisers/schedules per       one AdamW + the suite's cosine
-                               phase (3e-4 / 8e-5 peak)                schedule; ``predictor_lr``
+                               phase (3e-4 / 8e-5 peak)                schedule; the predictor's groups
+                                                                       at ``predictor_lr`` (1e-2, for
+                                                                       the short CPU phase 1)
+budget under token pruning     ``min(ceil(keep * 197), kept tokens)``  ``ceil(keep * N_l)`` per layer
+                               (tokens masked, not removed)            (tokens removed; Sparsif-EViT)
 ============================== ======================================= =================================
 
 Sparsif-EViT (paper Table 1; no official code): Sparsifiner's attention sparsity in every layer plus
