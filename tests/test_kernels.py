@@ -274,3 +274,80 @@ def test_kernel_matches_torch_on_many_random_shapes() -> None:
         q, k, v, idx = random_case(b, h, nq, nk, d, bk, seed=100 + trial)
         torch.testing.assert_close(sparse_attention_cpp(q, k, v, idx).double(), dense_reference(q, k, v, idx),
                                    rtol=1e-5, atol=2e-6, msg=lambda m: f"{(b, h, nq, nk, d, bk)}: {m}")
+
+
+# ----------------------------------------------------------------- connectivity top-B (Sparsifiner eq. 3)
+def _topk_case(b: int, h: int, nq: int, nd: int, nk: int, density: float, w_shape: tuple[int, ...], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    coef = torch.rand(b, h, nq, nd, generator=g) * (torch.rand(b, h, nq, nd, generator=g) < density)
+    w_up = torch.randn(*w_shape, nd, nk, generator=g) * 0.02
+    return coef, w_up
+
+
+def _assert_valid_topk(idx: torch.Tensor, coef: torch.Tensor, w_up: torch.Tensor, budget: int, tol: float) -> None:
+    """Every row: ``budget`` distinct keys, and every selected score >= every unselected score (float64
+    reference, up to ``tol`` for float32 rounding of near-equal scores)."""
+    scores = coef.double() @ w_up.double()
+    assert idx.shape == (*coef.shape[:3], budget) and idx.dtype == torch.int64
+    sel = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    assert (sel.sum(-1) == budget).all(), "indices are not distinct"
+    lowest_in = scores.masked_fill(~sel, float("inf")).amin(-1)
+    highest_out = scores.masked_fill(sel, float("-inf")).amax(-1)
+    assert (lowest_in >= highest_out - tol).all()
+
+
+@pytest.mark.parametrize("b,h,nq,nd,nk,budget,density,w_shape", [
+    (2, 3, 576, 94, 577, 58, 0.13, (1,)),     # DeiT-T-384, keep 0.1, paper coefficient density, shared W_up
+    (1, 3, 196, 32, 197, 20, 0.13, (3,)),     # DeiT-S, per-head W_up
+    (2, 2, 40, 16, 50, 50, 0.3, (2, 2)),      # per-sample W_up, budget = Nk
+    (1, 2, 30, 8, 41, 1, 0.5, (1,)),          # budget 1, Nk not a multiple of 16
+    (1, 1, 64, 94, 2305, 231, 0.1, (1,)),     # N = 2305
+    (1, 1, 5, 94, 7, 3, 1.0, (1,)),           # Nk < 16 (scalar tail only), dense coefficients
+])
+def test_connectivity_topk_is_a_valid_top_b(b, h, nq, nd, nk, budget, density, w_shape) -> None:
+    coef, w_up = _topk_case(b, h, nq, nd, nk, density, w_shape, seed=nk)
+    idx = kernels.connectivity_topk_cpp(coef, w_up, budget)
+    _assert_valid_topk(idx, coef, w_up, budget, tol=1e-6)
+    ref = kernels.connectivity_topk_torch(coef, w_up, budget)
+    same = (torch.zeros(*coef.shape[:3], nk, dtype=torch.bool).scatter_(-1, idx, True)
+            == torch.zeros(*coef.shape[:3], nk, dtype=torch.bool).scatter_(-1, ref, True)).all(-1)
+    some = (coef != 0).any(-1)  # rows without a nonzero coefficient are all ties (any keys are right)
+    assert same[some].float().mean() > 0.99  # the same set as torch.topk but for float near-ties
+
+
+def test_connectivity_topk_ties_go_to_lower_indices() -> None:
+    coef = torch.zeros(2, 2, 9, 6)  # no nonzero coefficient: every score is 0
+    w_up = torch.randn(1, 6, 37)
+    for budget in (1, 5, 36, 37):
+        idx = kernels.connectivity_topk_cpp(coef, w_up, budget)
+        assert (idx.sort(-1).values == torch.arange(budget)).all()
+    # ties at the boundary only: scores 3, 2, 2, 2, 1 -> the 2 largest are key 0 and key 1 (lowest tied)
+    w = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]]).reshape(1, 1, 5)
+    idx = kernels.connectivity_topk_cpp(torch.ones(1, 1, 1, 1), w, 2)
+    assert sorted(idx.flatten().tolist()) == [0, 1]
+
+
+def test_connectivity_topk_many_close_keys_use_the_low_bits() -> None:
+    """Scores that share their top 11 bits (one histogram bin) are resolved by the lower key bits."""
+    nk = 300
+    base = torch.full((nk,), 1.0) + torch.arange(nk) * 1e-6  # all in one exponent/mantissa bin
+    w_up = base[torch.randperm(nk, generator=torch.Generator().manual_seed(0))].reshape(1, 1, nk)
+    idx = kernels.connectivity_topk_cpp(torch.ones(1, 1, 3, 1), w_up, 17)
+    expected = set(w_up.flatten().topk(17).indices.tolist())
+    assert all(set(r) == expected for r in idx.reshape(3, 17).tolist())
+
+
+def test_connectivity_topk_errors() -> None:
+    coef, w_up = _topk_case(1, 2, 4, 8, 10, 0.5, (1,), seed=1)
+    with pytest.raises(ValueError, match="budget"):
+        kernels.connectivity_topk_cpp(coef, w_up, 11)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.connectivity_topk_cpp(coef, w_up[:, :5], 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.connectivity_topk_cpp(coef, torch.zeros(3, 8, 10), 3)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.connectivity_topk_cpp(coef.double(), w_up.double(), 3)
+    with pytest.raises(ValueError, match="unknown"):
+        kernels.connectivity_topk(coef, w_up, 3, impl="gpu")
+    strided = kernels.connectivity_topk_cpp(coef.transpose(-1, -2).contiguous().transpose(-1, -2), w_up, 3)
+    assert torch.equal(strided, kernels.connectivity_topk_cpp(coef, w_up, 3))

@@ -1,4 +1,4 @@
-"""Sparse (top-B) attention kernels: a fused C++ CPU kernel and a pure-PyTorch fallback.
+"""Sparse (top-B) attention kernels: fused C++ CPU kernels and pure-PyTorch fallbacks.
 
 The operation is the forward of Sparsifiner's sparse MHSA (Wei et al., CVPR 2023, eq. 4-6): each query
 row ``i`` attends only to its ``Bk`` selected keys ``idx[..., i, :]`` (the connectivity mask ``M`` of eq. 3
@@ -19,8 +19,13 @@ Implementations (``impl=``):
 - ``"auto"``: ``"cpp"`` when the inputs are CPU float32/float64 tensors that need no gradient and the
   kernel can be built, else ``"torch"``.
 
-The kernel is compiled just in time on first use and cached (see :mod:`bench_suite.kernels.loader`);
-``python -m bench_suite speed --build`` compiles it ahead of time.
+Sparsifiner's connectivity mask (eq. 3), ``idx = top-B(A~_down @ W_up)`` per query row, has a fused
+kernel too: :func:`connectivity_topk` (``impl="cpp"``) accumulates each row's scores over the nonzero
+coefficients only and selects the top ``B`` by radix select, never materialising the ``[B, H, Nq, Nk]``
+score tensor; ``impl="torch"`` is ``torch.topk(coef @ w_up, B)``.
+
+The kernels are compiled just in time on first use and cached (see :mod:`bench_suite.kernels.loader`);
+``python -m bench_suite speed --build`` compiles them ahead of time.
 """
 from __future__ import annotations
 
@@ -35,6 +40,9 @@ __all__ = [
     "KernelBuildError",
     "build_info",
     "check_inputs",
+    "connectivity_topk",
+    "connectivity_topk_cpp",
+    "connectivity_topk_torch",
     "kernel_available",
     "load_kernel",
     "register",
@@ -202,10 +210,91 @@ def _cpp_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tens
     return sparse_attention_torch(q, k, v, idx, scale)
 
 
-def register() -> None:
-    """Register the kernel as Sparsifiner's ``"cpp"`` sparse attention implementation
-    (``methods.sparse_attention.register_sparse_attention_impl("cpp", ...)``). Cheap: the kernel is built on
-    the first call that needs it, not here. Idempotent."""
-    from methods.sparse_attention import register_sparse_attention_impl
+# --------------------------------------------------------------------------- connectivity top-B (eq. 3)
+def _check_topk_inputs(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> None:
+    if coef.dim() != 4:
+        raise ValueError(f"connectivity top-k: coef must be [B, H, Nq, n_down], got {tuple(coef.shape)}")
+    if w_up.dim() not in (3, 4):
+        raise ValueError(f"connectivity top-k: w_up must be [Hw, n_down, Nk] or [B, Hw, n_down, Nk], got "
+                         f"{tuple(w_up.shape)}")
+    b, h, _, nd = coef.shape
+    wb, wh = (1, w_up.shape[0]) if w_up.dim() == 3 else w_up.shape[:2]
+    if w_up.shape[-2] != nd or wb not in (1, b) or wh not in (1, h):
+        raise ValueError(f"connectivity top-k: w_up {tuple(w_up.shape)} does not fit coef {tuple(coef.shape)} "
+                         f"(n_down must match; batch/head dims 1 or equal)")
+    if not 1 <= int(budget) <= w_up.shape[-1]:
+        raise ValueError(f"connectivity top-k: budget must lie in [1, Nk = {w_up.shape[-1]}], got {budget}")
+    if not (coef.dtype.is_floating_point and w_up.dtype == coef.dtype):
+        raise TypeError(f"connectivity top-k: coef and w_up must share one floating dtype, got {coef.dtype} and "
+                        f"{w_up.dtype}")
 
-    register_sparse_attention_impl("cpp", _cpp_impl)
+
+def connectivity_topk_torch(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> torch.Tensor:
+    """``torch.topk(coef @ w_up, budget, sorted=False).indices`` (the dense reference of eq. 3).
+
+    Args:
+        coef: sparse coefficients ``A~_down [B, H, Nq, n_down]``; w_up: ``[Hw, n_down, Nk]`` or
+            ``[B, Hw, n_down, Nk]`` (``Hw`` 1 or ``H``); budget: ``B`` in ``[1, Nk]``.
+
+    Returns:
+        int64 ``[B, H, Nq, budget]``.
+    """
+    _check_topk_inputs(coef, w_up, budget)
+    return torch.topk(torch.matmul(coef, w_up), int(budget), dim=-1, sorted=False).indices
+
+
+def connectivity_topk_cpp(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> torch.Tensor:
+    """The fused C++ kernel: per query row, ``scores = sum over nonzero c_j of c_j W_up[j]`` in a thread-local
+    buffer (no ``[B, H, Nq, Nk]`` tensor), then the ``budget`` largest by radix select. Same set as
+    :func:`connectivity_topk_torch` up to float rounding of near-equal scores; ties at the boundary go to
+    the lower key index. Forward only (the mask is not differentiated anyway). Inputs whose last dim is
+    not unit-stride are copied.
+
+    Raises:
+        ValueError: shapes, budget outside ``[1, Nk]``, non-CPU tensors.
+        TypeError: dtypes other than float32.
+        KernelBuildError: the kernel cannot be built here.
+    """
+    _check_topk_inputs(coef, w_up, budget)
+    if coef.device.type != "cpu" or w_up.device.type != "cpu":
+        raise ValueError("connectivity top-k: the C++ kernel runs on the CPU; use impl='torch'")
+    if coef.dtype != torch.float32:
+        raise TypeError(f"connectivity top-k: the C++ kernel takes float32, got {coef.dtype}")
+    load_kernel()
+    coef = coef if coef.shape[-1] <= 1 or coef.stride(-1) == 1 else coef.contiguous()
+    w_up = w_up if w_up.shape[-1] <= 1 or w_up.stride(-1) == 1 else w_up.contiguous()
+    return torch.ops.bench_suite_kernels.connectivity_topk(coef.detach(), w_up.detach(), int(budget))
+
+
+def connectivity_topk(coef: torch.Tensor, w_up: torch.Tensor, budget: int, impl: str = "auto") -> torch.Tensor:
+    """Top-``budget`` key indices of ``coef @ w_up`` per query row (Sparsifiner eq. 3), by ``impl``
+    (``"cpp"``, ``"torch"``, or ``"auto"``: the kernel for CPU float32 when it can be built)."""
+    if impl == "torch":
+        return connectivity_topk_torch(coef, w_up, budget)
+    if impl == "cpp":
+        return connectivity_topk_cpp(coef, w_up, budget)
+    if impl == "auto":
+        _check_topk_inputs(coef, w_up, budget)
+        use = coef.device.type == "cpu" and coef.dtype == torch.float32 and kernel_available()
+        return (connectivity_topk_cpp if use else connectivity_topk_torch)(coef, w_up, budget)
+    raise ValueError(f"unknown connectivity top-k impl {impl!r}; choose one of {', '.join(IMPLS)}")
+
+
+def _cpp_topk_impl(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> torch.Tensor:
+    """Sparsifiner's ``"cpp"`` connectivity top-k: the kernel for CPU float32, else ``torch.topk``."""
+    if coef.device.type == "cpu" and coef.dtype == torch.float32 and w_up.dtype == torch.float32:
+        return connectivity_topk_cpp(coef, w_up, budget)
+    return connectivity_topk_torch(coef, w_up, budget)
+
+
+def register() -> None:
+    """Register the kernels as Sparsifiner's ``"cpp"`` implementations: the sparse attention
+    (``methods.sparse_attention.register_sparse_attention_impl("cpp", ...)``) and, where that module offers
+    the hook ``register_connectivity_topk_impl``, the fused connectivity top-k. Cheap: the kernels are built
+    on the first call that needs them, not here. Idempotent."""
+    import methods.sparse_attention as sa
+
+    sa.register_sparse_attention_impl("cpp", _cpp_impl)
+    hook = getattr(sa, "register_connectivity_topk_impl", None)
+    if hook is not None:
+        hook("cpp", _cpp_topk_impl)

@@ -1,10 +1,11 @@
-"""Just-in-time build and loading of the C++ sparse attention kernel.
+"""Just-in-time build and loading of the C++ kernels.
 
-The kernel (``csrc/sparse_attention.cpp``) is compiled on first use with
+The kernels (``csrc/sparse_attention.cpp``, ``csrc/connectivity_topk.cpp``) are compiled on first use with
 :func:`torch.utils.cpp_extension.load` (ninja + the system C++ compiler, OpenMP, ``-O3`` and
-``-march=native``) and registered as the operator ``torch.ops.bench_suite_kernels.sparse_attention``.
+``-march=native``) into one library that registers the operators
+``torch.ops.bench_suite_kernels.sparse_attention`` and ``torch.ops.bench_suite_kernels.connectivity_topk``.
 The build is cached in torch's extension folder (``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``) under a name that hashes the source, the flags, the torch version and
+``~/.cache/torch_extensions``) under a name that hashes the sources, the flags, the torch version and
 the CPU's instruction-set flags, so a second process loads the cached library in well under a second,
 an edited source is rebuilt, and a cache folder shared between different CPUs never loads a library
 built for another instruction set. Concurrent first builds are serialised by torch's file lock.
@@ -29,9 +30,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["KernelBuildError", "SOURCE", "OP_NAMESPACE", "load_kernel", "kernel_available", "build_info"]
+__all__ = ["KernelBuildError", "SOURCES", "OP_NAMESPACE", "load_kernel", "kernel_available", "build_info"]
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_attention.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "sparse_attention.cpp", CSRC / "connectivity_topk.cpp")
+HEADERS = (CSRC / "vec16.h",)
 OP_NAMESPACE = "bench_suite_kernels"
 _BASE_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unknown-pragmas"]
 
@@ -90,13 +93,16 @@ def _flags(cxx: str) -> list[str]:
 
 
 def _extension_name(flags: list[str]) -> str:
-    text = "\n".join([SOURCE.read_text(encoding="utf-8"), " ".join(flags), torch.__version__, _cpu_signature()])
+    texts = [p.read_text(encoding="utf-8") for p in (*SOURCES, *HEADERS)]
+    text = "\n".join([*texts, " ".join(flags), torch.__version__, _cpu_signature()])
     return "bench_suite_sparse_attention_" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _op_registered() -> bool:
     try:
-        getattr(torch.ops, OP_NAMESPACE).sparse_attention  # noqa: B018  (raises if not registered)
+        ns = getattr(torch.ops, OP_NAMESPACE)
+        ns.sparse_attention  # noqa: B018  (raises if not registered)
+        ns.connectivity_topk  # noqa: B018
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -110,7 +116,7 @@ def build_info() -> dict[str, Any]:
     name = _extension_name(flags)
     build_dir = Path(_cpp_extension()._get_build_directory(name, verbose=False))
     return {"name": name, "build_dir": str(build_dir), "flags": flags, "compiler": cxx,
-            "cached": (build_dir / f"{name}.so").exists(), "loaded": _loaded, "source": str(SOURCE)}
+            "cached": (build_dir / f"{name}.so").exists(), "loaded": _loaded, "sources": [str(p) for p in SOURCES]}
 
 
 def load_kernel(verbose: bool = False) -> None:
@@ -155,11 +161,11 @@ def _build_and_load(verbose: bool) -> None:
     env_cxx = os.environ.get("CXX")
     try:
         os.environ.setdefault("CXX", cxx)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=verbose)
     except Exception as e:  # noqa: BLE001 - compiler/ninja/loader failures all become one clear error
         raise KernelBuildError(f"building the sparse attention kernel failed ({type(e).__name__}: {e}); "
-                               f"source {SOURCE}, build folder {build_dir}; impl='torch' works without it") from e
+                               f"sources in {CSRC}, build folder {build_dir}; impl='torch' works without it") from e
     finally:
         if env_cxx is None:
             os.environ.pop("CXX", None)

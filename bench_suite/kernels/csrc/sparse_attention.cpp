@@ -38,6 +38,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec16.h"
+
 namespace {
 
 template <typename scalar_t>
@@ -145,15 +147,8 @@ void attend_rows_generic(const Problem<scalar_t>& P, int64_t begin, int64_t end,
 }
 
 // ------------------------------------------------------------------------------------------------
-// Fast path: float32, head dim D = 16 * NV, written with GCC/Clang vector extensions (16 floats per
-// vector: one AVX-512 register, two AVX2 registers; the compiler maps them to the target's ISA).
-typedef float v16f __attribute__((vector_size(64)));
-typedef float v16f_u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads/stores
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-inline v16f load16(const float* p) { return *reinterpret_cast<const v16f_u*>(p); }
-inline void store16(float* p, v16f x) { *reinterpret_cast<v16f_u*>(p) = x; }
-inline v16f splat(float x) { return v16f{} + x; }
+// Fast path: float32, head dim D = 16 * NV, with the 16-float vectors of vec16.h.
+using namespace bench_suite_kernels;
 
 // exp(x) for x <= 0 (the softmax argument s_j - max), 16 lanes at a time: Cephes-style range reduction
 // x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n from the exponent bits.
@@ -181,21 +176,6 @@ inline v16f exp16_nonpositive(v16f x) {
   std::memcpy(&pow2, &bits, sizeof(pow2));
   const v16f e = p * pow2;
   return under ? v16f{} : e;
-}
-
-inline float hsum16(v16f x) {
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-  typedef float v8f __attribute__((vector_size(32)));
-  typedef float v4f __attribute__((vector_size(16)));
-  const v8f a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-#else
-  float s = 0;
-  for (int c = 0; c < 16; ++c) s += x[c];
-  return s;
-#endif
 }
 
 template <typename index_t, int NV>
@@ -342,8 +322,10 @@ at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
 
 }  // namespace
 
+// The library's operators are declared here; connectivity_topk.cpp adds its own with a fragment.
 TORCH_LIBRARY(bench_suite_kernels, m) {
   m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor idx, float scale) -> Tensor");
+  m.def("connectivity_topk(Tensor coef, Tensor w_up, int budget) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bench_suite_kernels, CPU, m) { m.impl("sparse_attention", &sparse_attention_cpu); }

@@ -1,0 +1,261 @@
+// Fused connectivity top-B for the CPU: Sparsifiner's connectivity mask (Wei et al., CVPR 2023, eq. 3)
+//
+//   idx[b, h, i, :] = the `budget` largest entries of  scores[b, h, i, :] = coef[b, h, i, :] @ w_up[b?, h?]
+//
+// without materialising the [B, H, Nq, Nk] score tensor: per query row, the scores are accumulated in a
+// thread-local buffer over the *nonzero* coefficients only (the sparse coefficients A~_down of eq. 2; a
+// zero coefficient contributes exactly nothing, so skipping it changes no value), then the top `budget`
+// are selected by a radix select on the order-preserving integer image of the float scores.
+//
+// Shapes: coef [B, H, Nq, n_down] float32; w_up [Hw, n_down, Nk] or [B', Hw, n_down, Nk] (Hw in {1, H},
+// B' in {1, B}), float32; budget in [1, Nk]. Output int64 [B, H, Nq, budget], distinct indices in no
+// particular order within a row (as torch.topk(sorted=False)). Ties at the budget-th largest score are
+// broken toward lower key indices (torch.topk breaks them arbitrarily), so a row of equal scores (e.g. all
+// coefficients zero) selects keys 0 .. budget-1. NaN scores count as the largest values (as in torch.topk).
+//
+// Cost per row: nnz(coef row) * Nk multiply-adds (register-blocked, 64 scores at a time, fused with the
+// conversion to order keys), then two passes over Nk for the selection (an 11-bit histogram of the top key
+// bits; a branch-free collection of the keys at or above the boundary bin) and a small exact refinement
+// inside the boundary bin.
+// Errors: TORCH_CHECK_* (ValueError / TypeError in Python) for devices, dtypes, shapes, strides, budget.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "vec16.h"
+
+namespace {
+
+using namespace bench_suite_kernels;
+
+// Order-preserving map float -> uint32 (larger float, larger key; +NaN above +inf).
+inline uint32_t order_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+inline v16u order_key16(v16f x) {
+  v16u bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const v16u neg = (bits >> 31) != 0;  // all ones where the sign bit is set
+  return neg ? ~bits : (bits | 0x80000000u);
+}
+
+struct TopkScratch {
+  std::vector<uint32_t> keys, ckeys;
+  std::vector<int32_t> cand, cand2, nz_j;
+  std::vector<float> nz_c;
+  std::vector<uint32_t> hist;
+  void fit(int64_t nk, int64_t nd) {
+    if (keys.size() < static_cast<size_t>(nk)) {
+      keys.resize(static_cast<size_t>(nk));
+      ckeys.resize(static_cast<size_t>(nk));
+      cand.resize(static_cast<size_t>(nk));
+      cand2.resize(static_cast<size_t>(nk));
+    }
+    if (nz_j.size() < static_cast<size_t>(nd)) {
+      nz_j.resize(static_cast<size_t>(nd));
+      nz_c.resize(static_cast<size_t>(nd));
+    }
+    if (hist.size() < 2048) hist.resize(2048);
+  }
+};
+
+TopkScratch& topk_scratch() {
+  thread_local TopkScratch s;
+  return s;
+}
+
+// Scores of one query row, as order keys: keys[x] = order_key(sum_t c_t * W[j_t, x]) over the nz nonzero
+// coefficients (c_t, j_t); 64 scores at a time stay in registers across the nonzero rows. Returns the
+// smallest and largest key.
+void row_score_keys(const float* wb, int64_t ws_j, int64_t nk, const int32_t* nz_j, const float* nz_c, int64_t nz,
+                    uint32_t* keys, uint32_t& kmin, uint32_t& kmax) {
+  v16u vmax = v16u{}, vmin = v16u{} + 0xFFFFFFFFu;
+  int64_t x = 0;
+  for (; x + 64 <= nk; x += 64) {
+    v16f a0{}, a1{}, a2{}, a3{};
+    for (int64_t t = 0; t < nz; ++t) {
+      const float* wr = wb + nz_j[t] * ws_j + x;
+      const v16f cv = splat(nz_c[t]);
+      a0 += cv * load16(wr);
+      a1 += cv * load16(wr + 16);
+      a2 += cv * load16(wr + 32);
+      a3 += cv * load16(wr + 48);
+    }
+    const v16f acc[4] = {a0, a1, a2, a3};
+    for (int q = 0; q < 4; ++q) {
+      const v16u k = order_key16(acc[q]);
+      std::memcpy(keys + x + 16 * q, &k, sizeof(k));
+      vmax = k > vmax ? k : vmax;
+      vmin = k < vmin ? k : vmin;
+    }
+  }
+  for (; x + 16 <= nk; x += 16) {
+    v16f a{};
+    for (int64_t t = 0; t < nz; ++t) a += splat(nz_c[t]) * load16(wb + nz_j[t] * ws_j + x);
+    const v16u k = order_key16(a);
+    std::memcpy(keys + x, &k, sizeof(k));
+    vmax = k > vmax ? k : vmax;
+    vmin = k < vmin ? k : vmin;
+  }
+  kmax = 0;
+  kmin = 0xFFFFFFFFu;
+  for (int q = 0; q < 16; ++q) {
+    kmax = std::max(kmax, vmax[q]);
+    kmin = std::min(kmin, vmin[q]);
+  }
+  for (; x < nk; ++x) {
+    float a = 0;
+    for (int64_t t = 0; t < nz; ++t) a += nz_c[t] * wb[nz_j[t] * ws_j + x];
+    keys[x] = order_key(a);
+    kmax = std::max(kmax, keys[x]);
+    kmin = std::min(kmin, keys[x]);
+  }
+}
+
+// Indices of the `budget` largest of keys[0..n) (keys within [kmin, kmax]) into out, unordered.
+// Radix select: a histogram of the top 11 key bits (over the touched range of bins) finds the boundary bin;
+// one branch-free pass collects the keys at or above it; keys above it are in; inside the bin, an exact
+// rank count (ties by index) when it is small, else histograms of the lower bits [20:10] and [9:0].
+void select_topk(const uint32_t* keys, int64_t n, int64_t budget, int64_t* out, TopkScratch& S, uint32_t kmin,
+                 uint32_t kmax) {
+  uint32_t* hist = S.hist.data();
+  int32_t* cand = S.cand.data();
+  int32_t* bin = S.cand2.data();
+  uint32_t* bin_keys = S.ckeys.data();
+  const int64_t dmin = kmin >> 21, dmax = kmax >> 21;
+  std::memset(hist + dmin, 0, static_cast<size_t>(dmax - dmin + 1) * sizeof(uint32_t));
+  for (int64_t i = 0; i < n; ++i) ++hist[keys[i] >> 21];
+  int64_t need = budget, d = dmax;
+  while (static_cast<int64_t>(hist[d]) < need) need -= hist[d--];
+  const uint32_t lo = static_cast<uint32_t>(d) << 21;
+  const uint64_t hi = static_cast<uint64_t>(lo) + (uint64_t(1) << 21);
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    cand[c] = static_cast<int32_t>(i);
+    c += keys[i] >= lo;
+  }
+  int64_t w = 0, m = 0;
+  for (int64_t a = 0; a < c; ++a) {
+    const int32_t i = cand[a];
+    const uint32_t k = keys[i];
+    const bool above = k >= hi;
+    out[w] = i;  // w < budget here: at most budget - 1 keys lie above the boundary bin
+    w += above;
+    bin[m] = i;
+    bin_keys[m] = k;
+    m += !above;
+  }
+  if (m == need) {
+    for (int64_t a = 0; a < m; ++a) out[w++] = bin[a];
+    return;
+  }
+  if (m <= 128) {
+    for (int64_t a = 0; a < m; ++a) {
+      const uint32_t ka = bin_keys[a];
+      int32_t rank = 0;
+      for (int64_t b = 0; b < m; ++b) rank += bin_keys[b] > ka;
+      for (int64_t b = 0; b < a; ++b) rank += bin_keys[b] == ka;
+      if (rank < need) out[w++] = bin[a];  // (a branch-free store could write one past the row)
+    }
+    return;
+  }
+  int32_t* cur = bin;
+  int32_t* alt = cand;
+  int64_t cc = m;
+  for (int shift : {10, 0}) {
+    if (cc == need) break;
+    const uint32_t mask = shift == 10 ? 0x7FFu : 0x3FFu;
+    std::memset(hist, 0, 2048 * sizeof(uint32_t));
+    uint32_t emax = 0;
+    for (int64_t a = 0; a < cc; ++a) {
+      const uint32_t dig = (keys[cur[a]] >> shift) & mask;
+      ++hist[dig];
+      emax = std::max(emax, dig);
+    }
+    int64_t e = emax;
+    while (static_cast<int64_t>(hist[e]) < need) need -= hist[e--];
+    int64_t c2 = 0;
+    for (int64_t a = 0; a < cc; ++a) {
+      const int64_t dig = (keys[cur[a]] >> shift) & mask;
+      if (dig > e) {
+        out[w++] = cur[a];
+      } else if (dig == e) {
+        alt[c2++] = cur[a];
+      }
+    }
+    std::swap(cur, alt);
+    cc = c2;
+  }
+  for (int64_t a = 0; a < need; ++a) out[w++] = cur[a];  // equal keys: the lowest indices
+}
+
+at::Tensor connectivity_topk_cpu(const at::Tensor& coef, const at::Tensor& w_up_in, int64_t budget) {
+  TORCH_CHECK_VALUE(coef.device().is_cpu() && w_up_in.device().is_cpu(),
+                    "connectivity_topk: the C++ kernel runs on the CPU only");
+  TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat && w_up_in.scalar_type() == at::kFloat,
+                   "connectivity_topk: coef and w_up must be float32, got ", coef.scalar_type(), " and ",
+                   w_up_in.scalar_type());
+  TORCH_CHECK_VALUE(coef.dim() == 4, "connectivity_topk: coef must be [B, H, Nq, n_down], got ", coef.sizes());
+  TORCH_CHECK_VALUE(w_up_in.dim() == 3 || w_up_in.dim() == 4,
+                    "connectivity_topk: w_up must be [Hw, n_down, Nk] or [B, Hw, n_down, Nk], got ", w_up_in.sizes());
+  const at::Tensor w_up = w_up_in.dim() == 3 ? w_up_in.unsqueeze(0) : w_up_in;
+  const int64_t B = coef.size(0), H = coef.size(1), Nq = coef.size(2), nd = coef.size(3);
+  const int64_t Bw = w_up.size(0), Hw = w_up.size(1), Nk = w_up.size(3);
+  TORCH_CHECK_VALUE(w_up.size(2) == nd, "connectivity_topk: w_up has ", w_up.size(2), " rows, coef has n_down = ", nd);
+  TORCH_CHECK_VALUE((Bw == 1 || Bw == B) && (Hw == 1 || Hw == H),
+                    "connectivity_topk: w_up's batch/head dims must be 1 or match coef's (", B, ", ", H, "), got ",
+                    w_up_in.sizes());
+  TORCH_CHECK_VALUE(Nk >= 1 && budget >= 1 && budget <= Nk, "connectivity_topk: budget must lie in [1, Nk = ", Nk,
+                    "], got ", budget);
+  TORCH_CHECK_VALUE(Nk < (int64_t(1) << 31), "connectivity_topk: too many keys");
+  TORCH_CHECK_VALUE((nd <= 1 || coef.stride(3) == 1) && (Nk <= 1 || w_up.stride(3) == 1),
+                    "connectivity_topk: the last dims of coef and w_up must be unit-stride (call .contiguous())");
+
+  at::Tensor out = at::empty({B, H, Nq, budget}, coef.options().dtype(at::kLong));
+  const int64_t rows = B * H * Nq;
+  if (rows == 0) return out;
+  const float* cp = coef.const_data_ptr<float>();
+  const float* wp = w_up.const_data_ptr<float>();
+  int64_t* op = out.mutable_data_ptr<int64_t>();
+  const int64_t cs_b = coef.stride(0), cs_h = coef.stride(1), cs_n = coef.stride(2);
+  const int64_t ws_b = Bw == 1 ? 0 : w_up.stride(0), ws_h = Hw == 1 ? 0 : w_up.stride(1), ws_j = w_up.stride(2);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(Nk, 1));
+
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    TopkScratch& S = topk_scratch();
+    S.fit(Nk, nd);
+    uint32_t* keys = S.keys.data();
+    int32_t* nz_j = S.nz_j.data();
+    float* nz_c = S.nz_c.data();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t % Nq, bh = t / Nq, h = bh % H, b = bh / H;
+      const float* crow = cp + b * cs_b + h * cs_h + i * cs_n;
+      int64_t nz = 0;  // the nonzero coefficients of the row (exact zeros contribute nothing)
+      for (int64_t j = 0; j < nd; ++j) {
+        nz_j[nz] = static_cast<int32_t>(j);
+        nz_c[nz] = crow[j];
+        nz += crow[j] != 0.0f;
+      }
+      uint32_t kmin, kmax;
+      row_score_keys(wp + b * ws_b + h * ws_h, ws_j, Nk, nz_j, nz_c, nz, keys, kmin, kmax);
+      select_topk(keys, Nk, budget, op + t * budget, S, kmin, kmax);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bench_suite_kernels, CPU, m) { m.impl("connectivity_topk", &connectivity_topk_cpu); }
