@@ -596,6 +596,11 @@ class SparsifEViT(Sparsifiner):
         check_keep_rate(token_keep_rate)
         super().__init__(backbone, keep_rate=keep_rate, teacher=teacher, **kwargs)
 
+    @classmethod
+    def noop_settings(cls) -> dict[str, Any]:
+        """Full attention needs both rates at 1.0: attention keep rate and token keep rate."""
+        return {"keep_rate": 1.0, "token_keep_rate": 1.0}
+
     def adapt(self, model: nn.Module) -> None:
         hp = self.hparams
         apply_sparsif_evit(model, self.keep_rate, hp.token_keep_rate, hp.stages, **self._predictor_kwargs())

@@ -58,6 +58,8 @@ def test_keep_rate_one_equals_full_attention():
         torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)
         m.set_phase(2)  # pruning W_up changes nothing at B = N
         torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)
+        se = SparsifEViT(copy.deepcopy(base), **SparsifEViT.noop_settings()).eval()  # both rates 1.0
+        torch.testing.assert_close(se(x), ref, atol=1e-5, rtol=0)
 
 
 def test_sparsif_evit_at_attention_keep_one_equals_evit():
