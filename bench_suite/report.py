@@ -88,7 +88,7 @@ EXPECTED_UNITS = {"top1": "%", "mhsa_mflops": "MFLOPs", "mhsa_mflops_paper": "MF
 METRIC_ALIASES = {"latency_ms": "latency_ms_median"}
 
 # Built-in methods have fixed colours and markers in every plot; others follow in sorted order.
-KNOWN_METHODS = ("full", "sparsifiner", "evit", "dynamicvit", "linformer")
+KNOWN_METHODS = ("full", "sparsifiner", "evit", "dynamicvit", "linformer", "sparsif_evit")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*")
 
 

@@ -102,6 +102,12 @@ class BenchModule(pl.LightningModule):
         self.test_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
 
     # ---------------------------------------------------------------- method hooks
+    @classmethod
+    def noop_settings(cls) -> dict[str, Any]:
+        """Hyperparameters at which the method must reproduce full attention (keep rate 1.0; methods
+        with a second rate, such as Sparsif-EViT's token keep rate, add it here)."""
+        return {"keep_rate": 1.0}
+
     def adapt(self, model: nn.Module) -> None:
         """Patch the backbone in place for this method (no-op for full attention)."""
 
@@ -171,6 +177,18 @@ class BenchModule(pl.LightningModule):
         x, y = batch
         self.test_top1.update(self(x), y)
         self.log("test/top1", self.test_top1, on_epoch=True, on_step=False, batch_size=len(x))
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints hold the student only: the frozen teacher is cached separately (by its hash)."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming with a teacher: fill the teacher entries from the teacher given to ``__init__``."""
+        if self.teacher is not None:
+            state = checkpoint["state_dict"]
+            for k, v in self.teacher.state_dict().items():
+                state.setdefault(f"teacher.{k}", v)
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
