@@ -327,6 +327,28 @@ def test_connectivity_topk_ties_go_to_lower_indices() -> None:
     assert sorted(idx.flatten().tolist()) == [0, 1]
 
 
+@pytest.mark.parametrize("n_zero,budget", [(200, 60), (10, 25), (200, 21)])
+def test_connectivity_topk_tie_block_at_the_boundary(n_zero: int, budget: int) -> None:
+    """20 positive, ``n_zero`` zero and 30 negative scores in shuffled positions: the positives, then the
+    lowest-index zeros (a large tie block takes the radix path, a small one the threshold search)."""
+    g = torch.Generator().manual_seed(n_zero)
+    values = torch.cat([torch.arange(1, 21).float(), torch.zeros(n_zero), -torch.arange(1, 31).float()])
+    perm = torch.randperm(len(values), generator=g)
+    w_up = values[perm].reshape(1, 1, -1)
+    idx = kernels.connectivity_topk_cpp(torch.ones(1, 2, 2, 1), w_up, budget)
+    pos = w_up.flatten()
+    positives = (pos > 0).nonzero().flatten()
+    zeros = (pos == 0).nonzero().flatten()  # increasing index order
+    rest = budget - len(positives)
+    expected = set(positives.tolist()) | set(zeros[:rest].tolist()) if rest > 0 else None
+    for row in idx.reshape(-1, budget).tolist():
+        if expected is not None:
+            assert set(row) == expected
+        else:
+            assert set(row) <= set(positives.tolist()) and len(set(row)) == budget
+            assert min(pos[row]) >= pos[positives].sort(descending=True).values[budget - 1]
+
+
 def test_connectivity_topk_many_close_keys_use_the_low_bits() -> None:
     """Scores that share their top 11 bits (one histogram bin) are resolved by the lower key bits."""
     nk = 300

@@ -5,7 +5,9 @@
 // without materialising the [B, H, Nq, Nk] score tensor: per query row, the scores are accumulated in a
 // thread-local buffer over the *nonzero* coefficients only (the sparse coefficients A~_down of eq. 2; a
 // zero coefficient contributes exactly nothing, so skipping it changes no value), then the top `budget`
-// are selected by a radix select on the order-preserving integer image of the float scores.
+// are selected on the order-preserving integer image ("keys") of the float scores: by a threshold search
+// (count the keys above guessed thresholds until the count is just above the budget, collect, trim), or,
+// when that does not settle quickly (large blocks of equal scores), by a radix select.
 //
 // Shapes: coef [B, H, Nq, n_down] float32; w_up [Hw, n_down, Nk] or [B', Hw, n_down, Nk] (Hw in {1, H},
 // B' in {1, B}), float32; budget in [1, Nk]. Output int64 [B, H, Nq, budget], distinct indices in no
@@ -14,9 +16,8 @@
 // coefficients zero) selects keys 0 .. budget-1. NaN scores count as the largest values (as in torch.topk).
 //
 // Cost per row: nnz(coef row) * Nk multiply-adds (register-blocked, 64 scores at a time, fused with the
-// conversion to order keys), then two passes over Nk for the selection (an 11-bit histogram of the top key
-// bits; a branch-free collection of the keys at or above the boundary bin) and a small exact refinement
-// inside the boundary bin.
+// conversion to keys and the row's mean and variance), then a few vectorised counting passes over the
+// Nk keys (about 5-10), one collecting pass and a trim of at most ~8 + budget/16 surplus candidates.
 // Errors: TORCH_CHECK_* (ValueError / TypeError in Python) for devices, dtypes, shapes, strides, budget.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,11 +26,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "vec16.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -80,8 +86,9 @@ TopkScratch& topk_scratch() {
 // coefficients (c_t, j_t); 64 scores at a time stay in registers across the nonzero rows. Returns the
 // smallest and largest key.
 void row_score_keys(const float* wb, int64_t ws_j, int64_t nk, const int32_t* nz_j, const float* nz_c, int64_t nz,
-                    uint32_t* keys, uint32_t& kmin, uint32_t& kmax) {
+                    uint32_t* keys, uint32_t& kmin, uint32_t& kmax, float& sum, float& sumsq) {
   v16u vmax = v16u{}, vmin = v16u{} + 0xFFFFFFFFu;
+  v16f vs{}, vq{};
   int64_t x = 0;
   for (; x + 64 <= nk; x += 64) {
     v16f a0{}, a1{}, a2{}, a3{};
@@ -93,6 +100,8 @@ void row_score_keys(const float* wb, int64_t ws_j, int64_t nk, const int32_t* nz
       a2 += cv * load16(wr + 32);
       a3 += cv * load16(wr + 48);
     }
+    vs += (a0 + a1) + (a2 + a3);
+    vq += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3);
     const v16f acc[4] = {a0, a1, a2, a3};
     for (int q = 0; q < 4; ++q) {
       const v16u k = order_key16(acc[q]);
@@ -104,6 +113,8 @@ void row_score_keys(const float* wb, int64_t ws_j, int64_t nk, const int32_t* nz
   for (; x + 16 <= nk; x += 16) {
     v16f a{};
     for (int64_t t = 0; t < nz; ++t) a += splat(nz_c[t]) * load16(wb + nz_j[t] * ws_j + x);
+    vs += a;
+    vq += a * a;
     const v16u k = order_key16(a);
     std::memcpy(keys + x, &k, sizeof(k));
     vmax = k > vmax ? k : vmax;
@@ -115,13 +126,117 @@ void row_score_keys(const float* wb, int64_t ws_j, int64_t nk, const int32_t* nz
     kmax = std::max(kmax, vmax[q]);
     kmin = std::min(kmin, vmin[q]);
   }
+  sum = hsum16(vs);
+  sumsq = hsum16(vq);
   for (; x < nk; ++x) {
     float a = 0;
     for (int64_t t = 0; t < nz; ++t) a += nz_c[t] * wb[nz_j[t] * ws_j + x];
+    sum += a;
+    sumsq += a * a;
     keys[x] = order_key(a);
     kmax = std::max(kmax, keys[x]);
     kmin = std::min(kmin, keys[x]);
   }
+}
+
+inline float key_to_float(uint32_t k) {
+  const uint32_t u = (k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Number of keys >= t (16 lanes at a time).
+inline int64_t count_ge(const uint32_t* keys, int64_t n, uint32_t t) {
+  v16u acc{};
+  const v16u tv = v16u{} + t;
+  int64_t x = 0;
+  for (; x + 16 <= n; x += 16) {
+    v16u k;
+    std::memcpy(&k, keys + x, sizeof(k));
+    acc -= (k >= tv);  // a true lane is all ones, i.e. -1
+  }
+  int64_t c = 0;
+  for (int q = 0; q < 16; ++q) c += acc[q];
+  for (; x < n; ++x) c += keys[x] >= t;
+  return c;
+}
+
+// Selection by threshold search, for the usual case: find a key threshold t with
+// budget <= #(keys >= t) <= budget + slack by counting (vectorised) at guessed thresholds -- the first guess
+// from the row's mean and standard deviation (`guess`), then interpolation in float space alternating
+// with bisection in key space -- collect those keys (AVX-512 compress where available), and drop the
+// surplus smallest (among equal keys the highest index), so ties go to the lowest indices as in
+// select_topk. Returns false (the caller falls back to select_topk) if the search does not settle.
+bool select_topk_search(const uint32_t* keys, int64_t n, int64_t budget, int64_t* out, TopkScratch& S, uint32_t kmin,
+                        uint32_t kmax, uint32_t guess) {
+  const int64_t slack = 8 + budget / 16;
+  uint64_t lo = kmin, hi = static_cast<uint64_t>(kmax) + 1;  // invariant: #(>= lo) >= budget > #(>= hi)
+  int64_t clo = n, chi = 0, c = 0;
+  uint64_t t = guess;
+  if (t <= lo || t >= hi) t = lo + (hi - lo) / 2;
+  for (int step = 1;; ++step) {
+    c = count_ge(keys, n, static_cast<uint32_t>(t));
+    if (c >= budget && c <= budget + slack) break;
+    if (c > budget) {
+      lo = t;
+      clo = c;
+    } else {
+      hi = t;
+      chi = c;
+    }
+    if (hi - lo <= 1) {  // a block of equal keys straddles the boundary: take all keys >= lo, trim below
+      if (clo - budget > 4 * slack) return false;  // a large tie block: the radix path handles it in O(n)
+      t = lo;
+      c = clo;
+      break;
+    }
+    if (step > 48) return false;
+    if (step % 3 == 0) {
+      t = lo + (hi - lo) / 2;
+    } else {
+      const double f = static_cast<double>(clo - (budget + slack / 2)) / static_cast<double>(clo - chi);
+      const double flo = key_to_float(static_cast<uint32_t>(lo));
+      const double fhi = key_to_float(static_cast<uint32_t>(std::min<uint64_t>(hi, kmax)));
+      t = order_key(static_cast<float>(flo + f * (fhi - flo)));
+      t = std::min(std::max(t, lo + 1), hi - 1);
+    }
+  }
+  if (c > static_cast<int64_t>(S.cand.size())) return false;
+  int32_t* ci = S.cand.data();
+  uint32_t* ck = S.ckeys.data();
+  const uint32_t tt = static_cast<uint32_t>(t);
+  int64_t m = 0, x = 0;
+#if defined(__AVX512F__)
+  const __m512i tv = _mm512_set1_epi32(static_cast<int>(tt));
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; x + 16 <= n; x += 16) {
+    const __m512i k = _mm512_loadu_si512(keys + x);
+    const __mmask16 msk = _mm512_cmpge_epu32_mask(k, tv);
+    _mm512_mask_compressstoreu_epi32(ci + m, msk, iv);
+    _mm512_mask_compressstoreu_epi32(ck + m, msk, k);
+    m += __builtin_popcount(static_cast<unsigned>(msk));
+    iv = _mm512_add_epi32(iv, sixteen);
+  }
+#endif
+  for (; x < n; ++x) {
+    ci[m] = static_cast<int32_t>(x);
+    ck[m] = keys[x];
+    m += keys[x] >= tt;
+  }
+  while (m > budget) {  // drop the smallest key; among equal ones, the highest index
+    int64_t pos = 0;
+    for (int64_t a = 1; a < m; ++a) {
+      const bool lower = ck[a] < ck[pos] || (ck[a] == ck[pos] && ci[a] > ci[pos]);
+      pos = lower ? a : pos;
+    }
+    ck[pos] = ck[m - 1];
+    ci[pos] = ci[m - 1];
+    --m;
+  }
+  for (int64_t a = 0; a < budget; ++a) out[a] = ci[a];
+  return true;
 }
 
 // Indices of the `budget` largest of keys[0..n) (keys within [kmin, kmax]) into out, unordered.
@@ -232,6 +347,14 @@ at::Tensor connectivity_topk_cpu(const at::Tensor& coef, const at::Tensor& w_up_
   const int64_t cs_b = coef.stride(0), cs_h = coef.stride(1), cs_n = coef.stride(2);
   const int64_t ws_b = Bw == 1 ? 0 : w_up.stride(0), ws_h = Hw == 1 ? 0 : w_up.stride(1), ws_j = w_up.stride(2);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(Nk, 1));
+  // first threshold guess of the search: mean + z sd with z the standard normal quantile of 1 - budget / Nk
+  const double tail = static_cast<double>(budget) / static_cast<double>(Nk);
+  double zlo = -8.0, zhi = 8.0;
+  for (int it = 0; it < 60; ++it) {  // 0.5 erfc(z / sqrt 2) = tail, decreasing in z
+    const double zm = 0.5 * (zlo + zhi);
+    (0.5 * std::erfc(zm / std::sqrt(2.0)) > tail ? zlo : zhi) = zm;
+  }
+  const float z = static_cast<float>(0.5 * (zlo + zhi));
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     TopkScratch& S = topk_scratch();
@@ -249,8 +372,19 @@ at::Tensor connectivity_topk_cpu(const at::Tensor& coef, const at::Tensor& w_up_
         nz += crow[j] != 0.0f;
       }
       uint32_t kmin, kmax;
-      row_score_keys(wp + b * ws_b + h * ws_h, ws_j, Nk, nz_j, nz_c, nz, keys, kmin, kmax);
-      select_topk(keys, Nk, budget, op + t * budget, S, kmin, kmax);
+      float sum, sumsq;
+      row_score_keys(wp + b * ws_b + h * ws_h, ws_j, Nk, nz_j, nz_c, nz, keys, kmin, kmax, sum, sumsq);
+      int64_t* orow = op + t * budget;
+      if (budget == Nk) {
+        for (int64_t x = 0; x < Nk; ++x) orow[x] = x;
+        continue;
+      }
+      const float mean = sum / static_cast<float>(Nk);
+      const float sd = std::sqrt(std::max(0.0f, sumsq / static_cast<float>(Nk) - mean * mean));
+      if (kmin == kmax || !std::isfinite(mean + z * sd) ||
+          !select_topk_search(keys, Nk, budget, orow, S, kmin, kmax, order_key(mean + z * sd))) {
+        select_topk(keys, Nk, budget, orow, S, kmin, kmax);
+      }
     }
   });
   return out;
