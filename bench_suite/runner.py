@@ -185,7 +185,9 @@ def run_benchmark(cfg: Any, log=print) -> list[dict[str, Any]]:
     settings = train_settings(cfg, opts.epochs)
     data = dm.describe()
 
-    plan = [(spec, r) for spec in specs for r in (rates_override or spec.keep_rates)]
+    # a method without a keep rate (full attention: grid (1.0,)) runs once, at 1.0, whatever --keep-rates says
+    plan = [(spec, r) for spec in specs
+            for r in (spec.keep_rates if spec.keep_rates == (1.0,) else (rates_override or spec.keep_rates))]
     log(f"bench_suite: {len(plan)} configuration(s) on profile {opts.profile.name}, data {data['dataset']}, "
         f"{opts.epochs} epoch(s) on {opts.train_subset or 'all'} training images, seed {opts.seed}")
     teacher, tinfo = resolve_teacher(opts.profile.name, dm, opts.seed, opts.output, settings,
