@@ -116,6 +116,10 @@ def build_parser() -> ArgumentParser:
     p_speed.add_argument("--head-dim", type=int | None, default=None,
                          help="--core/--kernel: head dim (default: the profile's / DeiT-T's 64)")
     p_speed.add_argument("--kernel-n", type=str, default="197,577,2305", help="--kernel: comma-separated N values")
+    p_speed.add_argument("--hparams", type=str | None, default=None,
+                         help='JSON object of extra method settings, e.g. \'{"coef_topk": 8}\' (methods that take them)')
+    p_speed.add_argument("--coef-density", type=float | None, default=None,
+                         help="emulate a trained Sparsifiner's coefficient density (paper: 0.13) with random weights")
     sub.add_subcommand("speed", p_speed, help="wall-clock latency/throughput/memory; sparse kernel vs dense")
     return parser
 

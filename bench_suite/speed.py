@@ -11,7 +11,8 @@ which the candidates run *interleaved*, so that load from other processes hits t
   run once per ``--impl``. Metrics: latency per batch (median, p90, min; ms), throughput (img/s), peak
   tensor memory of one forward (MiB), the latency relative to ``full`` measured in the same run, and the
   method's :meth:`sparsity_report` (with random weights, e.g. Sparsifiner's coefficient sparsity is not
-  a trained model's).
+  a trained model's: ``--coef-density 0.13`` emulates the paper's, see :func:`emulate_coef_density`).
+  ``--hparams '{"coef_topk": 8}'`` passes extra settings to the methods that take them.
 * **core** (``--core``): one MHSA core (after the QKV projection, before the output projection) at ``N``
   tokens, ``H`` heads of dim ``d`` (default: the profile's), batch ``--batch-size``: dense
   ``F.scaled_dot_product_attention`` against the sparse attention kernel (``cpp``) and the gather
@@ -60,6 +61,7 @@ __all__ = [
     "model_benchmark",
     "write_kernel_csv",
     "write_speed_csv",
+    "emulate_coef_density",
     "run_speed",
     "run_from_cli",
 ]
@@ -100,6 +102,8 @@ class SpeedOptions:
         impls: sparse attention implementations to run (``cpp``, ``torch``). memory: measure peak memory.
         n, heads, head_dim: core sizes (None: the profile's); heads/head_dim also set the kernel grid.
         kernel_n: token counts of the kernel grid.
+        hparams: extra factory arguments for the methods that accept them (e.g. ``{"coef_topk": 8}``).
+        coef_density: emulate a trained Sparsifiner's coefficient density (see :func:`emulate_coef_density`).
     """
 
     profile: str = "deit_t384"
@@ -117,6 +121,8 @@ class SpeedOptions:
     heads: int | None = None
     head_dim: int | None = None
     kernel_n: tuple[int, ...] = DEFAULT_KERNEL_N
+    hparams: dict[str, Any] | None = None
+    coef_density: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "repeats"):
@@ -132,6 +138,10 @@ class SpeedOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
         if not self.kernel_n or any(n < 1 for n in self.kernel_n):
             raise ValueError(f"--kernel-n needs positive token counts, got {self.kernel_n}")
+        if self.coef_density is not None and not 0.0 < self.coef_density < 1.0:
+            raise ValueError(f"--coef-density must lie in (0, 1), got {self.coef_density}")
+        if self.hparams is not None and not isinstance(self.hparams, dict):
+            raise ValueError(f"--hparams must be a JSON object, got {self.hparams!r}")
         bad = [i for i in self.impls if i not in ("cpp", "torch")]
         if bad or not self.impls:
             raise ValueError(f"--impl takes cpp and/or torch, got {','.join(self.impls) or 'nothing'}")
@@ -365,6 +375,48 @@ def _sparsifiner_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_ra
 
 
 # --------------------------------------------------------------------------- whole models
+def emulate_coef_density(model: torch.nn.Module, images: torch.Tensor, density: float,
+                         passes: int = 2) -> list[float] | None:
+    """Make a randomly initialised Sparsifiner predict coefficients as dense as a trained one, for timing.
+
+    With random weights the low-rank attention ``A_down`` (paper eq. 1) is nearly uniform (each entry about
+    ``1 / n_down``), so the paper's threshold ``tau = 0.05`` (eq. 2) zeroes every coefficient: the
+    connectivity scores are all 0 and the top-B selection degenerates, which is not what a trained model
+    costs (paper: about 87% of the coefficients are zero, i.e. a density of 0.13). This sets each
+    :class:`methods.sparse_attention.ConnectivityPredictor`'s ``tau`` to the ``1 - density`` quantile of its
+    ``A_down`` on ``images`` (``passes`` rounds, since a layer's input depends on the earlier layers' masks),
+    so that the fraction of nonzero coefficients is ``density``. Only the threshold value changes; the
+    computation is the method's. Returns the thresholds set, or None if the model has no predictor.
+    """
+    try:
+        from methods.sparse_attention import ConnectivityPredictor
+    except ImportError:
+        return None
+    preds = [m for m in model.modules() if isinstance(m, ConnectivityPredictor)]
+    if not preds:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(passes):
+            seen: dict[int, torch.Tensor] = {}
+            hooks = [p.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out.a_down.flatten()))
+                     for i, p in enumerate(preds)]
+            try:
+                with torch.inference_mode():
+                    model(images)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for i, p in enumerate(preds):
+                values = seen[i]
+                sample = values[:: max(1, values.numel() // 1_000_000)].float()
+                p.tau = float(torch.quantile(sample, 1.0 - density))
+    finally:
+        model.train(was_training)
+    return [p.tau for p in preds]
+
+
 def _accepts(factory: Callable[..., Any], name: str) -> bool:
     targets = [c.__init__ for c in factory.__mro__ if "__init__" in vars(c)] if inspect.isclass(factory) else [factory]
     for t in targets:
@@ -391,6 +443,10 @@ def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> l
     threads = _threads(opts)
     if "cpp" in opts.impls:
         _register_cpp()
+    hparams = dict(opts.hparams or {})
+    unused = [k for k in hparams if not any(_accepts(spec.factory, k) for spec in specs)]
+    if unused:
+        raise ValueError(f"--hparams: no chosen method takes {', '.join(unused)}")
     plan = []
     for spec in specs:
         rates = [1.0] if tuple(spec.keep_rates) == (1.0,) else (opts.keep_rates or list(spec.keep_rates))
@@ -398,16 +454,21 @@ def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> l
         for r in rates:
             for impl in impls:
                 plan.append((spec, float(r), impl))
-    models, labels = {}, {}
-    for spec, r, impl in plan:
-        torch.manual_seed(opts.seed)
-        extra = {} if impl is None else {"attention_impl": impl}
-        module = spec.factory(create_backbone(profile, num_classes=10), keep_rate=r, **extra)
-        label = f"{spec.name}@{r:g}" + (f"/{impl}" if impl else "")
-        models[label] = module.eval()
-        labels[label] = (spec, r, impl)
     gen = torch.Generator().manual_seed(opts.seed)
     images = torch.randn(opts.batch_size, profile.in_chans, profile.img_size, profile.img_size, generator=gen)
+    models, labels, extras, taus = {}, {}, {}, {}
+    for spec, r, impl in plan:
+        torch.manual_seed(opts.seed)
+        extra = {k: v for k, v in hparams.items() if _accepts(spec.factory, k)}
+        if impl is not None:
+            extra["attention_impl"] = impl
+        module = spec.factory(create_backbone(profile, num_classes=10), keep_rate=r, **extra)
+        label = f"{spec.name}@{r:g}" + (f"/{impl}" if impl else "")
+        if opts.coef_density is not None:
+            taus[label] = emulate_coef_density(module, images, opts.coef_density)
+        models[label] = module.eval()
+        labels[label] = (spec, r, impl)
+        extras[label] = {k: v for k, v in extra.items() if k != "attention_impl"}
     if any(impl == "cpp" for *_, impl in plan):
         from bench_suite.kernels import load_kernel
 
@@ -425,7 +486,11 @@ def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> l
             module(images[:1])  # fills the sparsity report on one image
         config = {**_base_config(opts, "model", threads), "method": spec.name, "keep_rate": rate,
                   "attention_impl": impl, "img_size": profile.img_size,
-                  "hparams": {**spec.defaults(), "keep_rate": rate, **({"attention_impl": impl} if impl else {})}}
+                  "hparams": {**spec.defaults(), "keep_rate": rate, **extras[label],
+                              **({"attention_impl": impl} if impl else {})}}
+        if taus.get(label) is not None:
+            config["coef_density_emulated"] = opts.coef_density
+            config["tau_emulated"] = [round(t, 8) for t in taus[label]]
         metrics: dict[str, Any] = {k: r[k] for k in ("latency_ms_median", "latency_ms_p90", "latency_ms_min",
                                                      "img_per_s")}
         metrics["latency_ratio_to_full"] = None if full_ms is None else r["latency_ms_median"] / full_ms
@@ -503,6 +568,20 @@ def _parse_list(text: str | None, kind: Callable[[str], Any], what: str) -> list
         raise ValueError(f"{what}: cannot parse {text!r}") from None
 
 
+def _parse_json(text: str | None) -> dict[str, Any] | None:
+    import json
+
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--hparams is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--hparams must be a JSON object, got {text!r}")
+    return value
+
+
 def run_from_cli(cfg: Any) -> dict[str, Any]:
     """``python -m bench_suite speed``: parse the subcommand's options and run; errors a user can fix become
     :class:`bench_suite.cli.UserError`."""
@@ -528,7 +607,8 @@ def run_from_cli(cfg: Any) -> dict[str, Any]:
                             output=Path(cfg.output), seed=cfg.seed,
                             impls=tuple(_parse_list(cfg.impl, str, "--impl") or ()), memory=not cfg.no_memory,
                             n=cfg.n, heads=cfg.heads, head_dim=cfg.head_dim,
-                            kernel_n=tuple(_parse_list(cfg.kernel_n, int, "--kernel-n") or ()))
+                            kernel_n=tuple(_parse_list(cfg.kernel_n, int, "--kernel-n") or ()),
+                            hparams=_parse_json(cfg.hparams), coef_density=cfg.coef_density)
         if cfg.core or not cfg.kernel:
             get_profile(opts.profile)  # UnknownProfileError (a ValueError) before anything runs
     except ValueError as e:
@@ -537,3 +617,7 @@ def run_from_cli(cfg: Any) -> dict[str, Any]:
         return run_speed(opts, core=cfg.core, kernel=cfg.kernel)
     except KernelBuildError as e:
         raise UserError(str(e)) from None
+    except ValueError as e:
+        if str(e).startswith("--"):  # option problems found while planning (e.g. --hparams)
+            raise UserError(str(e)) from None
+        raise

@@ -167,3 +167,24 @@ def test_user_errors_exit_2(tmp_path: Path, extra: list[str], message: str,
 def test_build_flag(kernel: None, capsys: pytest.CaptureFixture) -> None:
     assert main(["speed", "--build"]) == 0
     assert "sparse attention kernel ready" in capsys.readouterr().out
+
+
+def test_coef_density_emulation_and_hparams(tmp_path: Path, kernel: None) -> None:
+    """Random weights give no nonzero coefficient at tau = 0.05; the emulation sets tau per layer so that
+    the measured coefficient density is the one asked for, and --hparams reaches the factory."""
+    assert main(["speed", "--profile", "tiny", "--methods", "sparsifiner", "--keep-rates", "0.5", "--impl", "cpp",
+                 "--coef-density", "0.25", "--hparams", '{"n_down": 8}', *TINY, "--output", str(tmp_path)]) == 0
+    with ResultsStore(tmp_path) as store:
+        row = store.rows().iloc[0]
+    c = row["config"]
+    assert c["coef_density_emulated"] == 0.25 and len(c["tau_emulated"]) == 4  # one threshold per block
+    assert c["hparams"]["n_down"] == 8 and c["hparams"]["attention_impl"] == "cpp"
+    assert abs((1 - row["coef_sparsity"]) - 0.25) < 0.05  # measured on the benchmark images
+
+
+def test_hparams_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["speed", "--profile", "tiny", "--methods", "full", "--hparams", '{"n_down": 8}',
+                 "--output", str(tmp_path)]) == 2
+    assert "no chosen method takes n_down" in capsys.readouterr().err
+    assert main(["speed", "--profile", "tiny", "--hparams", "[1]", "--output", str(tmp_path)]) == 2
+    assert "JSON object" in capsys.readouterr().err

@@ -375,13 +375,13 @@ at::Tensor connectivity_topk_cpu(const at::Tensor& coef, const at::Tensor& w_up_
       float sum, sumsq;
       row_score_keys(wp + b * ws_b + h * ws_h, ws_j, Nk, nz_j, nz_c, nz, keys, kmin, kmax, sum, sumsq);
       int64_t* orow = op + t * budget;
-      if (budget == Nk) {
-        for (int64_t x = 0; x < Nk; ++x) orow[x] = x;
+      if (budget == Nk || kmin == kmax) {  // everything, or all scores equal: keys 0 .. budget-1
+        for (int64_t x = 0; x < budget; ++x) orow[x] = x;
         continue;
       }
       const float mean = sum / static_cast<float>(Nk);
       const float sd = std::sqrt(std::max(0.0f, sumsq / static_cast<float>(Nk) - mean * mean));
-      if (kmin == kmax || !std::isfinite(mean + z * sd) ||
+      if (!std::isfinite(mean + z * sd) ||
           !select_topk_search(keys, Nk, budget, orow, S, kmin, kmax, order_key(mean + z * sd))) {
         select_topk(keys, Nk, budget, orow, S, kmin, kmax);
       }
