@@ -121,6 +121,24 @@ def _mini_stem(**kwargs: Any) -> ConvStemPatchEmbed:
     return ConvStemPatchEmbed(stem_chs=32, **kwargs)
 
 
+@register_model
+def bench_lvvit_s(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """LV-ViT-S (Jiang et al., "All Tokens Matter: Token Labeling for Training Better Vision Transformers",
+    NeurIPS 2021; official ``lvvit_s`` in zihangJiang/TokenLabeling), built from timm layers because timm
+    does not ship it: 224x224 input, the 4-layer convolutional patch embedding (:class:`ConvStemPatchEmbed`
+    with 64 stem channels: 7x7 stride 2, 3x3, 3x3, each BatchNorm + ReLU, then the 8x8 stride-8 patch
+    projection; 14x14 patches + CLS = 197 tokens), 16 blocks, width 384, 6 heads of dim 64, MLP ratio 3,
+    no qkv bias. Full-attention MHSA: 16 * 2 * 197^2 * 384 = 476.88 MFLOPs (paper Table 1: 476.9).
+
+    Differences from the official model: its residual scaling ``skip_lam = 2`` (each branch divided by 2)
+    is timm's ``LayerScale`` initialised to 1/2 (equal at initialisation, learnable per channel); the
+    token-labelling auxiliary head and MixToken (training-time only) are left out, the classifier reads
+    the CLS token. No pretrained weights."""
+    default = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384, depth=16,
+                   num_heads=6, mlp_ratio=3.0, qkv_bias=False, init_values=0.5, embed_layer=ConvStemPatchEmbed)
+    return _vit(pretrained, default, **kwargs)
+
+
 @dataclass(frozen=True)
 class Profile:
     """A backbone at a fixed resolution.
@@ -155,6 +173,8 @@ PROFILES: dict[str, Profile] = {
         # timm ships DeiT-T only at 224; the paper's DeiT-T-384 is the same architecture at 384x384
         # (timm resizes the position embedding grid for img_size=384: 24x24 patches + CLS = 577 tokens).
         Profile("deit_t384", "deit_tiny_patch16_224", 384, 3, "DeiT-T, 12 blocks, width 192, 577 tokens at 384"),
+        Profile("lvvit_s", "bench_lvvit_s", 224, 3,
+                "LV-ViT-S (timm layers, conv stem), 16 blocks, width 384, 197 tokens at 224"),
     ]
 }
 
