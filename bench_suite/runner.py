@@ -31,7 +31,7 @@ from bench_suite.training import NonFiniteLossError, TrainSettings, fit_and_test
 from bench_suite.versions import versions
 from datamodules import create_datamodule
 
-__all__ = ["RUN_DEFAULTS", "RunOptions", "run_benchmark", "run_from_cli", "make_datamodule", "train_settings",
+__all__ = ["RUN_DEFAULTS", "RunOptions", "run_benchmark", "resolve_plan", "run_from_cli", "make_datamodule", "train_settings",
            "parse_keep_rates"]
 
 # Per-profile defaults of the fine-tuning protocol (the run's --epochs/--train-subset override them).
@@ -162,8 +162,48 @@ def _base_row(spec_name: str, keep_rate: float, opts: RunOptions, config: dict[s
             "versions": versions(), "git": versions()["git"]}
 
 
-def run_benchmark(cfg: Any, log=print) -> list[dict[str, Any]]:
+def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
+    """Normalise plan entries ``(method, keep_rate)`` or ``(method, keep_rate, overrides)`` into
+    ``(spec, keep_rate, overrides)``; ``method`` is a name or a :class:`MethodSpec`, ``overrides`` a dict of
+    hyperparameters for the method's factory (e.g. Sparsif-EViT ``token_keep_rate``). Repeats are dropped.
+
+    Raises:
+        UnknownMethodError: for an unknown method name.
+        UserError: for a keep rate outside (0, 1] or an override the method's factory does not take.
+    """
+    from bench_suite.registry import get_method
+    from bench_suite.store import canonical_json
+
+    out, seen = [], set()
+    for entry in plan:
+        if len(entry) not in (2, 3):
+            raise _user_error(f"plan entries are (method, keep_rate[, overrides]), got {entry!r}")
+        method, rate = entry[0], float(entry[1])
+        overrides = dict(entry[2] or {}) if len(entry) == 3 else {}
+        spec = method if isinstance(method, MethodSpec) else get_method(str(method))
+        if not 0.0 < rate <= 1.0:
+            raise _user_error(f"plan entry {spec.name}: keep rate {rate:g} is outside (0, 1]")
+        settings = set(spec.defaults()) - {"keep_rate"}
+        unknown = sorted(set(overrides) - settings)
+        if unknown:
+            raise _user_error(f"plan entry {spec.name}: {', '.join(unknown)} is not a setting of the method "
+                              f"(settings: {', '.join(k for k in spec.defaults() if k != 'keep_rate')})")
+        ident = (spec.name, rate, canonical_json(overrides))
+        if ident not in seen:
+            seen.add(ident)
+            out.append((spec, rate, overrides))
+    return out
+
+
+def run_benchmark(cfg: Any, log=print, plan: Any = None) -> list[dict[str, Any]]:
     """Run every (method, keep rate) configuration of ``cfg`` not yet in the store.
+
+    Args:
+        cfg: the ``run`` options.
+        log: progress printer.
+        plan: run exactly these configurations instead of ``cfg.methods`` x keep rates: entries
+            ``(method, keep_rate)`` or ``(method, keep_rate, overrides)`` (see :func:`resolve_plan`). The
+            overrides go to the method's factory and into the configuration key (``config["hparams"]``).
 
     Returns:
         The rows written in this invocation.
@@ -175,8 +215,13 @@ def run_benchmark(cfg: Any, log=print) -> list[dict[str, Any]]:
     from bench_suite.store import ResultsStore, config_key
     from bench_suite.teacher import resolve_teacher
 
-    specs: list[MethodSpec] = parse_methods(cfg.methods)
-    rates_override = parse_keep_rates(cfg.keep_rates)
+    if plan is None:
+        specs: list[MethodSpec] = parse_methods(cfg.methods)
+        rates_override = parse_keep_rates(cfg.keep_rates)
+        # a method without a keep rate (full attention: grid (1.0,)) runs once, at 1.0, whatever --keep-rates says
+        plan = [(spec, r) for spec in specs
+                for r in (spec.keep_rates if spec.keep_rates == (1.0,) else (rates_override or spec.keep_rates))]
+    plan = resolve_plan(plan)
     opts = RunOptions(cfg)
     _check_output(opts.output)
     store = ResultsStore(opts.output / "results.sqlite")
@@ -185,9 +230,6 @@ def run_benchmark(cfg: Any, log=print) -> list[dict[str, Any]]:
     settings = train_settings(cfg, opts.epochs)
     data = dm.describe()
 
-    # a method without a keep rate (full attention: grid (1.0,)) runs once, at 1.0, whatever --keep-rates says
-    plan = [(spec, r) for spec in specs
-            for r in (spec.keep_rates if spec.keep_rates == (1.0,) else (rates_override or spec.keep_rates))]
     log(f"bench_suite: {len(plan)} configuration(s) on profile {opts.profile.name}, data {data['dataset']}, "
         f"{opts.epochs} epoch(s) on {opts.train_subset or 'all'} training images, seed {opts.seed}")
     teacher, tinfo = resolve_teacher(opts.profile.name, dm, opts.seed, opts.output, settings,
@@ -207,14 +249,14 @@ def run_benchmark(cfg: Any, log=print) -> list[dict[str, Any]]:
         log(f"teacher top-1 (measured now): {top1:.2f}%")
 
     failures = 0
-    for i, (spec, rate) in enumerate(plan, 1):
+    for i, (spec, rate, overrides) in enumerate(plan, 1):
         config = {
             "kind": "train", "method": spec.name, "keep_rate": rate, "profile": opts.profile.name, "data": data,
-            "seed": opts.seed, "epochs": opts.epochs, "hparams": spec.defaults() | {"keep_rate": rate},
+            "seed": opts.seed, "epochs": opts.epochs, "hparams": spec.defaults() | overrides | {"keep_rate": rate},
             "teacher": tinfo["sha256"],
         }
         key = config_key(config)
-        tag = f"[{i}/{len(plan)}] {spec.name} keep {rate:g}"
+        tag = f"[{i}/{len(plan)}] {spec.name} keep {rate:g}" + "".join(f", {k}={v!r}" for k, v in overrides.items())
         if store.has(key) and not cfg.force:
             log(f"{tag}: already in the store ({key}), skipped")
             continue
@@ -225,7 +267,7 @@ def run_benchmark(cfg: Any, log=print) -> list[dict[str, Any]]:
         try:
             pl.seed_everything(opts.seed, workers=True, verbose=False)
             backbone = copy.deepcopy(teacher).train().requires_grad_(True)  # the teacher itself stays frozen
-            module = spec.factory(backbone, keep_rate=rate, teacher=teacher)
+            module = spec.factory(backbone, keep_rate=rate, teacher=teacher, **overrides)
             metrics = fit_and_test(module, dm, run_dir, settings)
             train_seconds = time.perf_counter() - start
             measured = measure_module(module, dm)
@@ -265,11 +307,17 @@ class _TeacherModule:
 
 
 def run_from_cli(cfg: Any) -> None:
-    """``python -m bench_suite run``: run the sweep, then write and print the Pareto table and plot."""
+    """``python -m bench_suite run``: run the sweep (``--table N``: exactly the configurations of the paper's
+    table N, :func:`bench_suite.tables.run_plan`), then write and print the Pareto table and plot."""
     from bench_suite.report import pareto_table, summary_text, write_report
     from bench_suite.store import ResultsStore
 
-    run_benchmark(cfg)
+    plan = None
+    if getattr(cfg, "table", None) is not None:
+        from bench_suite.tables import run_plan
+
+        plan = run_plan(cfg.table)
+    run_benchmark(cfg, plan=plan)
     paths = write_report(cfg.output, x=cfg.x, profile=cfg.profile, dataset=cfg.data)
     store = ResultsStore(Path(cfg.output) / "results.sqlite")
     table = pareto_table(store.rows(profile=cfg.profile, dataset=cfg.data), x=cfg.x)
