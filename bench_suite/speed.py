@@ -16,8 +16,10 @@ which the candidates run *interleaved*, so that load from other processes hits t
 * **core** (``--core``): one MHSA core (after the QKV projection, before the output projection) at ``N``
   tokens, ``H`` heads of dim ``d`` (default: the profile's), batch ``--batch-size``: dense
   ``F.scaled_dot_product_attention`` against the sparse attention kernel (``cpp``) and the gather
-  implementation (``torch``) with random distinct key indices per query, and against Sparsifiner's
-  whole core (connectivity predictor, top-B, sparse attention, dense CLS row) per ``--impl``.
+  implementation (``torch``) with random distinct key indices per query, against Sparsifiner's
+  whole core (connectivity predictor, top-B, sparse attention, dense CLS row) per ``--impl``, and
+  against the connectivity top-B alone (eq. 3 on that predictor's coefficients: ``torch`` = dense scores
+  + ``torch.topk``, ``cpp`` = the fused kernel).
 * **kernel** (``--kernel``): the sparse attention kernel against dense SDPA on the grid
   ``N in --kernel-n`` x ``keep rate in --keep-rates`` (default 197, 577, 2305 x 0.25, 0.1, 0.05), heads and
   head dim of DeiT-T (3 x 64) unless ``--heads``/``--head-dim`` say otherwise; writes ``kernel.csv`` with
@@ -284,7 +286,8 @@ def core_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> li
     dim). Keep rates: ``opts.keep_rates`` or 0.25, 0.1, 0.05. Returns store rows (``scope: core``); the
     dense row has keep rate 1.0. ``latency_ratio_to_dense`` = candidate median / dense median.
     """
-    from bench_suite.kernels import load_kernel, sparse_attention_cpp, sparse_attention_torch
+    from bench_suite.kernels import (connectivity_topk_cpp, connectivity_topk_torch, load_kernel,
+                                     sparse_attention_cpp, sparse_attention_torch)
     from bench_suite.measure import measure_callables, peak_memory_callable_mib
 
     n, heads, head_dim = opts.n, opts.heads, opts.head_dim
@@ -322,11 +325,18 @@ def core_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> li
             meta[f"sparse_torch@{r:g}"] = {"method": "sparse_attention", "keep_rate": float(r),
                                            "attention_impl": "torch", "budget": budget}
         for impl in opts.impls:
-            fn = _sparsifiner_core(q, k, v, float(r), impl, opts.seed)
-            if fn is not None:
-                fns[f"sparsifiner_{impl}@{r:g}"] = fn
-                meta[f"sparsifiner_{impl}@{r:g}"] = {"method": "sparsifiner_core", "keep_rate": float(r),
-                                                     "attention_impl": impl, "budget": budget}
+            core = _sparsifiner_core(q, k, v, float(r), impl, opts.seed, opts.coef_density)
+            if core is None:
+                continue
+            fn, coef, w_up = core
+            fns[f"sparsifiner_{impl}@{r:g}"] = fn
+            meta[f"sparsifiner_{impl}@{r:g}"] = {"method": "sparsifiner_core", "keep_rate": float(r),
+                                                 "attention_impl": impl, "budget": budget}
+            # eq. 3 alone on the same coefficients: dense scores + torch.topk, or the fused kernel
+            topk_fn = connectivity_topk_cpp if impl == "cpp" else connectivity_topk_torch
+            fns[f"conn_topk_{impl}@{r:g}"] = lambda f=topk_fn, c=coef, w=w_up, bk=budget: f(c, w, bk)
+            meta[f"conn_topk_{impl}@{r:g}"] = {"method": "connectivity_topk", "keep_rate": float(r),
+                                               "attention_impl": impl, "budget": budget}
     log(f"MHSA core: N={n}, {heads} heads x {head_dim}, batch {opts.batch_size}, {threads} thread(s), "
         f"{len(fns)} candidates, {opts.repeats} interleaved rounds")
     load = _load_avg()
@@ -338,6 +348,8 @@ def core_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> li
         config = {**_base_config(opts, "core", threads), "method": m["method"], "keep_rate": m["keep_rate"],
                   "attention_impl": m["attention_impl"], "n": n, "heads": heads, "head_dim": head_dim,
                   "indices": "uniform random, distinct per query"}
+        if m["method"] == "sparsifiner_core" and opts.coef_density is not None:
+            config["coef_density_emulated"] = opts.coef_density
         metrics = {"latency_ms_median": r["median_ms"], "latency_ms_p90": r["p90_ms"], "latency_ms_min": r["min_ms"],
                    "latency_ratio_to_dense": r["median_ms"] / dense_ms, "speedup_vs_dense": dense_ms / r["median_ms"],
                    "budget": m["budget"], "flop_ratio": n / m["budget"],
@@ -361,9 +373,11 @@ def _register_cpp() -> None:
 
 
 def _sparsifiner_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_rate: float, impl: str,
-                      seed: int) -> Callable[[], Any] | None:
+                      seed: int, coef_density: float | None = None) -> tuple[Callable[[], Any], Any, Any] | None:
     """Sparsifiner's whole attention core (predictor, top-B, sparse attention, dense CLS row) with a randomly
-    initialised predictor, or None if :mod:`methods.sparse_attention` is not available."""
+    initialised predictor (its ``tau`` set for ``coef_density`` if given, as :func:`emulate_coef_density`),
+    with the predictor's coefficients and ``W_up`` on these inputs; None if :mod:`methods.sparse_attention`
+    is not available."""
     try:
         from methods.sparse_attention import ConnectivityPredictor, default_n_down, sparsifiner_attention
     except ImportError:
@@ -371,7 +385,13 @@ def _sparsifiner_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_ra
     _, heads, n, d = q.shape
     torch.manual_seed(seed)
     pred = ConnectivityPredictor(n, d, heads, default_n_down(n)).eval()
-    return lambda: sparsifiner_attention(q, k, v, pred, keep_rate, impl=impl).out
+    if coef_density is not None:
+        with torch.inference_mode():
+            a_down = pred(q[:, :, 1:], k).a_down.flatten()
+        pred.tau = float(torch.quantile(a_down[:: max(1, a_down.numel() // 1_000_000)], 1.0 - coef_density))
+    with torch.inference_mode():
+        out = pred(q[:, :, 1:], k)
+    return (lambda: sparsifiner_attention(q, k, v, pred, keep_rate, impl=impl).out), out.coef, out.w_up
 
 
 # --------------------------------------------------------------------------- whole models

@@ -105,10 +105,11 @@ def test_core_rows_in_store_and_speed_csv(tmp_path: Path, kernel: None) -> None:
                  "--output", str(tmp_path)]) == 0
     with ResultsStore(tmp_path) as store:
         df = store.rows()
-    assert len(df) == 5  # dense; sparse cpp/torch; sparsifiner core cpp/torch
+    assert len(df) == 7  # dense; sparse cpp/torch; sparsifiner core cpp/torch; connectivity top-B cpp/torch
     assert {(m, c["attention_impl"]) for m, c in zip(df["method"], df["config"])} == {
         ("dense_sdpa", None), ("sparse_attention", "cpp"), ("sparse_attention", "torch"),
-        ("sparsifiner_core", "cpp"), ("sparsifiner_core", "torch")}
+        ("sparsifiner_core", "cpp"), ("sparsifiner_core", "torch"), ("connectivity_topk", "cpp"),
+        ("connectivity_topk", "torch")}
     for _, row in df.iterrows():
         c = row["config"]
         assert c["kind"] == "speed" and c["scope"] == "core" and c["weights"] == "random"
