@@ -11,7 +11,8 @@
 // so that the usual `out.transpose(1, 2).reshape(B, Nq, H * d)` after attention is a free view.
 //
 // Per query row (one task of the parallel loop over B * H * Nq rows):
-//   pass 1: s_j = (scale * q) . k_{idx_j} for the Bk selected keys, into a Bk-long score buffer, and max m;
+//   pass 1: s_j = (scale * q) . k_{idx_j} for the Bk selected keys, into a Bk-long score buffer, and max m
+//           (key rows are prefetched 8 keys ahead: they lie at random addresses, in L3 for large N);
 //   softmax: s_j <- exp(s_j - m), l = sum_j s_j (vectorised exp polynomial for float32);
 //   pass 2: acc = sum_j s_j * v_{idx_j} in registers (float32 accumulation), out = acc / l.
 // Two passes over a small score buffer instead of a one-pass online softmax: the online form rescales
@@ -178,6 +179,8 @@ inline v16f exp16_nonpositive(v16f x) {
   return under ? v16f{} : e;
 }
 
+constexpr int64_t kPrefetch = 8;  // software prefetch distance in keys (rows at random addresses)
+
 template <typename index_t, int NV>
 void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::atomic<int64_t>& bad) {
   const int64_t Bk = P.Bk;
@@ -207,6 +210,13 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
     for (int64_t j = 0; j < Bk; ++j) {
       const int64_t kj = checked_key(ir, j, P.is_j, nk, bad);
       keys[j] = kj;
+      if (j + kPrefetch < Bk) {  // the row kPrefetch keys ahead (an out-of-range index only prefetches junk)
+        const int64_t ka = static_cast<int64_t>(ir[(j + kPrefetch) * P.is_j]);
+        if (static_cast<uint64_t>(ka) < nk) {
+          const char* pr = reinterpret_cast<const char*>(kb + ka * P.ks_n);
+          for (int c = 0; c < NV * 64; c += 64) __builtin_prefetch(pr + c);
+        }
+      }
       const float* kr = kb + kj * P.ks_n;
       v16f a = qv[0] * load16(kr);
       for (int c = 1; c < NV; ++c) a += qv[c] * load16(kr + 16 * c);
@@ -231,6 +241,14 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
     for (int c = 0; c < NV; ++c) acc0[c] = acc1[c] = v16f{};
     int64_t j = 0;
     for (; j + 1 < Bk; j += 2) {
+      if (j + kPrefetch + 1 < Bk) {
+        const char* p0 = reinterpret_cast<const char*>(vb + keys[j + kPrefetch] * P.vs_n);
+        const char* p1 = reinterpret_cast<const char*>(vb + keys[j + kPrefetch + 1] * P.vs_n);
+        for (int c = 0; c < NV * 64; c += 64) {
+          __builtin_prefetch(p0 + c);
+          __builtin_prefetch(p1 + c);
+        }
+      }
       const float* v0 = vb + keys[j] * P.vs_n;
       const float* v1 = vb + keys[j + 1] * P.vs_n;
       const v16f p0 = splat(s[j]), p1 = splat(s[j + 1]);
