@@ -21,8 +21,11 @@ Implementations (``impl=``):
 
 Sparsifiner's connectivity mask (eq. 3), ``idx = top-B(A~_down @ W_up)`` per query row, has a fused
 kernel too: :func:`connectivity_topk` (``impl="cpp"``) accumulates each row's scores over the nonzero
-coefficients only and selects the top ``B`` by radix select, never materialising the ``[B, H, Nq, Nk]``
-score tensor; ``impl="torch"`` is ``torch.topk(coef @ w_up, B)``.
+coefficients only and selects the top ``B`` (threshold search with a radix-select fallback), never
+materialising the ``[B, H, Nq, Nk]`` score tensor; ``impl="torch"`` is ``torch.topk(coef @ w_up, B)``.
+
+Training keeps the PyTorch paths (the kernels have no backward); Sparsifiner's ``"cpp"`` entries
+(:func:`register`) switch to them by themselves whenever autograd needs a gradient.
 
 The kernels are compiled just in time on first use and cached (see :mod:`bench_suite.kernels.loader`);
 ``python -m bench_suite speed --build`` compiles them ahead of time.
