@@ -18,7 +18,7 @@ def _run(out, *extra):
     cmd = [sys.executable, "-m", "bench_suite", "run", "--profile", "tiny", "--methods", "full,evit",
            "--keep-rates", "1.0,0.5", "--train-subset", "256", "--epochs", "1", "--output", str(out),
            "--no-progress", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
 
 
 def test_run_writes_rows_table_plot_and_resumes(tmp_path):
