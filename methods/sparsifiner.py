@@ -29,7 +29,7 @@ topic                          official code                           this suit
 q/k channels of the predictor  shrunk per head by Linear d -> d/2       paper: full ``d``
                                (``proj_c_q``/``proj_c_k``)             (``reduce_c_factor=2``)
 low-rank logit scale           ``num_heads ** -0.5``                   paper eq. 1: ``c ** -0.5``
-n_down                         ``N // 6`` = 32 at 197 tokens           paper 32, scaled
+n_down                         ``N // 6`` = 32 at 197 tokens           paper 32; below 197 tokens
                                                                        ``round(32 N / 197)`` >= 8
                                                                        (``n_down=``)
 coefficients (eq. 2)           top-8 per row (``BASIS_COEF.TOPK``)     paper: ``> tau = 0.05``
