@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench_suite {list,run,teacher,report}``.
+"""Command line: ``python -m bench_suite {list,run,teacher,report,tables,visualize,speed}``.
 
 Every subcommand accepts ``--config FILE`` (YAML/JSON with the same keys as the options), through
 jsonargparse. Errors a user can fix are printed as one line ``bench_suite: error: ...`` with exit
@@ -55,6 +55,9 @@ def build_parser() -> ArgumentParser:
     p_run.add_argument("--teacher", type=str | None, default=None, help="teacher checkpoint to use")
     p_run.add_argument("--force", action="store_true", help="re-run configurations already in the store")
     p_run.add_argument("--x", type=str, default="mhsa_mflops", help="x axis of the Pareto plot")
+    p_run.add_argument("--table", type=int | None, default=None,
+                       help="run exactly the configurations of the Sparsifiner paper's table N (1-4) on --profile "
+                            "(replaces --methods/--keep-rates)")
     _common(p_run)
     sub.add_subcommand("run", p_run, help="train/evaluate methods and write Pareto tables and plots")
 
@@ -70,6 +73,21 @@ def build_parser() -> ArgumentParser:
     p_report.add_argument("--profile", type=str | None, default=None, help="only rows of this profile")
     p_report.add_argument("--data", type=str | None, default=None, help="only rows of this dataset")
     sub.add_subcommand("report", p_report, help="rewrite tables and plots from the store")
+
+    p_tables = ArgumentParser(description=(
+        "Regenerate the Sparsifiner paper's Tables 1-4 beside the paper's numbers: MHSA FLOPs counted now at paper "
+        "scale (DeiT-S, LV-ViT-S, DeiT-T-384; random weights), top-1 from the results store of --profile/--data. "
+        "Writes <output>/tables/table<N>.{md,csv,tex}, Figures 3-7 and <output>/report.html, report.md."))
+    p_tables.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options")
+    p_tables.add_argument("--table", type=int | None, default=None, help="only table N (1-4); default: all and the report page")
+    p_tables.add_argument("--output", type=str, default="results", help="results folder (store in, tables/ out)")
+    p_tables.add_argument("--profile", type=str, default="mini",
+                          help="profile whose stored top-1 results are shown (see 'list')")
+    p_tables.add_argument("--data", type=str, default="fashion_mnist",
+                          help="dataset whose stored top-1 results are shown: fashion_mnist or imagenet")
+    p_tables.add_argument("--data-dir", type=str | None, default=None, help="folder holding the dataset")
+    p_tables.add_argument("--no-figures", action="store_true", help="skip Figures 3-7")
+    sub.add_subcommand("tables", p_tables, help="the paper's Tables 1-4 and Figures 3-7, beside the paper's numbers")
 
     p_vis = ArgumentParser(description="Save Sparsifiner's connectivity mask, sparse and full attention of a "
                                        "query patch per layer and head (paper Fig. 3) as PNG in <output>/figures.")
@@ -177,6 +195,20 @@ def _cmd_report(cfg: Any) -> None:
         print(f"wrote {p}")
 
 
+def _cmd_tables(cfg: Any) -> None:
+    from bench_suite.tables import make_tables
+
+    run = make_tables(cfg.output, tables=cfg.table, profile=cfg.profile, data=cfg.data, data_dir=cfg.data_dir,
+                      figures=not cfg.no_figures and cfg.table is None,
+                      command="python -m bench_suite " + " ".join(sys.argv[1:] or ["tables"]))
+    if cfg.table is not None:
+        print()
+        print(run.tables[cfg.table].paths[0].read_text(encoding="utf-8"))
+    for p in run.paths:
+        print(f"wrote {p}")
+    print(f"bench_suite tables: done in {run.seconds:.1f} s")
+
+
 def _cmd_visualize(cfg: Any) -> None:
     from bench_suite.visualize import visualize
 
@@ -192,7 +224,7 @@ def _cmd_speed(cfg: Any) -> None:
 
 
 COMMANDS = {"list": _cmd_list, "run": _cmd_run, "teacher": _cmd_teacher, "report": _cmd_report,
-            "visualize": _cmd_visualize, "speed": _cmd_speed}
+            "visualize": _cmd_visualize, "speed": _cmd_speed, "tables": _cmd_tables}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -200,11 +232,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from bench_suite.registry import UnknownMethodError
     from bench_suite.report import ReportError
     from bench_suite.store import StoreCorruptError
+    from bench_suite.tables import DataFileError
     from bench_suite.teacher import TeacherError
     from datamodules.errors import DataError
 
     return (UserError, UnknownMethodError, UnknownProfileError, TeacherError, DataError, ReportError,
-            StoreCorruptError)
+            StoreCorruptError, DataFileError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
