@@ -552,8 +552,11 @@ def run_speed(opts: SpeedOptions, core: bool = False, kernel: bool = False,
     from bench_suite.store import ResultsStore
 
     opts.output.mkdir(parents=True, exist_ok=True)
-    log(f"bench_suite speed: load average {_load_avg()} (1 min), {_threads(opts)} thread(s) of "
-        f"{os.cpu_count()} CPUs")
+    load, cpus = _load_avg(), os.cpu_count() or 1
+    log(f"bench_suite speed: load average {load} (1 min), {_threads(opts)} thread(s) of {cpus} CPUs")
+    if load is not None and load + _threads(opts) > cpus + 0.5:
+        log(f"warning: the machine is busy (load {load:.1f} on {cpus} CPUs): absolute times are noisy, and "
+            f"multi-threaded ops wait for descheduled threads; compare the interleaved ratios, or use --threads 1")
     out: dict[str, Any] = {"rows": [], "kernel": [], "paths": []}
     if kernel:
         heads, head_dim = opts.heads or HEAD_PRESETS["deit_t"][0], opts.head_dim or HEAD_PRESETS["deit_t"][1]
