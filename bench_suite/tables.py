@@ -37,12 +37,13 @@ Outputs under ``<output>/tables/``: ``table<N>.md`` (pipe table with caption and
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -154,7 +155,18 @@ def load_paper_results(path: str | Path = DATA_FILE) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataFileError(f"paper-results data file {path} does not exist")
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            lines = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataFileError(f"{path}: not a readable CSV file: {e}") from None
+    if not lines:
+        raise DataFileError(f"{path} is empty")
+    header = lines[0]
+    for n, fields in enumerate(lines[1:], start=2):
+        if fields and len(fields) != len(header):
+            raise DataFileError(f"{path.name} line {n}: {len(fields)} fields, the header has {len(header)}")
+    raw = pd.DataFrame([f for f in lines[1:] if f], columns=header, dtype=str)
     missing = [c for c in _REQUIRED if c not in raw.columns]
     if missing:
         raise DataFileError(f"{path}: missing column(s) {', '.join(missing)}")
