@@ -126,7 +126,9 @@ def _config_rows(cfg: dict[str, Any]) -> list[tuple[str, str]]:
         ("generated", cfg.get("generated", "")),
         ("wall time", f"{cfg.get('seconds', '?')} s"),
         ("suite top-1 from", f"profile {cfg['profile']}, dataset {cfg['dataset']}, store {cfg['output']}/results.sqlite"),
-        ("FLOPs counted on", f"profiles deit_s / lvvit_s / deit_t384 (random weights, 1000 classes); {cfg['image_source']}"),
+        ("FLOPs counted on", f"profiles deit_s / lvvit_s / deit_t384 (random weights, 1000 classes); {cfg['image_source']}; "
+                             f"Sparsifiner's sparse attention ran with the {cfg.get('sparse_attention_impl', 'torch')} "
+                             f"implementation (the count does not depend on it)"),
         ("paper numbers from", cfg.get("data_file", "")),
         ("git", versions.get("git", "unknown")),
         ("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if k != "git")),
