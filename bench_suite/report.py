@@ -437,6 +437,14 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-") or "unnamed"
 
 
+ACCURACY_KINDS = ("train", "teacher-eval")
+
+
+def _is_accuracy_row(config: object) -> bool:
+    """Rows of trained/evaluated models (not ``speed`` benchmark rows, which have no top-1)."""
+    return not isinstance(config, dict) or config.get("kind", "train") in ACCURACY_KINDS
+
+
 def write_report(output: str | Path, x: str = "mhsa_mflops", profile: str | None = None,
                  dataset: str | None = None) -> list[Path]:
     """Write the Pareto table (md, csv) and plot (png, pdf) of every (profile, dataset) in the store.
@@ -463,6 +471,7 @@ def write_report(output: str | Path, x: str = "mhsa_mflops", profile: str | None
         raise ReportError(f"no results store at {db}; run 'python -m bench_suite run --output {out}' first")
     with ResultsStore(db) as store:
         rows = store.rows(profile=profile, dataset=dataset)
+    rows = rows[rows["config"].map(_is_accuracy_row)] if len(rows) else rows
     ok = rows[rows["status"] == "ok"]
     if ok.empty:
         which = ", ".join(f"{k}={v}" for k, v in (("profile", profile), ("dataset", dataset)) if v) or "any"

@@ -6,4 +6,14 @@ from methods import sparsifiner  # noqa: F401  (registers "sparsifiner", "sparsi
 from methods import dynamicvit, linformer  # noqa: F401
 from methods.base import BenchModule, ForwardOutput, check_keep_rate
 
+
+def _register_kernels() -> None:
+    """Offer the fused C++ CPU kernels as Sparsifiner's ``attention_impl="cpp"`` (built on first use)."""
+    from bench_suite.kernels import register
+
+    register()
+
+
+_register_kernels()
+
 __all__ = ["BenchModule", "ForwardOutput", "check_keep_rate"]

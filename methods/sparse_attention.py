@@ -176,6 +176,19 @@ def _check_sparse_args(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> None:
 SPARSE_ATTENTION_IMPLS: dict[str, SparseAttentionFn] = {"torch": sparse_attention_torch}
 """Name -> sparse attention implementation (see the module docstring for the contract)."""
 
+CONNECTIVITY_TOPK_IMPLS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {}
+"""Name -> fused ``fn(coef [B,H,Nq,n_down], w_up [(B,)Hw,n_down,Nk], budget) -> idx [B,H,Nq,budget]`` computing
+``top-B(coef @ w_up)`` per row without the score tensor (eq. 3); used with the sparse attention
+implementation of the same name when no gradient, trace or record is needed."""
+
+
+def register_connectivity_topk_impl(name: str, fn: Callable[[Tensor, Tensor, int], Tensor]) -> None:
+    """Add a fused connectivity top-B implementation under ``name`` (e.g. ``"cpp"``)."""
+    if not name or not callable(fn):
+        raise ValueError(f"invalid connectivity top-k implementation {name!r}")
+    CONNECTIVITY_TOPK_IMPLS[name] = fn
+
+
 DEFAULT_IMPL = "torch"
 """Implementation used when none is named (a module attribute other code may set)."""
 
@@ -508,7 +521,8 @@ class ConnectivityPredictor(nn.Module):
         """Fraction of ``W_up`` entries with ``|w| < w_up_threshold`` (paper: ~90%)."""
         return float((self.w_up.abs() < self.w_up_threshold).float().mean())
 
-    def forward(self, q: Tensor, k: Tensor, positions: Tensor | None = None) -> PredictorOutput:
+    def forward(self, q: Tensor, k: Tensor, positions: Tensor | None = None,
+                need_scores: bool = True) -> PredictorOutput:
         """Eq. 1-3 up to the scores.
 
         Args:
@@ -530,7 +544,7 @@ class ConnectivityPredictor(nn.Module):
             q, k = self.proj_c_q(q), self.proj_c_k(k)
         a_down = lowrank_attention(q, k, w_down, self.channels ** -0.5)
         coef = threshold_coefficients(a_down, self.tau, self.coef_topk)
-        return PredictorOutput(a_down, coef, w_up, connectivity_scores(coef, w_up))
+        return PredictorOutput(a_down, coef, w_up, connectivity_scores(coef, w_up) if need_scores else None)
 
 
 # --------------------------------------------------------------------------- the whole attention core
@@ -603,8 +617,11 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
             res.idx = topk_connectivity(pred.scores, budget)
             res.records = _records(res, q, k, scale, cls_full_row, n)
         return res
-    pred = predictor(q_rows, k, positions)
-    idx = topk_connectivity(pred.scores, budget)  # [B, H, Nq, B]
+    fused = None
+    if not (record or torch.jit.is_tracing() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))):
+        fused = CONNECTIVITY_TOPK_IMPLS.get(DEFAULT_IMPL if impl is None else impl)
+    pred = predictor(q_rows, k, positions, need_scores=fused is None)
+    idx = topk_connectivity(pred.scores, budget) if fused is None else fused(pred.coef, pred.w_up, budget)
     out_rows = sparse_attention(q_rows, k, v, idx, scale, impl)
     cls_attn = None
     if cls_full_row:

@@ -373,3 +373,27 @@ def test_connectivity_topk_errors() -> None:
         kernels.connectivity_topk(coef, w_up, 3, impl="gpu")
     strided = kernels.connectivity_topk_cpp(coef.transpose(-1, -2).contiguous().transpose(-1, -2), w_up, 3)
     assert torch.equal(strided, kernels.connectivity_topk_cpp(coef, w_up, 3))
+
+
+def test_sparsifiner_model_with_cpp_kernels_matches_torch_path():
+    """End to end on the tiny profile: the fused connectivity top-B and sparse attention kernels give the
+    torch path's logits (eval, random continuous weights so that no two connectivity scores tie)."""
+    import copy
+
+    from bench_suite.backbones import create_backbone
+    from methods.sparsifiner import Sparsifiner
+
+    torch.manual_seed(0)
+    backbone = create_backbone("tiny", num_classes=10)
+    ref = Sparsifiner(copy.deepcopy(backbone), keep_rate=0.25, attention_impl="torch").eval()
+    with torch.no_grad():  # dense, distinct coefficients: every coefficient above tau, W_up kept
+        for blk in ref.model.blocks:
+            pred = blk.attn.predictor
+            pred.tau = 0.0
+            pred.w_up.copy_(torch.rand_like(pred.w_up) + 0.05)
+    fast = copy.deepcopy(ref)
+    for blk in fast.model.blocks:
+        blk.attn.impl = "cpp"
+    x = torch.randn(3, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), ref(x), atol=1e-4, rtol=1e-4)
