@@ -153,7 +153,7 @@ def test_write_report_writes_md_csv_png_pdf(store_dir):
     md = (store_dir / "pareto_tiny_fashion_mnist.md").read_text()
     header = md.splitlines()[0]
     for h in ("Method", "Keep rate", "MHSA (MFLOPs)", "MHSA, paper rule (MFLOPs)", "Top-1 (%)",
-              "Throughput (img/s)", "Latency (ms)", "Peak mem. (MiB)", "Pareto"):
+              "Throughput (img/s)", "Latency (ms/batch)", "Peak mem. (MiB)", "Pareto"):
         assert h in header
     caption = md.strip().splitlines()[-1]
     assert caption.startswith("Table:") and "`tiny`" in caption and "`fashion_mnist`" in caption
