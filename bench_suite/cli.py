@@ -6,17 +6,28 @@ status 2, without a traceback.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Any, Sequence
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile
+from jsonargparse import ArgumentParser as _JsonArgumentParser
 
 __all__ = ["main", "build_parser", "UserError"]
 
 
 class UserError(Exception):
     """An error caused by the user's input; printed as one line, exit status 2."""
+
+
+class ArgumentParser(_JsonArgumentParser):
+    """jsonargparse's parser raising ``argparse.ArgumentError`` instead of printing usage and exiting, so
+    that a bad option or a malformed ``--config`` file becomes one line (see :func:`main`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("exit_on_error", False)
+        super().__init__(*args, **kwargs)
 
 
 def _common(p: ArgumentParser, output: bool = True) -> None:
@@ -54,6 +65,10 @@ def build_parser() -> ArgumentParser:
     p_run.add_argument("--batch-size", type=int | None, default=None, help="images per batch")
     p_run.add_argument("--teacher", type=str | None, default=None, help="teacher checkpoint to use")
     p_run.add_argument("--force", action="store_true", help="re-run configurations already in the store")
+    p_run.add_argument("--checkpoint-every", type=int | None, default=None,
+                       help="save the resumable checkpoint every N optimiser steps (default 50; 0: epoch ends only)")
+    p_run.add_argument("--no-augment", action="store_true",
+                       help="fine-tune without random crop/flip (the teacher keeps its recipe's augmentation)")
     p_run.add_argument("--x", type=str, default="mhsa_mflops", help="x axis of the Pareto plot")
     p_run.add_argument("--table", type=int | None, default=None,
                        help="run exactly the configurations of the Sparsifiner paper's table N (1-4) on --profile "
@@ -167,10 +182,14 @@ def _cmd_list(cfg: Any) -> None:
 
 
 def _cmd_teacher(cfg: Any) -> None:
-    from bench_suite.runner import make_datamodule, train_settings
+    from bench_suite.runner import _processes, make_datamodule, setup_data, train_settings
     from bench_suite.teacher import ASSETS_DIR, install_shipped, train_teacher
 
+    if _processes(train_settings(cfg, epochs=0))[1] > 1:
+        raise UserError("the teacher is trained in one process: drop --devices/--num-nodes here (multi-process "
+                        "'run' sweeps use the cached teacher, or train it in one process first)")
     dm = make_datamodule(cfg, train_subset=None)
+    setup_data(cfg, dm)
     path = train_teacher(cfg.profile, dm, cfg.seed, cfg.output, train_settings(cfg, epochs=0),
                          command="python -m bench_suite " + " ".join(sys.argv[1:] or ["teacher"]))
     print(f"teacher written to {path}")
@@ -182,10 +201,10 @@ def _cmd_teacher(cfg: Any) -> None:
         print(f"shipped copy: {dest}")
 
 
-def _cmd_run(cfg: Any) -> None:
+def _cmd_run(cfg: Any) -> int:
     from bench_suite.runner import run_from_cli
 
-    run_from_cli(cfg)
+    return run_from_cli(cfg)
 
 
 def _cmd_report(cfg: Any) -> None:
@@ -243,21 +262,30 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m bench_suite``; returns the exit status."""
     parser = build_parser()
-    cfg = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        cfg = parser.parse_args(list(argv) if argv is not None else None)
+    except argparse.ArgumentError as e:
+        print(f"bench_suite: error: {_one_line(e)} (see python -m bench_suite --help)", file=sys.stderr)
+        return 2
     command = cfg.command
     sub_cfg = cfg[command]
     if "devices" in sub_cfg:
         sub_cfg.devices = _devices(sub_cfg.devices)
     try:
-        COMMANDS[command](sub_cfg)
+        status = COMMANDS[command](sub_cfg)
     except _user_errors() as e:
-        print(f"bench_suite: error: {e}", file=sys.stderr)
+        print(f"bench_suite: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench_suite: interrupted; finished configurations are in the store, re-run to resume",
               file=sys.stderr)
         return 130
-    return 0
+    return int(status or 0)
+
+
+def _one_line(e: BaseException) -> str:
+    """An error message as one line (YAML parser and jsonargparse messages span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -105,7 +105,7 @@ class _RunStamp(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.sampler is not None:
-            self.sampler.batches_done = 0  # the next checkpoint belongs to a finished epoch
+            self.sampler.epoch_finished()  # the epoch-end checkpoint resumes at the next epoch's start
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -113,6 +113,22 @@ class _RunStamp(Callback):
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
+
+class _EpochEndCheckpoint(ModelCheckpoint):
+    """Writes ``last.ckpt`` at the end of every training epoch, and nothing else.
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` writes ``last`` at an epoch end only together with a
+    top-k file; this one keeps a single file. Being a ``ModelCheckpoint``, it runs where Lightning runs
+    checkpoint callbacks: after the module's own epoch-end hook and the other callbacks.
+    """
+
+    def __init__(self, dirpath: Path) -> None:
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=False, every_n_epochs=0)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and not trainer.fast_dev_run:
+            trainer.save_checkpoint(Path(self.dirpath) / "last.ckpt")
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -183,8 +199,9 @@ def inspect_checkpoint(path: str | Path, run_key: str | None = None,
         if saved != want:
             diff = sorted(k for k in set(saved) | set(want) if saved.get(k, "<missing>") != want.get(k, "<missing>"))
             return None, f"made with other hyperparameters ({', '.join(diff[:4])})"
+    loaders = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("state_dict", {}).get("combined_loader") or [None]
     return {"epoch": int(ckpt.get("epoch", 0)), "global_step": int(ckpt.get("global_step", 0)),
-            "key": stamp.get("key")}, None
+            "key": stamp.get("key"), "loader_state": loaders[0]}, None
 
 
 # ----------------------------------------------------------------------------------------- data order
@@ -196,7 +213,12 @@ class ResumableSampler(DistributedSampler):
     It is torch's ``DistributedSampler`` (also with one process, so that one and ``W`` processes see the
     same images per optimiser step: rank ``r`` takes positions ``r, r + W, ...`` of the permutation),
     plus a position: :attr:`batches_done` batches of ``batch_size`` indices of epoch :attr:`epoch`.
-    After :meth:`load_state_dict`, the next iteration of that epoch skips the batches already trained.
+    After :meth:`load_state_dict`, the next iteration is of the saved epoch and skips the batches
+    already trained.
+
+    :func:`fit_and_test` loads the position from the checkpoint itself, before ``Trainer.fit``: Lightning
+    creates the first training iterator while estimating the number of steps for the LR schedule,
+    before it restores loader states, so its own restore would come too late.
     """
 
     def __init__(self, dataset: Any, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
@@ -205,7 +227,17 @@ class ResumableSampler(DistributedSampler):
                          drop_last=drop_last)
         self.batch_size = int(batch_size)
         self.batches_done = 0
+        self._finished = False
         self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip on the next iteration
+
+    def epoch_finished(self) -> None:
+        """Mark the current epoch as fully trained (the position becomes the next epoch's start)."""
+        self.batches_done = 0
+        self._finished = True
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._finished = False
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
@@ -217,14 +249,20 @@ class ResumableSampler(DistributedSampler):
         return iter(indices)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(self.epoch), "batches_done": int(self.batches_done), "seed": int(self.seed),
+        """``{"epoch", "batches_done", ...}``: where training resumes (the next epoch's start after an epoch)."""
+        epoch = int(self.epoch) + (1 if self._finished else 0)
+        return {"epoch": epoch, "batches_done": int(self.batches_done), "seed": int(self.seed),
                 "num_replicas": int(self.num_replicas), "batch_size": self.batch_size}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("batches_done") and state.get("seed") == self.seed and \
-                state.get("num_replicas") == self.num_replicas and state.get("batch_size") == self.batch_size:
-            self._skip = (int(state["epoch"]), int(state["batches_done"]))
-            self.batches_done = int(state["batches_done"])
+    def load_state_dict(self, state: dict[str, int] | None) -> None:
+        """Continue at ``state``'s position (ignored if it was made with another seed, number of processes
+        or batch size: then the epoch restarts with its own permutation)."""
+        if not state or state.get("seed") != self.seed or state.get("num_replicas") != self.num_replicas \
+                or state.get("batch_size") != self.batch_size:
+            return
+        self.set_epoch(int(state["epoch"]))
+        self.batches_done = int(state["batches_done"])
+        self._skip = (self.epoch, self.batches_done) if self.batches_done else None
 
 
 class _ResumableLoader(DataLoader):
@@ -297,8 +335,7 @@ def make_trainer(run_dir: str | Path, settings: TrainSettings, callbacks: list[C
     """A Trainer writing CSV logs and an atomic, resumable ``checkpoints/last.ckpt`` under ``run_dir``."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    saves = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1,
-                             save_on_train_epoch_end=True, enable_version_counter=False)]
+    saves: list[Callback] = [_EpochEndCheckpoint(ckpt_dir)]
     if settings.checkpoint_every_n_steps:
         saves.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, enable_version_counter=False,
                                      every_n_train_steps=int(settings.checkpoint_every_n_steps)))
@@ -401,6 +438,8 @@ def fit_and_test(module: pl.LightningModule, datamodule: pl.LightningDataModule,
         seed = settings.seed if settings.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         loader = _training_loader(datamodule, seed, rank, world)
         sampler = loader.sampler if loader is not None else None
+        if loader is not None and info is not None:
+            loader.load_state_dict(info.get("loader_state"))
     stamp = _RunStamp(run_key, sampler)  # type: ignore[arg-type]
     trainer = make_trainer(run_dir, settings, callbacks=[stamp])
     if settings.epochs > 0:
