@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 from jsonargparse import ActionConfigFile
@@ -261,6 +262,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m bench_suite``; returns the exit status."""
+    # fvcore scripts a function with torch.jit at import; its deprecation warning is not the user's business
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     parser = build_parser()
     try:
         cfg = parser.parse_args(list(argv) if argv is not None else None)

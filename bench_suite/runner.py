@@ -12,6 +12,13 @@ The protocol, for each (method, keep rate):
    paper's convention where it differs), eval latency/throughput and peak memory are measured;
 5. one row goes into the results store; a configuration already stored is skipped (``--force``
    re-runs it). Finally the Pareto table and plot are rewritten from the store.
+
+Nothing lost, nothing silent: all input is validated before anything is trained or written (one-line
+errors); a killed sweep started again re-runs only unfinished configurations, resuming from their own
+checkpoints (:mod:`bench_suite.training`); a row is written whole, once per configuration key; sweeps
+sharing a results folder never train one configuration at the same time (:class:`ConfigLock`); a NaN
+loss fails only its configuration (a ``failed`` row, exit status 1). Under DDP every process runs the
+sweep, rank 0 decides, locks and writes (``--devices``/``--num-nodes``/``--strategy ddp``, srun).
 """
 from __future__ import annotations
 
@@ -243,20 +250,17 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None) -> list[dict[str, Any]]
     opts = RunOptions(cfg)
     settings = train_settings(cfg, opts.epochs)
     fabric, world = _processes(settings)
-    if world > 1 and settings.strategy == "auto":
-        settings = replace(settings, strategy="ddp")
+    if world > 1:
+        _die_with_launcher()
+        if settings.strategy == "auto":
+            settings = replace(settings, strategy="ddp")
     if opts.batch_size % world:
         raise _user_error(f"--batch-size {opts.batch_size} is not divisible by the {world} processes (the global "
                           f"batch is split evenly across them); choose a multiple of {world}")
+    validate_plan(plan, opts.profile)
     dm = make_datamodule(cfg, train_subset=opts.train_subset, batch_size=opts.batch_size)
     setup_data(cfg, dm)
-    validate_plan(plan, opts.profile, getattr(dm, "num_classes", None) or 10)
-    given = None
-    if cfg.teacher is not None:
-        from bench_suite.teacher import resolve_teacher
-
-        given = resolve_teacher(opts.profile.name, _teacher_data(dm), opts.seed, opts.output, settings,
-                                teacher_path=cfg.teacher, log=log)
+    given = _given_teacher(cfg, opts, dm, settings, log) if cfg.teacher is not None else None
     store_path = opts.output / STORE_FILENAME
     if store_path.exists():
         ResultsStore(store_path).close()  # StoreCorruptError for a damaged/foreign file, which stays untouched
@@ -548,14 +552,35 @@ def _processes(settings: TrainSettings):
     return fabric, world
 
 
+def _die_with_launcher() -> None:
+    """In a process that Lightning's launcher started (``LOCAL_RANK`` > 0, not srun/torchrun): ask the
+    kernel to kill it when its parent, rank 0 of the node, dies (``PR_SET_PDEATHSIG``), instead of leaving
+    it waiting in a collective until the timeout."""
+    if os.environ.get("LOCAL_RANK", "0") in ("", "0") or _processes_external_by_cluster():
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent is already gone
+        os._exit(1)
+
+
+def _processes_external_by_cluster() -> bool:
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+
+
 def _processes_external(world: int) -> bool:
     """Whether this multi-process run's processes were started by someone else (srun, torchrun, or the
     Lightning launcher of rank 0): then a missing teacher is an error rather than trained here."""
     if world == 1:
         return False
-    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    return "LOCAL_RANK" in os.environ or SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+    return "LOCAL_RANK" in os.environ or _processes_external_by_cluster()
 
 
 # --------------------------------------------------------------------------- locks
@@ -624,6 +649,27 @@ class ConfigLock:
         self.release()
 
 
+def _given_teacher(cfg: Any, opts: "RunOptions", dm, settings: TrainSettings, log):
+    """Load ``--teacher PATH`` (nothing is written).
+
+    Raises:
+        TeacherError: if it is missing, unreadable or does not fit the profile (a weight-shape mismatch
+            that torch reports as a ``RuntimeError`` becomes a one-line TeacherError too).
+    """
+    from bench_suite.teacher import TeacherError, resolve_teacher
+
+    try:
+        return resolve_teacher(opts.profile.name, _teacher_data(dm), opts.seed, opts.output, settings,
+                               teacher_path=cfg.teacher, log=log)
+    except TeacherError:
+        raise
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing key" in ln]
+        if not lines:
+            raise
+        raise TeacherError(f"teacher {cfg.teacher} does not fit profile {opts.profile.name!r}: {lines[0]}") from None
+
+
 def _teacher_data(dm):
     """The run's datamodule as the teacher sees it: its own copy (the teacher sets its recipe's batch
     size on it), always with augmentation (part of the teacher's recipe, whatever ``--no-augment`` says)."""
@@ -681,7 +727,8 @@ def run_from_cli(cfg: Any) -> int:
     if world_info()[0] != 0:
         return 0  # rank 0 writes the tables and prints the summary
     failed = sum(1 for r in rows if r["status"] != "ok")
-    paths = write_report(cfg.output, x=cfg.x, profile=cfg.profile, dataset=cfg.data)
+    with ConfigLock(Path(cfg.output) / "locks" / "report.lock"):  # two sweeps of one folder: one writer at a time
+        paths = write_report(cfg.output, x=cfg.x, profile=cfg.profile, dataset=cfg.data)
     store = ResultsStore(Path(cfg.output) / "results.sqlite")
     table = pareto_table(store.rows(profile=cfg.profile, dataset=cfg.data), x=cfg.x)
     print()

@@ -1,0 +1,71 @@
+"""Multi-process training: a tiny sweep under Lightning DDP with 2 CPU processes (gloo) gives the
+single-process result (same global batch, same images per step, metrics synced across ranks), rank 0
+alone writes rows and tables, and each method gets the DDP strategy it needs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench_suite.runner import DDP_FIND_UNUSED, ddp_strategy_for
+from tests.conftest import have_fashion_mnist
+from tests.test_resume import rows_by_method, run_cli, tiny_teacher  # noqa: F401  (session fixture)
+
+
+class _Plain:
+    pass
+
+
+class _Declares:
+    ddp_find_unused_parameters = True
+
+
+def test_ddp_strategy_per_method():
+    assert DDP_FIND_UNUSED == {"sparsifiner", "sparsif_evit"}  # they freeze parts between phases
+    assert ddp_strategy_for("sparsifiner", _Plain(), "ddp") == "ddp_find_unused_parameters_true"
+    assert ddp_strategy_for("sparsif_evit", _Plain(), "ddp") == "ddp_find_unused_parameters_true"
+    assert ddp_strategy_for("evit", _Plain(), "ddp") == "ddp"
+    assert ddp_strategy_for("my_plugin", _Declares(), "ddp") == "ddp_find_unused_parameters_true"
+    assert ddp_strategy_for("sparsifiner", _Plain(), "auto") == "auto"  # only --strategy ddp is mapped
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not have_fashion_mnist(), reason="apt-get install dataset-fashion-mnist")
+def test_two_process_ddp_equals_one_process(tmp_path, tiny_teacher):
+    # 256 images, global batch 32: 8 optimiser steps in both runs (16 images per process per step under
+    # DDP). No augmentation, so both runs see exactly the same images per step; Sparsifiner needs
+    # find_unused_parameters (mapped from --strategy ddp), full attention does not.
+    args = ["run", "--profile", "tiny", "--methods", "full,sparsifiner", "--keep-rates", "0.5", "--train-subset",
+            "256", "--batch-size", "32", "--no-augment", "--accelerator", "cpu", "--teacher", str(tiny_teacher),
+            "--no-progress"]
+    one = run_cli([*args, "--output", str(tmp_path / "one")], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli([*args, "--output", str(tmp_path / "two"), "--devices", "2", "--strategy", "ddp"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes (ddp)" in two.stdout
+    out = two.stdout + two.stderr
+    assert "GLOBAL_RANK: 1" in out and "MEMBER: 2/2" in out  # really two processes
+    assert two.stdout.count("[2/2] sparsifiner keep 0.5: fine-tuning (") == 1  # rank 1 prints nothing
+
+    teacher_weights = {k[len("model."):]: v for k, v in torch.load(tiny_teacher, weights_only=True)["state_dict"].items()}
+    rows1, by1 = rows_by_method(tmp_path / "one")
+    rows2, by2 = rows_by_method(tmp_path / "two")
+    assert len(rows2) == len(rows1) == 3 and rows2.key.is_unique and (rows2.status == "ok").all()  # rank 0 wrote
+    for method in (("teacher", 1.0), ("full", 1.0), ("sparsifiner", 0.5)):
+        a, b = by1[method], by2[method]
+        assert a.key == b.key  # the same configuration, whatever the number of processes
+        assert b.config["processes"] == 2 and a.config["processes"] == 1
+        assert abs(a.top1 - b.top1) <= 0.05, (method, a.top1, b.top1)  # 10k test images synced across ranks
+        assert a.mhsa_mflops == pytest.approx(b.mhsa_mflops, rel=1e-6)
+        if method[0] != "teacher":
+            assert a.train_steps == b.train_steps == 8  # the global batch was kept
+            # the same training trajectory: the two runs' weights differ by well under 2% of how far training
+            # moved them from the teacher (AdamW turns summation-order noise in near-zero gradients into
+            # lr-sized steps on a few entries, so entry-wise equality is not expected)
+            one_w, two_w = (torch.load(tmp_path / d / "runs" / a.key / "checkpoints" / "last.ckpt",
+                                       weights_only=False)["state_dict"] for d in ("one", "two"))
+            start = {f"model.{k}": v for k, v in teacher_weights.items()}
+            shared = [k for k in one_w if k in start]
+            moved = torch.cat([(one_w[k] - start[k]).flatten() for k in shared]).norm()
+            apart = torch.cat([(one_w[k] - two_w[k]).flatten() for k in one_w]).norm()
+            assert moved > 0.01 and apart < 0.02 * moved, (method, float(apart), float(moved))
+    assert (tmp_path / "two" / "pareto_tiny_fashion_mnist.csv").is_file()
