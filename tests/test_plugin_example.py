@@ -5,6 +5,7 @@ through the runner from the command line."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import os
 import shutil
@@ -28,7 +29,9 @@ def plugin_site(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("plugin")
     src = shutil.copytree(EXAMPLE, base / "src", ignore=shutil.ignore_patterns("build", "*.egg-info"))
     site = base / "site"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+    # --no-build-isolation builds with this environment's setuptools (no network); without one, pip fetches it
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *isolation,
                            "--disable-pip-version-check", "--no-input", "--target", str(site), str(src)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
