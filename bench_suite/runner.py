@@ -373,11 +373,12 @@ class _Sweep:
             state = _broadcast(self._claim(job, lock) if self.rank == 0 else None)
             if state != "busy":
                 break
+            doing = "evaluat" if job.is_teacher else "train"
             if not wait:
-                self.say(f"{job.tag}: being trained by another process ({lock.holder()}); coming back to it later")
+                self.say(f"{job.tag}: being {doing}ed by another process ({lock.holder()}); coming back to it later")
                 return False
             if not told:
-                self.say(f"{job.tag}: waiting for the other process training it ({lock.holder()})")
+                self.say(f"{job.tag}: waiting for the other process {doing}ing it ({lock.holder()})")
                 told = True
             time.sleep(self.POLL_SECONDS)
         if state == "done":
