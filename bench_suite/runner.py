@@ -211,7 +211,7 @@ def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
     return out
 
 
-def run_benchmark(cfg: Any, log=print, plan: Any = None) -> list[dict[str, Any]]:
+def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool = False) -> list[dict[str, Any]]:
     """Run every (method, keep rate) configuration of ``cfg`` not yet in the store.
 
     Args:
@@ -220,6 +220,9 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None) -> list[dict[str, Any]]
         plan: run exactly these configurations instead of ``cfg.methods`` x keep rates: entries
             ``(method, keep_rate)`` or ``(method, keep_rate, overrides)`` (see :func:`resolve_plan`). The
             overrides go to the method's factory and into the configuration key (``config["hparams"]``).
+        skip_infeasible: leave out (saying so) the plan's configurations whose keep rate keeps fewer than
+            one of the profile's tokens, instead of refusing the run (``--table N``: the paper's keep rates
+            were chosen for 197 tokens; on a smaller profile the smallest ones do not exist).
 
     Everything is validated first (methods, keep rates against the profile's token count, every
     configuration's module, profile, processes, data, a given teacher, output folder, results store);
@@ -252,12 +255,14 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None) -> list[dict[str, Any]]
     fabric, world = _processes(settings)
     if world > 1:
         _die_with_launcher()
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0"))) != "0":
+            log = _quiet  # a process that is not rank 0: rank 0 says everything
         if settings.strategy == "auto":
             settings = replace(settings, strategy="ddp")
     if opts.batch_size % world:
         raise _user_error(f"--batch-size {opts.batch_size} is not divisible by the {world} processes (the global "
                           f"batch is split evenly across them); choose a multiple of {world}")
-    validate_plan(plan, opts.profile)
+    plan = validate_plan(plan, opts.profile, skip_infeasible=skip_infeasible, log=log)
     dm = make_datamodule(cfg, train_subset=opts.train_subset, batch_size=opts.batch_size)
     setup_data(cfg, dm)
     given = _given_teacher(cfg, opts, dm, settings, log) if cfg.teacher is not None else None
@@ -479,11 +484,19 @@ def setup_data(cfg: Any, dm) -> None:
                               f"{Path(outside[0]).parent}); fix --data-dir or leave it out")
 
 
-def validate_plan(plan: list[tuple[MethodSpec, float, dict[str, Any]]], profile, num_classes: int = 10) -> None:
+def validate_plan(plan: list[tuple[MethodSpec, float, dict[str, Any]]], profile, num_classes: int = 10,
+                  skip_infeasible: bool = False, log=print) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
     """Check every configuration before anything is trained: its keep rate leaves at least one token of
     the profile's ``N`` (``keep_rate * N >= 1``: the budget rule ``ceil(rho N)`` must not round a
-    vanishing budget up to a token), and its module can be built (the method's own checks run on a
-    fresh backbone of the profile).
+    vanishing budget up to a whole token, which would store a row under a keep rate it did not have),
+    and its module can be built (the method's own checks run on a fresh backbone of the profile).
+
+    Args:
+        skip_infeasible: drop configurations that keep fewer than one token (logging each) instead of
+            raising.
+
+    Returns:
+        The plan (without the dropped configurations).
 
     Raises:
         UserError: naming the configuration and what is wrong.
@@ -492,16 +505,25 @@ def validate_plan(plan: list[tuple[MethodSpec, float, dict[str, Any]]], profile,
 
     reference = create_backbone(profile, num_classes=num_classes)
     n = num_tokens(reference)
+    kept = []
     for spec, rate, overrides in plan:
         if rate * n < 1.0:
-            raise _user_error(f"{spec.name}: keep rate {rate:g} keeps {rate * n:.3g} of the {n} tokens of profile "
-                              f"{profile.name!r}, fewer than one; the smallest keep rate here is 1/{n} = {1 / n:.4g}")
+            why = (f"{spec.name}: keep rate {rate:g} keeps {rate * n:.3g} of the {n} tokens of profile "
+                   f"{profile.name!r}, fewer than one")
+            if skip_infeasible:
+                log(f"{why}: left out")
+                continue
+            raise _user_error(f"{why}; the smallest keep rate here is 1/{n} = {1 / n:.4g}")
+        kept.append((spec, rate, overrides))
         try:
             spec.factory(copy.deepcopy(reference), keep_rate=rate, teacher=None, **overrides)
         except (ValueError, TypeError, NotImplementedError) as e:
             raise _user_error(f"{spec.name} at keep rate {rate:g}"
                               + "".join(f", {k}={v!r}" for k, v in overrides.items())
                               + f" cannot be built on profile {profile.name!r}: {str(e).splitlines()[0]}") from None
+    if not kept:
+        raise _user_error(f"no configuration of the plan fits profile {profile.name!r} ({n} tokens)")
+    return kept
 
 
 # --------------------------------------------------------------------------- processes (DDP)
@@ -722,7 +744,7 @@ def run_from_cli(cfg: Any) -> int:
         from bench_suite.tables import run_plan
 
         plan = run_plan(cfg.table)
-    rows = run_benchmark(cfg, plan=plan)
+    rows = run_benchmark(cfg, plan=plan, skip_infeasible=plan is not None)
     from bench_suite.training import world_info
 
     if world_info()[0] != 0:

@@ -59,6 +59,22 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tmp_path, capsys, args, n
     assert not out.exists()
 
 
+def test_table_plans_leave_out_keep_rates_the_profile_cannot_have():
+    from bench_suite.backbones import get_profile
+    from bench_suite.cli import UserError
+    from bench_suite.runner import resolve_plan, validate_plan
+
+    plan = resolve_plan([("sparsifiner", 0.05), ("sparsifiner", 0.5), ("evit", 0.01)])  # as the paper's Table 2
+    said: list[str] = []
+    kept = validate_plan(plan, get_profile("tiny"), skip_infeasible=True, log=said.append)
+    assert [(s.name, r) for s, r, _ in kept] == [("sparsifiner", 0.5)]
+    assert said == ["sparsifiner: keep rate 0.05 keeps 0.85 of the 17 tokens of profile 'tiny', fewer than one: left out",
+                    "evit: keep rate 0.01 keeps 0.17 of the 17 tokens of profile 'tiny', fewer than one: left out"]
+    with pytest.raises(UserError, match="smallest keep rate here is 1/17"):
+        validate_plan(plan, get_profile("tiny"))
+    assert len(validate_plan(plan, get_profile("deit_s"))) == 3  # 0.01 x 197 tokens: 1.97
+
+
 @pytest.mark.parametrize("text, needle", [
     ("methods: [full\nkeep_rates: 0.5\n", "Problems parsing config"),       # YAML syntax error
     ("methos: full\n", "does not accept option 'methos'"),                  # misspelt key
