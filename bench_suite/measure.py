@@ -211,30 +211,10 @@ def peak_memory_callable_mib(fn: Callable[[], Any], device: torch.device | str =
 
 def peak_memory_mib(model: nn.Module, images: torch.Tensor) -> float:
     """Peak tensor memory allocated during one eval forward of ``images`` (MiB), excluding the
-    weights and the input that exist before the call."""
+    weights and the input that exist before the call (see :func:`peak_memory_callable_mib`)."""
     was_training = model.training
     model.eval()
     try:
-        if images.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(images.device)
-            base = torch.cuda.memory_allocated(images.device)
-            with torch.inference_mode():
-                model(images)
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated(images.device) - base) / MIB
-        from torch.profiler import ProfilerActivity, profile
-
-        with _quiet_stderr(), torch.inference_mode(), \
-                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model(images)
-        # self_cpu_memory_usage: allocations of an op itself (not its children); frees are "[memory]" events
-        deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
-                        if e.self_cpu_memory_usage)
-        current = peak = 0
-        for _, delta in deltas:
-            current += delta
-            peak = max(peak, current)
-        return peak / MIB
+        return peak_memory_callable_mib(lambda: model(images), images.device)
     finally:
         model.train(was_training)
