@@ -58,6 +58,7 @@ __all__ = [
     "SPARSE_ATTENTION_IMPLS",
     "DEFAULT_IMPL",
     "register_sparse_attention_impl",
+    "DIFFERENTIABLE_IMPLS",
     "get_sparse_attention_impl",
     "attention_budget",
     "default_n_down",
@@ -193,8 +194,14 @@ DEFAULT_IMPL = "torch"
 """Implementation used when none is named (a module attribute other code may set)."""
 
 
-def register_sparse_attention_impl(name: str, fn: SparseAttentionFn) -> None:
-    """Add (or replace) a sparse attention implementation under ``name``.
+DIFFERENTIABLE_IMPLS: set[str] = {"torch"}
+"""Implementations that may run while autograd records (they give gradients of ``q``, ``k``, ``v``); for the
+others :func:`sparse_attention` takes the ``"torch"`` path whenever a gradient is needed."""
+
+
+def register_sparse_attention_impl(name: str, fn: SparseAttentionFn, differentiable: bool = False) -> None:
+    """Add (or replace) a sparse attention implementation under ``name``; ``differentiable=True`` if ``fn``
+    supports autograd (then training uses it too, see :data:`DIFFERENTIABLE_IMPLS`).
 
     Raises:
         ValueError: for an empty name or replacing ``"torch"``.
@@ -205,6 +212,10 @@ def register_sparse_attention_impl(name: str, fn: SparseAttentionFn) -> None:
     if not callable(fn):
         raise TypeError(f"sparse attention implementation {name!r} must be callable")
     SPARSE_ATTENTION_IMPLS[name] = fn
+    if differentiable:
+        DIFFERENTIABLE_IMPLS.add(name)
+    else:
+        DIFFERENTIABLE_IMPLS.discard(name)
 
 
 def get_sparse_attention_impl(name: str | None = None) -> SparseAttentionFn:
@@ -235,8 +246,8 @@ def _(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, impl: str) -> 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, impl: str | None = None) -> Tensor:
     """Sparse MHSA with the chosen implementation: ``[B,H,Nq,d]`` (see :data:`SPARSE_ATTENTION_IMPLS`).
 
-    When a gradient is needed (autograd enabled and an input requires grad) the differentiable
-    ``"torch"`` path runs whatever ``impl`` says. While ``torch.jit`` traces (FLOP counting) the call
+    When a gradient is needed (autograd enabled and an input requires grad) and ``impl`` is not in
+    :data:`DIFFERENTIABLE_IMPLS`, the differentiable ``"torch"`` path runs instead. While ``torch.jit`` traces (FLOP counting) the call
     is recorded as the single op ``sparsifiner::sparse_attention``, counted ``2 * Nq * Bk * d`` per
     ``[B, H]`` pair.
 
@@ -247,7 +258,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float,
     if torch.jit.is_tracing():
         _check_sparse_args(q, k, v, idx)
         return _sparse_attention_op(q, k, v, idx, float(scale), DEFAULT_IMPL if impl is None else impl)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    name = DEFAULT_IMPL if impl is None else impl
+    if name not in DIFFERENTIABLE_IMPLS and torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad):
         fn = sparse_attention_torch
     return fn(q, k, v, idx, float(scale))
 
@@ -578,7 +591,8 @@ class SparsifinerResult:
 def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: ConnectivityPredictor, keep_rate: float,
                           cls_full_row: bool = True, impl: str | None = None, dense: bool = False,
                           positions: Tensor | None = None, need_predictor: bool = True,
-                          need_cls_attn: bool = False, record: bool = False) -> SparsifinerResult:
+                          need_cls_attn: bool = False, record: bool = False,
+                          need_scores: bool = False) -> SparsifinerResult:
     """Sparsifiner MHSA core: predictor (eq. 1-3), top-B connectivity mask, sparse attention (eq. 4-6).
 
     The CLS query row: with ``cls_full_row`` (default, the official code) the CLS token attends to all
@@ -599,6 +613,8 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
         need_predictor: in dense mode, whether to run the predictor (for the distillation loss).
         need_cls_attn: return the CLS row's attention probabilities (EViT's token ranking).
         record: also return dense maps for visualisation.
+        need_scores: the caller needs the connectivity scores ``pred.scores`` (the attention distillation
+            loss): the dense scores are computed, not the fused top-B.
 
     Raises:
         ValueError: for a keep rate outside (0, 1] or shapes the predictor does not fit.
@@ -618,7 +634,8 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
             res.records = _records(res, q, k, scale, cls_full_row, n)
         return res
     fused = None
-    if not (record or torch.jit.is_tracing() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))):
+    if not (record or need_scores or torch.jit.is_tracing()
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))):
         fused = CONNECTIVITY_TOPK_IMPLS.get(DEFAULT_IMPL if impl is None else impl)
     pred = predictor(q_rows, k, positions, need_scores=fused is None)
     idx = topk_connectivity(pred.scores, budget) if fused is None else fused(pred.coef, pred.w_up, budget)

@@ -204,16 +204,80 @@ def test_shape_errors_raise_value_error(case: str) -> None:
         check_inputs(*args)
 
 
-def test_forward_only_refuses_grad_and_auto_falls_back() -> None:
+def dense_reference_grads(q, k, v, idx, g, scale=None):
+    """Gradients of ``(out * g).sum()`` w.r.t. ``q, k, v`` through :func:`dense_reference` (float64 autograd)."""
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    out = dense_reference(qd, kd, vd, idx, scale)
+    return torch.autograd.grad(out, (qd, kd, vd), g.double())
+
+
+GRAD_SHAPES = [  # (B, H, Nq, Nk, d, Bk)
+    (1, 1, 1, 1, 64, 1),        # one key: dq = dk = 0, dv = g
+    (2, 3, 17, 17, 64, 17),     # B = N (dense)
+    (2, 4, 49, 50, 32, 13),     # the mini profile: 49 predicted rows (CLS row full), keep 0.25
+    (1, 2, 37, 41, 24, 5),      # generic head dim, Nq != Nk
+]
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_matches_dense_masked_reference(shape: tuple[int, ...]) -> None:
+    b, h, nq, nk, d, bk = shape
+    q, k, v, idx = random_case(b, h, nq, nk, d, bk, seed=nq + bk)
+    g = torch.randn(b, h, nq, d, generator=torch.Generator().manual_seed(7))
+    qc, kc, vc = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = sparse_attention_cpp(qc, kc, vc, idx)
+    assert out.grad_fn is not None
+    grads = torch.autograd.grad(out, (qc, kc, vc), g)
+    for name, got, want in zip("qkv", grads, dense_reference_grads(q, k, v, idx, g)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_backward_gradcheck_float64_strided_views_int32() -> None:
+    g = torch.Generator().manual_seed(21)
+    b, h, n, d, bk = 2, 3, 9, 8, 4
+    qkv = torch.randn(b, n, 3, h, d, generator=g, dtype=torch.float64).permute(2, 0, 3, 1, 4)  # timm's layout
+    q, k, v = (t.detach().requires_grad_(True) for t in qkv.unbind(0))
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    idx = torch.rand(b, h, n, n, generator=g).argsort(-1)[..., :bk].to(torch.int32)
+    assert torch.autograd.gradcheck(lambda q_, k_, v_: sparse_attention_cpp(q_, k_, v_, idx, 0.7), (q, k, v))
+
+
+def test_backward_is_independent_of_the_thread_count() -> None:
+    q, k, v, idx = random_case(4, 3, 30, 30, 32, 8, seed=22)
+    g = torch.randn(4, 3, 30, 32, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            qc, kc, vc = (t.clone().requires_grad_(True) for t in (q, k, v))
+            results.append(torch.autograd.grad(sparse_attention_cpp(qc, kc, vc, idx), (qc, kc, vc), g))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)  # each (batch, head) slice is reduced by one thread in a fixed order
+
+
+def test_backward_kernel_checks_indices_and_shapes() -> None:
+    q, k, v, idx = random_case(1, 2, 6, 6, 32, 3, seed=23)
+    bad = idx.clone()
+    bad[0, 1, 2, 0] = 6
+    with pytest.raises(IndexError, match="outside"):
+        torch.ops.bench_suite_kernels.sparse_attention_backward(q, q, k, v, bad, 0.5)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        torch.ops.bench_suite_kernels.sparse_attention_backward(q[:, :, :5], q, k, v, idx, 0.5)
+
+
+def test_auto_trains_through_the_kernel_and_falls_back_for_other_dtypes() -> None:
     q, k, v, idx = random_case(1, 2, 12, 12, 64, 4, seed=12)
     q.requires_grad_(True)
-    with pytest.raises(RuntimeError, match="forward-only"):
-        sparse_attention_cpp(q, k, v, idx)
-    with torch.no_grad():
-        sparse_attention_cpp(q, k, v, idx)  # fine without autograd
-    out = sparse_attention(q, k, v, idx, impl="auto")  # the differentiable torch path
+    out = sparse_attention(q, k, v, idx, impl="auto")
+    assert type(out.grad_fn).__name__.startswith("_SparseAttentionCpp")
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+    qh = q.detach().bfloat16().requires_grad_(True)
+    out = sparse_attention(qh, k.bfloat16(), v.bfloat16(), idx, impl="auto")  # no kernel for bf16: torch
+    assert not type(out.grad_fn).__name__.startswith("_SparseAttentionCpp")
     with pytest.raises(ValueError, match="unknown sparse attention impl"):
         sparse_attention(q, k, v, idx, impl="cuda")
 
@@ -258,9 +322,12 @@ def test_registers_as_sparsifiner_cpp_impl() -> None:
         torch.testing.assert_close(out, sa.SPARSE_ATTENTION_IMPLS["torch"](q, k, v, idx, scale), rtol=1e-5,
                                    atol=1e-6)
         assert fn(q, k, v, idx, scale).transpose(1, 2).is_contiguous()  # the kernel ran
-    q.requires_grad_(True)  # with autograd the registered entry takes the differentiable path
-    fn(q, k, v, idx, scale).sum().backward()
+    q.requires_grad_(True)  # the registered entry trains through the kernel's backward
+    out = fn(q, k, v, idx, scale)
+    assert type(out.grad_fn).__name__.startswith("_SparseAttentionCpp")
+    out.sum().backward()
     assert q.grad is not None
+    assert "cpp" in sa.DIFFERENTIABLE_IMPLS and "auto" in sa.DIFFERENTIABLE_IMPLS
 
 
 def test_kernel_matches_torch_on_many_random_shapes() -> None:

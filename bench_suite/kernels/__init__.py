@@ -13,19 +13,23 @@ Shapes: ``q [B, H, Nq, d]``, ``k, v [B, H, Nk, d]`` (``Nq = Nk = N`` in self-att
 Implementations (``impl=``):
 
 - ``"cpp"``: :func:`sparse_attention_cpp`, the fused kernel (``csrc/sparse_attention.cpp``; OpenMP over
-  ``B * H * Nq`` query rows, float32 accumulation, no gathered copies, no dense ``N x N`` matrix). Forward
-  only: it refuses inputs that require gradients while autograd is recording.
-- ``"torch"``: :func:`sparse_attention_torch`, gather-based and differentiable (training uses this one).
-- ``"auto"``: ``"cpp"`` when the inputs are CPU float32/float64 tensors that need no gradient and the
-  kernel can be built, else ``"torch"``.
+  ``B * H * Nq`` query rows, float32 accumulation, no gathered copies, no dense ``N x N`` matrix), with a
+  fused backward (``sparse_attention_backward``: gradients of ``q``, ``k``, ``v`` from the recomputed row
+  probabilities, ``5 * Bk * d`` multiply-accumulates per query row, parallel over the ``B * H`` slices so
+  the scatter into ``dk``/``dv`` needs no atomics and is deterministic), so it trains too.
+- ``"torch"``: :func:`sparse_attention_torch`, gather-based and differentiable on any device and dtype
+  (the reference; it materialises ``[B, H, Nq, Bk, d]`` copies of the keys and values).
+- ``"auto"``: ``"cpp"`` when the inputs are CPU float32/float64 tensors and the kernel can be built, else
+  ``"torch"``.
 
 Sparsifiner's connectivity mask (eq. 3), ``idx = top-B(A~_down @ W_up)`` per query row, has a fused
 kernel too: :func:`connectivity_topk` (``impl="cpp"``) accumulates each row's scores over the nonzero
 coefficients only and selects the top ``B`` (threshold search with a radix-select fallback), never
 materialising the ``[B, H, Nq, Nk]`` score tensor; ``impl="torch"`` is ``torch.topk(coef @ w_up, B)``.
 
-Training keeps the PyTorch paths (the kernels have no backward); Sparsifiner's ``"cpp"`` entries
-(:func:`register`) switch to them by themselves whenever autograd needs a gradient.
+The connectivity top-B has no gradient (the mask is detached, as in the paper's official code); while
+autograd records, Sparsifiner computes the scores densely anyway, since the attention distillation loss
+needs them.
 
 The kernels are compiled just in time on first use and cached (see :mod:`bench_suite.kernels.loader`);
 ``python -m bench_suite speed --build`` compiles them ahead of time.
@@ -126,7 +130,8 @@ def sparse_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, id
 
 def sparse_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
                          scale: float | None = None) -> torch.Tensor:
-    """The fused C++ CPU kernel (forward only); builds it on first use.
+    """The fused C++ CPU kernel; differentiable in ``q``, ``k``, ``v`` through the fused backward kernel
+    (``once_differentiable``: no double backward). Builds it on first use.
 
     Inputs whose head dimension is unit-stride (contiguous tensors, or the permuted ``[B, H, N, d]`` views
     of a fused QKV projection) are read in place; others are copied once with ``.contiguous()``. The result
@@ -142,7 +147,6 @@ def sparse_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
         ValueError: shapes (see :func:`check_inputs`), a non-CPU tensor.
         TypeError: dtypes other than float32/float64 and int64/int32.
         IndexError: an index outside ``[0, Nk)`` (every index is checked inside the kernel).
-        RuntimeError: an input requires grad while autograd is recording (use ``impl="torch"`` to train).
         KernelBuildError: the kernel cannot be built here.
     """
     check_inputs(q, k, v, idx)
@@ -154,12 +158,31 @@ def sparse_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
                         f"convert the inputs or use impl='torch'")
     if idx.dtype not in _INDEX_DTYPES:
         raise TypeError(f"sparse attention: the C++ kernel takes int64 or int32 indices, got {idx.dtype}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise RuntimeError("sparse attention: the C++ kernel is forward-only and the inputs require grad; "
-                           "run under torch.no_grad()/torch.inference_mode() or use impl='torch' for training")
     load_kernel()
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _SparseAttentionCpp.apply(q, k, v, idx, _default_scale(q, scale))
     return torch.ops.bench_suite_kernels.sparse_attention(q, k, v, idx, _default_scale(q, scale))
+
+
+class _SparseAttentionCpp(torch.autograd.Function):
+    """The C++ forward and backward as one autograd node (inputs as :func:`sparse_attention_cpp`; ``idx``
+    and ``scale`` get no gradient). Saves ``q``, ``k``, ``v``, ``idx`` only: the backward recomputes each
+    row's ``Bk`` probabilities instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, scale):  # noqa: D102
+        ctx.save_for_backward(q, k, v, idx)
+        ctx.scale = scale
+        return torch.ops.bench_suite_kernels.sparse_attention(q, k, v, idx, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        q, k, v, idx = ctx.saved_tensors
+        g = grad_out if grad_out.shape[-1] <= 1 or grad_out.stride(-1) == 1 else grad_out.contiguous()
+        dq, dk, dv = torch.ops.bench_suite_kernels.sparse_attention_backward(g, q, k, v, idx, ctx.scale)
+        return dq, dk, dv, None, None
 
 
 _auto_warned = False
@@ -168,8 +191,6 @@ _auto_warned = False
 def _use_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     global _auto_warned
     if q.device.type != "cpu" or q.dtype not in _FLOAT_DTYPES:
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return False
     try:
         load_kernel()
@@ -203,14 +224,19 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
 
 
 def _cpp_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
-    """``SPARSE_ATTENTION_IMPLS["cpp"]``: the kernel for CPU float inputs that need no gradient (eval,
-    inference), else the differentiable PyTorch path, so that a model built with the kernel still trains
-    and runs on CUDA. Unlike ``"auto"`` it never hides a failed build: that raises
-    :class:`KernelBuildError`, so a benchmark cannot silently time the fallback."""
-    if q.device.type == "cpu" and q.dtype in _FLOAT_DTYPES and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    """``SPARSE_ATTENTION_IMPLS["cpp"]``: the kernel (forward and backward) for CPU float inputs, else the
+    PyTorch path, so that a model built with the kernel still runs on CUDA. Unlike ``"auto"`` it never hides
+    a failed build: that raises :class:`KernelBuildError`, so a benchmark cannot silently time the fallback."""
+    if q.device.type == "cpu" and q.dtype in _FLOAT_DTYPES:
         return sparse_attention_cpp(q, k, v, idx, scale)
     return sparse_attention_torch(q, k, v, idx, scale)
+
+
+def _auto_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
+    """``SPARSE_ATTENTION_IMPLS["auto"]``: the kernel where it applies and can be built, else the PyTorch
+    path (one warning if the build fails). Same results up to float rounding."""
+    fn = sparse_attention_cpp if _use_cpp(q, k, v) else sparse_attention_torch
+    return fn(q, k, v, idx, scale)
 
 
 # --------------------------------------------------------------------------- connectivity top-B (eq. 3)
@@ -290,14 +316,18 @@ def _cpp_topk_impl(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> torch
     return connectivity_topk_torch(coef, w_up, budget)
 
 
+def _auto_topk_impl(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> torch.Tensor:
+    """Sparsifiner's ``"auto"`` connectivity top-k: the kernel for CPU float32 when it can be built."""
+    return connectivity_topk(coef, w_up, budget, impl="auto")
+
+
 def register() -> None:
-    """Register the kernels as Sparsifiner's ``"cpp"`` implementations: the sparse attention
-    (``methods.sparse_attention.register_sparse_attention_impl("cpp", ...)``) and, where that module offers
-    the hook ``register_connectivity_topk_impl``, the fused connectivity top-k. Cheap: the kernels are built
-    on the first call that needs them, not here. Idempotent."""
+    """Register the kernels as Sparsifiner's ``"cpp"`` and ``"auto"`` implementations: the sparse attention
+    (differentiable) and the fused connectivity top-k (``methods.sparse_attention.register_*_impl``). Cheap:
+    the kernels are built on the first call that needs them, not here. Idempotent."""
     import methods.sparse_attention as sa
 
-    sa.register_sparse_attention_impl("cpp", _cpp_impl)
-    hook = getattr(sa, "register_connectivity_topk_impl", None)
-    if hook is not None:
-        hook("cpp", _cpp_topk_impl)
+    sa.register_sparse_attention_impl("cpp", _cpp_impl, differentiable=True)
+    sa.register_sparse_attention_impl("auto", _auto_impl, differentiable=True)
+    sa.register_connectivity_topk_impl("cpp", _cpp_topk_impl)
+    sa.register_connectivity_topk_impl("auto", _auto_topk_impl)

@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -36,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -338,12 +340,169 @@ at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   return out;
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// Backward (training): gradients of out = softmax_j(scale q . k_{idx_j}) v_{idx_j} w.r.t. q, k, v, given
+// g = dL/dout. Per query row, with p the row's probabilities (recomputed, as FlashAttention does, instead
+// of stored) and dp_j = g . v_{idx_j}:
+//   D     = sum_j p_j dp_j            (= g . out)
+//   ds_j  = p_j (dp_j - D)            (softmax backward)
+//   dq   += scale ds_j k_{idx_j},  dk_{idx_j} += scale ds_j q,  dv_{idx_j} += p_j g
+// Work: 5 * Bk * d multiply-accumulates per query row (scores, dp, dq, dk, dv), no N x N matrix and no
+// gathered copies. The parallel loop runs over the B * H (batch, head) slices: a slice's dk/dv rows are
+// written by one thread only, so the scatter-adds need no atomics and the result does not depend on the
+// number of threads. dq is [B, H, Nq, d], dk and dv [B, H, Nk, d], all contiguous.
+template <typename scalar_t>
+struct BackwardProblem {
+  Problem<scalar_t> f;  // q, k, v, idx and their strides (f.out unused)
+  const scalar_t* g;
+  int64_t gs_b, gs_h, gs_n;
+  scalar_t* dq;
+  scalar_t* dk;
+  scalar_t* dv;
+};
+
+template <typename scalar_t, typename index_t, int DC>
+void backward_slices(const BackwardProblem<scalar_t>& BP, int64_t begin, int64_t end, std::atomic<int64_t>& bad) {
+  const Problem<scalar_t>& P = BP.f;
+  const int64_t d = DC > 0 ? DC : P.d;
+  const int64_t Bk = P.Bk, Nq = P.Nq, Nk = P.Nk;
+  Scratch<scalar_t>& S = scratch<scalar_t>();
+  S.fit(2 * Bk, d);
+  scalar_t* p = S.scores.data();  // [0, Bk): probabilities; [Bk, 2 Bk): dp
+  scalar_t* dp = p + Bk;
+  int64_t* keys = S.keys.data();
+  scalar_t* dqr = S.abuf.data();
+  const index_t* idx = static_cast<const index_t*>(P.idx);
+  const uint64_t nk = static_cast<uint64_t>(Nk);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t b = t / P.H, h = t % P.H;
+    const scalar_t* kb = P.k + b * P.ks_b + h * P.ks_h;
+    const scalar_t* vb = P.v + b * P.vs_b + h * P.vs_h;
+    scalar_t* dkb = BP.dk + t * Nk * d;
+    scalar_t* dvb = BP.dv + t * Nk * d;
+    for (int64_t i = 0; i < Nq; ++i) {
+      const scalar_t* qr = P.q + b * P.qs_b + h * P.qs_h + i * P.qs_n;
+      const scalar_t* gr = BP.g + b * BP.gs_b + h * BP.gs_h + i * BP.gs_n;
+      const index_t* ir = idx + b * P.is_b + h * P.is_h + i * P.is_n;
+      // probabilities of the row (as the forward) and dp_j = g . v_j
+      scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+      for (int64_t j = 0; j < Bk; ++j) {
+        const int64_t kj = checked_key(ir, j, P.is_j, nk, bad);
+        keys[j] = kj;
+        const scalar_t* kr = kb + kj * P.ks_n;
+        const scalar_t* vr = vb + kj * P.vs_n;
+        scalar_t a = 0, e = 0;
+        for (int64_t c = 0; c < d; ++c) {
+          a += qr[c] * kr[c];
+          e += gr[c] * vr[c];
+        }
+        p[j] = a * P.scale;
+        dp[j] = e;
+        m = std::max(m, p[j]);
+      }
+      scalar_t l = 0;
+      for (int64_t j = 0; j < Bk; ++j) {
+        p[j] = std::exp(p[j] - m);
+        l += p[j];
+      }
+      const scalar_t inv = scalar_t(1) / l;
+      scalar_t D = 0;
+      for (int64_t j = 0; j < Bk; ++j) {
+        p[j] *= inv;
+        D += p[j] * dp[j];
+      }
+      for (int64_t c = 0; c < d; ++c) dqr[c] = 0;
+      for (int64_t j = 0; j < Bk; ++j) {
+        const scalar_t ds = p[j] * (dp[j] - D) * P.scale;
+        const scalar_t pj = p[j];
+        const scalar_t* kr = kb + keys[j] * P.ks_n;
+        scalar_t* dkr = dkb + keys[j] * d;
+        scalar_t* dvr = dvb + keys[j] * d;
+        for (int64_t c = 0; c < d; ++c) {
+          dqr[c] += ds * kr[c];
+          dkr[c] += ds * qr[c];
+          dvr[c] += pj * gr[c];
+        }
+      }
+      scalar_t* dq_row = BP.dq + (t * Nq + i) * d;
+      for (int64_t c = 0; c < d; ++c) dq_row[c] = dqr[c];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& idx, double scale) {
+  TORCH_CHECK_VALUE(grad_out.device().is_cpu() && q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
+                        idx.device().is_cpu(),
+                    "sparse_attention_backward: the C++ kernel runs on the CPU only");
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && idx.dim() == 4,
+                    "sparse_attention_backward: grad_out, q, k, v, idx must be 4-D");
+  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                       q.scalar_type() == grad_out.scalar_type(),
+                   "sparse_attention_backward: grad_out, q, k, v must share one dtype");
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+                   "sparse_attention_backward: float32 or float64 only, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
+                   "sparse_attention_backward: idx must be int64 or int32, got ", idx.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3);
+  const int64_t Nk = k.size(2), Bk = idx.size(3);
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(1) == H && k.size(3) == d && v.sizes() == k.sizes() &&
+                        grad_out.sizes() == q.sizes() && idx.size(0) == B && idx.size(1) == H && idx.size(2) == Nq,
+                    "sparse_attention_backward: shapes disagree: grad_out ", grad_out.sizes(), ", q ", q.sizes(),
+                    ", k ", k.sizes(), ", v ", v.sizes(), ", idx ", idx.sizes());
+  TORCH_CHECK_VALUE(d == 0 || B * H * Nq == 0 ||
+                        (q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && grad_out.stride(3) == 1),
+                    "sparse_attention_backward: the head dimension must be unit-stride (call .contiguous())");
+  at::Tensor dq = at::zeros({B, H, Nq, d}, q.options());
+  at::Tensor dk = at::zeros({B, H, Nk, d}, q.options());
+  at::Tensor dv = at::zeros({B, H, Nk, d}, q.options());
+  if (B * H * Nq == 0 || d == 0) return {dq, dk, dv};
+  TORCH_CHECK_VALUE(Bk >= 1 && Nk >= 1, "sparse_attention_backward: the budget and Nk must be >= 1");
+
+  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::min()};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_attention_backward_cpu", [&] {
+    BackwardProblem<scalar_t> BP{
+        Problem<scalar_t>{q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                          idx.const_data_ptr(), nullptr, H, Nq, Nk, Bk, d,
+                          q.stride(0), q.stride(1), q.stride(2),
+                          k.stride(0), k.stride(1), k.stride(2),
+                          v.stride(0), v.stride(1), v.stride(2),
+                          idx.stride(0), idx.stride(1), idx.stride(2), idx.stride(3),
+                          0, 0, 0, static_cast<scalar_t>(scale)},
+        grad_out.const_data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>()};
+    const bool i64 = idx.scalar_type() == at::kLong;
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      switch (i64 ? d : -d) {  // compile-time head dims for the common sizes (the compiler unrolls/vectorises)
+        case 32: return backward_slices<scalar_t, int64_t, 32>(BP, begin, end, bad);
+        case 64: return backward_slices<scalar_t, int64_t, 64>(BP, begin, end, bad);
+        case -32: return backward_slices<scalar_t, int32_t, 32>(BP, begin, end, bad);
+        case -64: return backward_slices<scalar_t, int32_t, 64>(BP, begin, end, bad);
+        default: break;
+      }
+      if (i64) return backward_slices<scalar_t, int64_t, 0>(BP, begin, end, bad);
+      return backward_slices<scalar_t, int32_t, 0>(BP, begin, end, bad);
+    });
+  });
+  const int64_t bad_value = bad.load();
+  TORCH_CHECK_INDEX(bad_value == std::numeric_limits<int64_t>::min(), "sparse_attention_backward: idx holds key index ",
+                    bad_value, " outside [0, ", Nk, ")");
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 // The library's operators are declared here; connectivity_topk.cpp adds its own with a fragment.
 TORCH_LIBRARY(bench_suite_kernels, m) {
   m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor idx, float scale) -> Tensor");
   m.def("connectivity_topk(Tensor coef, Tensor w_up, int budget) -> Tensor");
+  m.def("sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor idx, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(bench_suite_kernels, CPU, m) { m.impl("sparse_attention", &sparse_attention_cpu); }
+TORCH_LIBRARY_IMPL(bench_suite_kernels, CPU, m) {
+  m.impl("sparse_attention", &sparse_attention_cpu);
+  m.impl("sparse_attention_backward", &sparse_attention_backward_cpu);
+}
