@@ -109,6 +109,48 @@ def test_sparse_path_matches_dense_masked_reference_in_the_model():
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
 
 
+def _graph_has(t: torch.Tensor, name: str) -> bool:
+    """Whether the autograd graph of ``t`` holds a node whose type name starts with ``name``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__.startswith(name):
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
+
+
+@pytest.mark.parametrize("method", [Sparsifiner, SparsifEViT])
+def test_kernel_and_torch_impls_agree_in_a_training_step(method):
+    """The default "auto" implementation (the C++ forward and backward kernels on the CPU) and the PyTorch
+    gather reference give the same phase-2 loss and the same parameter gradients."""
+    from bench_suite.kernels import kernel_available
+
+    if not kernel_available():  # pragma: no cover - a machine without a compiler
+        pytest.skip("the C++ kernel cannot be built here")
+    teacher = _backbone(seed=1).eval()
+    mods = {impl: method(_backbone(), keep_rate=0.25, teacher=copy.deepcopy(teacher), attention_impl=impl)
+            for impl in ("auto", "torch")}
+    x, y = _images(4), torch.arange(4)
+    losses, grads = {}, {}
+    for impl, m in mods.items():
+        m.set_phase(2)
+        m.train()
+        out, t_out = m.forward_train(x), m.forward_teacher(x)
+        loss = sum(m.losses(out, t_out, (x, y)).values())
+        assert _graph_has(loss, "_SparseAttentionCpp") == (impl == "auto")
+        loss.backward()
+        losses[impl] = loss.detach()
+        grads[impl] = {n: p.grad for n, p in m.model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(losses["auto"], losses["torch"], rtol=1e-5, atol=1e-6)
+    assert grads["auto"].keys() == grads["torch"].keys() and "blocks.0.attn.qkv.weight" in grads["auto"]
+    for n, g in grads["auto"].items():
+        torch.testing.assert_close(g, grads["torch"][n], rtol=1e-4, atol=1e-6, msg=lambda msg: f"{n}: {msg}")
+
+
 def _hand_made(m: Sparsifiner):
     """W_down = 0 makes every A_down row uniform (1 / n_down); W_up row r gets r + 1 entries above 1e-2."""
     nnz = []
