@@ -70,6 +70,9 @@ def build_parser() -> ArgumentParser:
                        help="save the resumable checkpoint every N optimiser steps (default 50; 0: epoch ends only)")
     p_run.add_argument("--no-augment", action="store_true",
                        help="fine-tune without random crop/flip (the teacher keeps its recipe's augmentation)")
+    p_run.add_argument("--hparams", type=str | None, default=None,
+                       help='JSON object of method settings, e.g. \'{"sparsifiner": {"tau": 0.2}}\' (see list); '
+                            'a changed setting is a new configuration')
     p_run.add_argument("--x", type=str, default="mhsa_mflops", help="x axis of the Pareto plot")
     p_run.add_argument("--table", type=int | None, default=None,
                        help="run exactly the configurations of the Sparsifiner paper's table N (1-4) on --profile "

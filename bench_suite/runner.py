@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import json
 import math
 import os
 import socket
@@ -110,6 +111,38 @@ def parse_keep_rates(text: str | None) -> list[float] | None:
             raise _user_error(f"keep rate {r:g} is outside (0, 1]")
         rates.append(r)
     return rates
+
+
+def parse_hparams(text: str | None, methods: Any) -> dict[str, dict[str, Any]]:
+    """Parse ``--hparams '{"sparsifiner": {"tau": 0.2}, "linformer": {"proj_init": "pool"}}'``: a JSON object
+    from method name to that method's settings (see ``list``). The settings go to the method's factory and
+    into the configuration key, so a changed setting is a new configuration (a new row).
+
+    Args:
+        text: the JSON text (None or empty: no settings).
+        methods: the names of the methods of this run.
+
+    Raises:
+        UserError: for invalid JSON, a method that is not in this run, or settings that are not an object.
+            (A setting the method does not take is refused by :func:`resolve_plan`.)
+    """
+    if text is None or str(text).strip() == "":
+        return {}
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _user_error(f"--hparams is not valid JSON ({e.msg} at character {e.pos}): {text!r}") from None
+    if not isinstance(obj, dict):
+        raise _user_error('--hparams must be a JSON object {"<method>": {"<setting>": value}}')
+    names = sorted(set(methods))
+    out: dict[str, dict[str, Any]] = {}
+    for name, settings in obj.items():
+        if name not in names:
+            raise _user_error(f"--hparams names method {name!r}, which is not in this run ({', '.join(names)})")
+        if not isinstance(settings, dict):
+            raise _user_error(f'--hparams["{name}"] must be an object of settings, got {settings!r}')
+        out[name] = dict(settings)
+    return out
 
 
 def _check_output(output: Path) -> None:
@@ -248,6 +281,9 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
         plan = [(spec, r) for spec in specs
                 for r in (spec.keep_rates if spec.keep_rates == (1.0,) else (rates_override or spec.keep_rates))]
     plan = resolve_plan(plan)
+    extra = parse_hparams(getattr(cfg, "hparams", None), [spec.name for spec, _, _ in plan])
+    if extra:  # the user's settings win over a plan's (e.g. --table N with --hparams)
+        plan = resolve_plan([(spec, r, ov | extra.get(spec.name, {})) for spec, r, ov in plan])
 
     # ---------------------------------------------------------------- 1. validate (nothing trained or written)
     opts = RunOptions(cfg)

@@ -51,6 +51,10 @@ def _one_line_error(code: int, err: str, *needles: str) -> None:
      ["--batch-size 33 is not divisible by the 2 processes"]),
     (["--methods", "evit", "--epochs", "-1"], ["--epochs must be >= 0"]),
     (["--methods", "evit", "--bogus-option", "1"], ["unrecognized arguments: --bogus-option"]),
+    (["--methods", "evit", "--hparams", "{evit: 1"], ["--hparams is not valid JSON"]),
+    (["--methods", "evit", "--hparams", '{"linformer": {"k": 4}}'], ["names method 'linformer'", "not in this run"]),
+    (["--methods", "evit", "--hparams", '{"evit": 3}'], ['--hparams["evit"] must be an object']),
+    (["--methods", "evit", "--hparams", '{"evit": {"tau": 0.2}}'], ["tau is not a setting of the method"]),
 ])
 def test_bad_arguments_one_line_exit_2_nothing_written(tmp_path, capsys, args, needles):
     out = tmp_path / "results"
@@ -121,6 +125,23 @@ def test_bad_data_folders(tmp_path, capsys):
     code, err = _run([*base, "--data-dir", str(corrupt)], out, capsys)
     _one_line_error(code, err, "train-images-idx3-ubyte.gz")
     assert not out.exists()
+
+
+@needs_data
+def test_hparams_reach_the_method_and_make_a_new_configuration(tmp_path, capsys, tiny_teacher, one_thread):
+    out = tmp_path / "results"
+    base = ["--methods", "linformer,full", "--keep-rates", "0.5", "--epochs", "0", "--teacher", str(tiny_teacher)]
+    code, _ = _run(base, out, capsys)
+    assert code == 0
+    code, _ = _run([*base, "--hparams", '{"linformer": {"k": 3, "share_kv": true}}'], out, capsys)
+    assert code == 0
+    rows = ResultsStore(out / "results.sqlite").rows()
+    lin = rows[rows.method == "linformer"]
+    assert len(lin) == 2 and len(rows[rows.method == "full"]) == 1  # full's configuration is unchanged: kept
+    hps = {(r["config"]["hparams"]["k"], r["config"]["hparams"]["share_kv"]) for _, r in lin.iterrows()}
+    assert hps == {(None, False), (3, True)}
+    k_measured = sorted(lin["k"].tolist())
+    assert k_measured == [3.0, 9.0]  # k = 3 as asked; default ceil(0.5 * 17) = 9
 
 
 @needs_data
