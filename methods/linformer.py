@@ -11,10 +11,14 @@ Decisions (documented, switchable where useful):
 * Sharing: one ``E`` and one ``F`` per layer, shared across the heads (Linformer's "headwise sharing";
   the Sparsifiner repository's ``src/models/linformer.py`` baseline, ``share_kv_proj=False``).
   ``share_kv=True`` ties ``F = E`` (Linformer's key-value sharing).
-* Initialisation: for ``k < N`` each entry ~ ``U(-1/sqrt(k), 1/sqrt(k))`` (the Sparsifiner and
-  lucidrains/linformer initialisation); for ``k = N``, ``E = F = I`` so that keep rate 1.0 reproduces
-  full attention exactly. Everything else (QKV, projections, MLPs, head) comes from the backbone the
-  runner passes in (initialised from the teacher).
+* Initialisation (``proj_init``): ``"uniform"`` (default, the paper's baseline): for ``k < N`` each
+  entry ~ ``U(-1/sqrt(k), 1/sqrt(k))`` (the Sparsifiner repository's and lucidrains/linformer's
+  initialisation); ``"pool"``: average pooling of the tokens, in their order (CLS, then the patches
+  row by row), into ``k`` contiguous groups (``adaptive_avg_pool1d``; a documented alternative, not in
+  the papers), so that a short fine-tune starts from an approximation of the teacher's attention
+  instead of random landmarks. Both give ``E = F = I`` for ``k = N``, so that keep rate 1.0
+  reproduces full attention exactly. Everything else (QKV, projections, MLPs, head) comes from the
+  backbone the runner passes in (initialised from the teacher).
 * Budget: ``k`` directly, or ``k = ceil(keep_rate * N)`` (:func:`bench_suite.backbones.keep_count`),
   the same rule as Sparsifiner's attention budget ``B``, so Table 4's "same budget" comparison is one
   flag (the paper sets Linformer's ``k`` to Sparsifiner-S's budget).
@@ -30,6 +34,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
 
@@ -41,17 +46,26 @@ from methods.base import BenchModule
 __all__ = ["Linformer", "LinformerAttention", "apply_linformer", "init_projection"]
 
 
-def init_projection(k: int, n: int) -> torch.Tensor:
-    """A fresh ``[k, n]`` token projection: the identity when ``k == n``, otherwise
-    ``U(-1/sqrt(k), 1/sqrt(k))`` (Sparsifiner / lucidrains Linformer init).
+PROJ_INITS = ("uniform", "pool")
+
+
+def init_projection(k: int, n: int, init: str = "uniform") -> torch.Tensor:
+    """A fresh ``[k, n]`` token projection: the identity when ``k == n``; otherwise, for ``init="uniform"``,
+    entries ``U(-1/sqrt(k), 1/sqrt(k))`` (Sparsifiner / lucidrains Linformer init), for ``init="pool"``
+    the average pooling of ``n`` tokens into ``k`` contiguous groups (row ``r`` is ``1 / |G_r|`` on its
+    group ``G_r = [floor(r n / k), ceil((r + 1) n / k))``, the groups of ``adaptive_avg_pool1d``).
 
     Raises:
-        ValueError: unless ``1 <= k <= n``.
+        ValueError: unless ``1 <= k <= n``, or for an unknown ``init``.
     """
+    if init not in PROJ_INITS:
+        raise ValueError(f"unknown Linformer projection init {init!r}; choose one of {', '.join(PROJ_INITS)}")
     if not 1 <= k <= n:
         raise ValueError(f"Linformer needs 1 <= k <= N, got k={k}, N={n}")
     if k == n:
         return torch.eye(n)
+    if init == "pool":
+        return F.adaptive_avg_pool1d(torch.eye(n).unsqueeze(0), k)[0].t().contiguous()  # [k, n]
     bound = 1.0 / math.sqrt(k)
     return torch.empty(k, n).uniform_(-bound, bound)
 
@@ -88,7 +102,7 @@ class LinformerAttention(Attention):
         return merge_heads(self, self.attn_drop(probs) @ v_low)          # [B, N, C]
 
 
-def apply_linformer(model: nn.Module, k: int, share_kv: bool = False) -> nn.Module:
+def apply_linformer(model: nn.Module, k: int, share_kv: bool = False, proj_init: str = "uniform") -> nn.Module:
     """Patch every attention of a timm ``VisionTransformer`` in place into :class:`LinformerAttention`
     with fresh per-layer projections ``E``, ``F`` ``[k, N]`` (:func:`init_projection`), shared across
     heads. Records ``model.linformer_k``. Calling it again re-patches with fresh projections.
@@ -97,23 +111,24 @@ def apply_linformer(model: nn.Module, k: int, share_kv: bool = False) -> nn.Modu
         model: timm ``VisionTransformer`` (its ``N`` = patches + prefix tokens is fixed by ``E``/``F``).
         k: low-rank dimension, ``1 <= k <= N``; ``k = N`` gives identity projections (full attention).
         share_kv: tie ``F = E`` (Linformer key-value sharing).
+        proj_init: ``"uniform"`` or ``"pool"`` (:func:`init_projection`).
 
     Returns:
         ``model`` (the same object).
 
     Raises:
-        ValueError: unless ``1 <= k <= N``.
+        ValueError: unless ``1 <= k <= N``, or for an unknown ``proj_init``.
         TypeError: if a block's attention is not a timm ``Attention``.
     """
     n = num_tokens(model)
-    init_projection(k, n)  # validates k before anything is patched
+    init_projection(k, n, proj_init)  # validates k and the init before anything is patched
     for i, blk in enumerate(model.blocks):
         attn = blk.attn
         if not isinstance(attn, Attention):
             raise TypeError(f"block {i}: {type(attn).__name__} is not a timm Attention")
         like = attn.qkv.weight
-        e = nn.Parameter(init_projection(k, n).to(like))
-        f = e if share_kv else nn.Parameter(init_projection(k, n).to(like))
+        e = nn.Parameter(init_projection(k, n, proj_init).to(like))
+        f = e if share_kv else nn.Parameter(init_projection(k, n, proj_init).to(like))
         swap_class(attn, LinformerAttention, E=e, F=f)
     model.linformer_k = int(k)
     return model
@@ -131,12 +146,14 @@ class Linformer(BenchModule):
         teacher: frozen full-attention model for distillation.
         k: the low-rank dimension directly (overrides ``keep_rate`` for the projections).
         share_kv: tie ``F = E`` (Linformer key-value sharing); default separate ``E``, ``F``.
+        proj_init: initialisation of ``E``, ``F`` for ``k < N``: ``"uniform"`` (the paper's baseline) or
+            ``"pool"`` (token average pooling; see the module docstring).
         distill_tokens: final-token MSE weight; 0.5 as Sparsifiner's phase 2, since Table 4 trains
             both models under identical settings.
         **kwargs: further :class:`methods.base.BenchModule` settings.
 
     Raises:
-        ValueError: for a keep rate outside (0, 1] or ``k`` outside ``[1, N]``.
+        ValueError: for a keep rate outside (0, 1], ``k`` outside ``[1, N]`` or an unknown ``proj_init``.
     """
 
     def __init__(
@@ -146,18 +163,21 @@ class Linformer(BenchModule):
         teacher: nn.Module | None = None,
         k: int | None = None,
         share_kv: bool = False,
+        proj_init: str = "uniform",
         distill_tokens: float = 0.5,
         **kwargs: Any,
     ) -> None:
         if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
             raise ValueError(f"k must be an int or None, got {k!r}")
-        self._k_arg, self._share_kv = k, bool(share_kv)
+        if proj_init not in PROJ_INITS:
+            raise ValueError(f"unknown Linformer projection init {proj_init!r}; choose one of {', '.join(PROJ_INITS)}")
+        self._k_arg, self._share_kv, self._proj_init = k, bool(share_kv), proj_init
         super().__init__(backbone, keep_rate=keep_rate, teacher=teacher, distill_tokens=distill_tokens, **kwargs)
 
     def adapt(self, model: nn.Module) -> None:
         n = num_tokens(model)
         k = int(self._k_arg) if self._k_arg is not None else keep_count(self.keep_rate, n)
-        apply_linformer(model, k, share_kv=self._share_kv)
+        apply_linformer(model, k, share_kv=self._share_kv, proj_init=self._proj_init)
         self.n_tokens, self.k = n, k
 
     def sparsity_report(self) -> dict[str, float]:

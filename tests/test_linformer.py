@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bench_suite.backbones import create_backbone
 from bench_suite.registry import get_method
-from methods.adapter import split_heads
+from methods.adapter import merge_heads, split_heads
 from methods.linformer import Linformer, LinformerAttention, apply_linformer, init_projection
 
 
@@ -71,9 +71,28 @@ def test_low_rank_attention_matches_equation_7() -> None:
 
 def test_projection_init() -> None:
     torch.testing.assert_close(init_projection(5, 5), torch.eye(5))
+    torch.testing.assert_close(init_projection(5, 5, "pool"), torch.eye(5))
     torch.manual_seed(0)
     e = init_projection(9, 17)
     assert e.shape == (9, 17) and e.abs().max() <= 1 / math.sqrt(9) and e.std() > 0.1
+    with pytest.raises(ValueError, match="unknown Linformer projection init"):
+        init_projection(9, 17, "xavier")
+
+
+def test_pool_init_averages_contiguous_groups() -> None:
+    e = init_projection(2, 5, "pool")  # groups [0, 3) and [2, 5) (adaptive pooling overlaps at 2)
+    torch.testing.assert_close(e, torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0, 0], [0, 0, 1 / 3, 1 / 3, 1 / 3]]))
+    e = init_projection(13, 50, "pool")
+    torch.testing.assert_close(e.sum(1), torch.ones(13))  # each row is an average
+    assert (e > 0).sum(0).min() >= 1  # every token is in some group
+    # pooling identical keys gives the same key: with constant tokens the output equals full attention's
+    model = apply_linformer(_backbone(), k=4, proj_init="pool")
+    x = torch.randn(1, 1, 32).expand(2, 17, 32)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        q, k, v = split_heads(attn, x)
+        ref = merge_heads(attn, torch.softmax(q @ k.transpose(-2, -1) * attn.scale, -1) @ v)
+        torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_keep_one_is_full_attention() -> None:
