@@ -154,11 +154,21 @@ def _check_units(df: pd.DataFrame) -> None:
                                  f"{expected!r}")
 
 
+def method_label(method: str, config: Any) -> str:
+    """The method's name as tables and plots show it: ``method`` plus the settings it was run with that
+    differ from the method's defaults (``config["overrides"]``, from ``run --hparams`` or a table plan),
+    e.g. ``linformer (proj_init=pool)``."""
+    overrides = config.get("overrides") if isinstance(config, dict) else None
+    if not overrides:
+        return str(method)
+    return f"{method} (" + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
+
+
 def pareto_table(df: pd.DataFrame, x: str = "mhsa_mflops") -> pd.DataFrame:
     """The Pareto table of one (profile, dataset) group.
 
     Keeps rows with status ``ok`` only and, per configuration key, the latest row (by ``created``).
-    Columns: ``method, keep_rate, [seed], mhsa_mflops, mhsa_mflops_paper, total_gflops, top1, img_per_s,
+    Rows run with non-default settings are labelled by :func:`method_label`. Columns: ``method, keep_rate, [seed], mhsa_mflops, mhsa_mflops_paper, total_gflops, top1, img_per_s,
     latency_ms, peak_mib, pareto`` (``latency_ms`` is the stored ``latency_ms_median``; ``seed`` only
     when several seeds are present; a metric absent from the rows is NaN; ``pareto`` is "yes"/"no" on
     the frontier of ``x`` against top-1), sorted by ``x`` (NaN last), then method and keep rate.
@@ -202,6 +212,8 @@ def pareto_table(df: pd.DataFrame, x: str = "mhsa_mflops") -> pd.DataFrame:
     _check_units(rows)
     if "method" not in rows.columns or Y_COLUMN not in rows.columns:
         raise ReportError("the rows need 'method' and 'top1' columns")
+    if "config" in rows.columns:  # rows run with non-default settings (--hparams, table plans) say so
+        rows = rows.assign(method=[method_label(m, c) for m, c in zip(rows["method"], rows["config"])])
     columns = [c for c in TABLE_COLUMNS if c != "pareto"]
     if "seed" not in rows.columns or rows["seed"].nunique() <= 1:
         columns.remove("seed")
@@ -476,7 +488,7 @@ def write_report(output: str | Path, x: str = "mhsa_mflops", profile: str | None
     if ok.empty:
         which = ", ".join(f"{k}={v}" for k, v in (("profile", profile), ("dataset", dataset)) if v) or "any"
         raise ReportError(f"no finished results in {db} ({which}): {len(rows)} row(s), none with status 'ok'")
-    palette = method_palette(sorted(ok["method"].astype(str).unique()))
+    palette = method_palette(sorted({method_label(m, c) for m, c in zip(ok["method"], ok["config"])}))
     paths: list[Path] = []
     for (prof, data), group in rows.groupby(["profile", "dataset"], sort=True):
         if not (group["status"] == "ok").any():

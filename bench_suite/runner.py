@@ -334,6 +334,8 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
             "seed": opts.seed, "epochs": opts.epochs, "hparams": spec.defaults() | overrides | {"keep_rate": rate},
             "teacher": tinfo["sha256"],
         }
+        if overrides:  # the settings that differ from the method's defaults label the row in tables and plots
+            config["overrides"] = dict(overrides)
         tag = f"[{i}/{len(plan)}] {spec.name} keep {rate:g}" + "".join(f", {k}={v!r}" for k, v in overrides.items())
         jobs.append(_Job(tag, spec, rate, overrides, config, config_key(config)))
 

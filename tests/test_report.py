@@ -280,3 +280,19 @@ def test_summary_text(store_dir):
     for m, k, top1, p, line in zip(table["method"], table["keep_rate"], table["top1"], table["pareto"], lines[3:]):
         assert line.startswith(m) and f"{k:g}" in line and line.rstrip().endswith(p)
         assert line[span].strip() == f"{top1:.2f}"  # fixed-width: values sit under their header
+
+
+def test_rows_with_non_default_settings_are_labelled_apart(tmp_path):
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        for p in POINTS:
+            store.put(make_row(*p))
+        variant = make_row("linformer", 0.25, 0.03, 71.0)
+        variant["config"] = {**variant["config"], "overrides": {"proj_init": "pool", "share_kv": True}}
+        variant["key"] = config_key(variant["config"])
+        store.put(variant)
+        store.put(make_row("linformer", 0.25, 0.03, 60.0))
+        table = pareto_table(store.rows(profile="tiny"))
+    labels = set(table["method"])
+    assert {"linformer", "linformer (proj_init=pool, share_kv=True)"} <= labels
+    assert table.loc[table["method"] == "linformer (proj_init=pool, share_kv=True)", "top1"].tolist() == [71.0]
+    assert table.loc[table["method"] == "linformer", "top1"].tolist() == [60.0]

@@ -140,6 +140,9 @@ def test_hparams_reach_the_method_and_make_a_new_configuration(tmp_path, capsys,
     assert len(lin) == 2 and len(rows[rows.method == "full"]) == 1  # full's configuration is unchanged: kept
     hps = {(r["config"]["hparams"]["k"], r["config"]["hparams"]["share_kv"]) for _, r in lin.iterrows()}
     assert hps == {(None, False), (3, True)}
+    assert sorted(str(c.get("overrides")) for c in lin["config"]) == ["None", "{'k': 3, 'share_kv': True}"]
+    table = (out / "pareto_tiny_fashion_mnist.md").read_text()
+    assert "linformer (k=3, share_kv=True)" in table
     k_measured = sorted(lin["k"].tolist())
     assert k_measured == [3.0, 9.0]  # k = 3 as asked; default ceil(0.5 * 17) = 9
 
