@@ -79,8 +79,12 @@ TABLE_COLUMNS: dict[str, str] = {
     "img_per_s": "Throughput (img/s)",
     "latency_ms": "Latency (ms/batch)",
     "peak_mib": "Peak mem. (MiB)",
+    "coef_sparsity_pct": "Coef. sparsity (%)",  # Sparsifiner: basis coefficients A_down set to 0 (paper ~87%)
+    "w_up_sparsity_pct": "W_up sparsity (%)",  # Sparsifiner: sparse basis W_up entries that are 0 (paper ~90%)
     "pareto": "Pareto",
 }
+# Table column -> (store metric, factor): fractions stored in [0, 1] shown as percentages.
+PERCENT_COLUMNS = {"coef_sparsity_pct": ("coef_sparsity", 100.0), "w_up_sparsity_pct": ("w_up_sparsity", 100.0)}
 # Store metric -> unit the report expects (checked against the units recorded with each row).
 EXPECTED_UNITS = {"top1": "%", "mhsa_mflops": "MFLOPs", "mhsa_mflops_paper": "MFLOPs", "total_gflops": "GFLOPs",
                   "img_per_s": "img/s", "latency_ms_median": "ms", "peak_mib": "MiB"}
@@ -188,6 +192,9 @@ def pareto_table(df: pd.DataFrame, x: str = "mhsa_mflops") -> pd.DataFrame:
     for col, metric in METRIC_ALIASES.items():
         if col not in rows.columns and metric in rows.columns:
             rows[col] = rows[metric]
+    for col, (metric, factor) in PERCENT_COLUMNS.items():
+        if col not in rows.columns and metric in rows.columns:
+            rows[col] = pd.to_numeric(rows[metric], errors="coerce") * factor
     if "key" in rows.columns:
         order = ["created"] if "created" in rows.columns else []
         rows = rows.sort_values(order, kind="stable") if order else rows
@@ -258,6 +265,8 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
             out[col] = [f"{v:g}" if pd.notna(v) else "–" for v in s]
         elif col == "top1":
             out[col] = [f"{v:.2f}" if pd.notna(v) else "–" for v in s]
+        elif col in PERCENT_COLUMNS:
+            out[col] = [f"{v:.1f}" if pd.notna(v) else "–" for v in s]
         elif pd.api.types.is_float_dtype(s):
             d = _decimals(s, sig=_SIG_DIGITS.get(col, 4))
             out[col] = [f"{v:.{d}f}" if pd.notna(v) else "–" for v in s]

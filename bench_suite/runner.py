@@ -61,6 +61,10 @@ UNITS = {
     "mhsa_proj_mflops": "MFLOPs", "total_gflops": "GFLOPs", "img_per_s": "img/s", "latency_ms_median": "ms",
     "latency_ms_p90": "ms", "peak_mib": "MiB", "train_seconds": "s", "train_steps": "optimiser steps",
     "resumed_from_step": "optimiser steps",
+    # measured by the methods (sparsity_report)
+    "coef_sparsity": "fraction", "w_up_sparsity": "fraction", "mask_density": "fraction",
+    "attention_budget": "keys per query row", "n_down": "rank", "k": "tokens", "k_over_n": "fraction",
+    "tokens_in": "tokens", "token_keep_frac": "fraction", "mean_token_ratio": "fraction",
 }
 
 

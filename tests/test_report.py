@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pandas as pd
@@ -96,7 +97,9 @@ def test_pareto_front_unknown_column_lists_allowed():
 def test_pareto_table_columns_frontier_and_filtering(store_dir):
     table = pareto_table(rows_of(store_dir, profile="tiny"))
     assert list(table.columns) == ["method", "keep_rate", "mhsa_mflops", "mhsa_mflops_paper", "total_gflops",
-                                   "top1", "img_per_s", "latency_ms", "peak_mib", "pareto"]
+                                   "top1", "img_per_s", "latency_ms", "peak_mib", "coef_sparsity_pct",
+                                   "w_up_sparsity_pct", "pareto"]
+    assert table["coef_sparsity_pct"].isna().all()  # no method here reports it
     assert "linformer" not in set(table["method"])  # failed rows are left out ...
     assert table.attrs["n_failed"] == 1  # ... and counted
     assert table.attrs["profile"] == "tiny" and table.attrs["dataset"] == "fashion_mnist"
@@ -296,3 +299,21 @@ def test_rows_with_non_default_settings_are_labelled_apart(tmp_path):
     assert {"linformer", "linformer (proj_init=pool, share_kv=True)"} <= labels
     assert table.loc[table["method"] == "linformer (proj_init=pool, share_kv=True)", "top1"].tolist() == [71.0]
     assert table.loc[table["method"] == "linformer", "top1"].tolist() == [60.0]
+
+
+def test_sparsifiner_sparsity_is_shown_in_percent(tmp_path):
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        for p in POINTS:
+            row = make_row(*p)
+            if p[0] == "sparsifiner":
+                row["metrics"] |= {"coef_sparsity": 0.87, "w_up_sparsity": 0.9034}
+                row["units"] |= {"coef_sparsity": "fraction", "w_up_sparsity": "fraction"}
+            store.put(row)
+    paths = write_report(tmp_path)
+    table = pareto_table(ResultsStore(tmp_path / "results.sqlite").rows())
+    sp = table[table["method"] == "sparsifiner"]
+    assert sp["coef_sparsity_pct"].tolist() == pytest.approx([87.0, 87.0])
+    assert table.loc[table["method"] == "evit", "w_up_sparsity_pct"].isna().all()
+    md = next(p for p in paths if p.suffix == ".md").read_text()
+    assert "Coef. sparsity (%)" in md and "W_up sparsity (%)" in md
+    assert re.search(r"\|\s+87\.0 \|\s+90\.3 \|", md)
