@@ -403,7 +403,7 @@ def pareto_figure(df: pd.DataFrame, x: str = "mhsa_mflops", title: str | None = 
     front = pareto_front(pts, x, Y_COLUMN, axis.lower_is_better)
 
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
-        fig = Figure(figsize=(5.0, 3.6), layout="constrained")
+        fig = Figure(figsize=(6.6, 3.6), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         if pts.empty:
@@ -426,8 +426,9 @@ def pareto_figure(df: pd.DataFrame, x: str = "mhsa_mflops", title: str | None = 
             handles.append(Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="none",
                                   markeredgecolor="0.15", markersize=8))
             labels.append("Pareto frontier")
+            # outside the axes, right: never on top of a point, however many methods and variants
             ax.legend(handles, labels, title="method (labels: keep rate)", fontsize=7, title_fontsize=7,
-                      loc="best", frameon=True)
+                      loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=True)
         ax.margins(x=0.08, y=0.1)  # room for the keep-rate labels and frontier rings
         ax.set_xlabel(axis.label)
         ax.set_ylabel(Y_LABEL)
