@@ -275,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command = cfg.command
     sub_cfg = cfg[command]
+    if command in ("run", "teacher"):
+        from bench_suite.training import quiet_lightning_info
+
+        quiet_lightning_info()
     if "devices" in sub_cfg:
         sub_cfg.devices = _devices(sub_cfg.devices)
     try:

@@ -39,7 +39,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-__all__ = ["TrainSettings", "make_trainer", "fit_and_test", "NonFiniteLossError", "AtomicCheckpointIO",
+__all__ = ["TrainSettings", "make_trainer", "quiet_lightning_info", "fit_and_test", "NonFiniteLossError", "AtomicCheckpointIO",
            "ResumableSampler", "inspect_checkpoint", "world_info", "STAMP_KEY"]
 
 STAMP_KEY = "bench_suite_run"  # checkpoint entry naming the configuration the checkpoint belongs to
@@ -331,6 +331,20 @@ class TrainSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+LIGHTNING_INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                          "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def quiet_lightning_info() -> None:
+    """Hide Lightning's per-Trainer informational lines (accelerator availability, tips, "fit stopped", ...),
+    which a sweep would print once per configuration; its warnings and errors stay visible. The command
+    line calls this; library users keep Lightning's defaults."""
+    import logging
+
+    for name in LIGHTNING_INFO_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def make_trainer(run_dir: str | Path, settings: TrainSettings, callbacks: list[Callback] | None = None) -> pl.Trainer:
     """A Trainer writing CSV logs and an atomic, resumable ``checkpoints/last.ckpt`` under ``run_dir``."""
     run_dir = Path(run_dir)
@@ -341,7 +355,9 @@ def make_trainer(run_dir: str | Path, settings: TrainSettings, callbacks: list[C
                                      every_n_train_steps=int(settings.checkpoint_every_n_steps)))
     for pattern in (".*does not have many workers.*", ".*`isinstance.*LeafSpec.*", ".*exists and is not empty.*",
                     ".*dataloader is not resumable.*", ".*Consider setting `persistent_workers=True`.*",
-                    ".*deterministic.*CUBLAS.*"):
+                    ".*deterministic.*CUBLAS.*",
+                    # the frozen teacher (a submodule for distillation) is in eval mode on purpose
+                    r".*module\(s\) in eval mode at the start of training.*"):
         warnings.filterwarnings("ignore", message=pattern)
     deterministic = settings.deterministic
     if deterministic is True and settings.accelerator not in ("cpu",) and torch.cuda.is_available():
