@@ -146,6 +146,8 @@ def build_parser() -> ArgumentParser:
     p_speed.add_argument("--core", action="store_true", help="time one MHSA core instead of whole models")
     p_speed.add_argument("--kernel", action="store_true",
                          help="time the sparse attention kernel against dense SDPA on the N x keep-rate grid")
+    p_speed.add_argument("--train", action="store_true",
+                         help="--kernel: also time forward + backward (training) against dense SDPA and the gather path")
     p_speed.add_argument("--build", action="store_true", help="compile the C++ kernel (or find it cached) and exit")
     p_speed.add_argument("--n", type=int | None, default=None, help="--core: tokens N (default: the profile's)")
     p_speed.add_argument("--heads", type=int | None, default=None,

@@ -22,7 +22,8 @@ which the candidates run *interleaved*, so that load from other processes hits t
   + ``torch.topk``, ``cpp`` = the fused kernel).
 * **kernel** (``--kernel``): the sparse attention kernel against dense SDPA on the grid
   ``N in --kernel-n`` x ``keep rate in --keep-rates`` (default 197, 577, 2305 x 0.25, 0.1, 0.05), heads and
-  head dim of DeiT-T (3 x 64) unless ``--heads``/``--head-dim`` say otherwise; writes ``kernel.csv`` with
+  head dim of DeiT-T (3 x 64) unless ``--heads``/``--head-dim`` say otherwise (``--train``: forward +
+  backward too, against dense SDPA and the PyTorch gather path); writes ``kernel.csv`` with
   :data:`KERNEL_COLUMNS` (``speedup = dense_ms / sparse_ms``, ``flop_ratio`` = dense attention MACs /
   sparse MACs = ``N / B``).
 
@@ -70,6 +71,11 @@ __all__ = [
 
 KERNEL_COLUMNS = ("n", "heads", "head_dim", "batch", "keep_rate", "dense_ms", "sparse_ms", "speedup", "flop_ratio")
 """Columns of ``kernel.csv`` (times: median ms per call over ``--repeats`` interleaved rounds)."""
+
+KERNEL_TRAIN_COLUMNS = ("dense_train_ms", "sparse_train_ms", "gather_train_ms", "train_speedup",
+                        "train_speedup_vs_gather")
+"""Extra ``kernel.csv`` columns of ``--kernel --train``: forward + backward (gradients of q, k, v) of dense SDPA,
+the C++ kernels and the PyTorch gather path; speedups of the kernels over dense and over gather."""
 
 HEAD_PRESETS = {"deit_t": (3, 64), "deit_s": (6, 64)}
 """(heads, head dim) of DeiT-T and DeiT-S; the kernel grid uses DeiT-T's unless told otherwise."""
@@ -207,21 +213,23 @@ def _fmt_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 def kernel_benchmark(ns: Sequence[int] = DEFAULT_KERNEL_N, keep_rates: Sequence[float] = DEFAULT_KERNEL_KEEP_RATES,
                      heads: int = 3, head_dim: int = 64, batch: int = 1, threads: int | None = None,
                      warmup: int = 3, repeats: int = 10, seed: int = 0,
-                     log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                     log: Callable[[str], None] = print, train: bool = False) -> list[dict[str, Any]]:
     """The sparse attention kernel against dense ``F.scaled_dot_product_attention`` on a grid.
 
     For every ``N`` and keep rate ``r``: ``q, k, v [batch, heads, N, head_dim]`` (float32, random normal),
     budget ``B = ceil(r N)`` random distinct keys per query; both run interleaved (median of ``repeats``
     samples of at least ~20 ms each). The kernel is first spot-checked against the PyTorch reference.
+    With ``train``, forward + backward (``torch.autograd.grad`` of ``q, k, v`` for a random output
+    gradient) of dense SDPA, the kernels and the PyTorch gather path are timed the same way.
 
     Returns:
         One dict per (N, keep rate) with :data:`KERNEL_COLUMNS` plus ``budget``, ``dense_p90_ms``,
-        ``sparse_p90_ms`` and ``threads``.
+        ``sparse_p90_ms`` and ``threads`` (and :data:`KERNEL_TRAIN_COLUMNS` with ``train``).
 
     Raises:
         bench_suite.kernels.KernelBuildError: if the kernel cannot be built.
     """
-    from bench_suite.kernels import load_kernel, sparse_attention_cpp
+    from bench_suite.kernels import load_kernel, sparse_attention_cpp, sparse_attention_torch
     from bench_suite.measure import measure_callables
 
     load_kernel()
@@ -245,18 +253,44 @@ def kernel_benchmark(ns: Sequence[int] = DEFAULT_KERNEL_N, keep_rates: Sequence[
             out.append(row)
             log(f"  N={n:5d} keep {r:<5g} B={budget:4d}: dense {row['dense_ms']:9.3f} ms, sparse "
                 f"{row['sparse_ms']:9.3f} ms, speedup {row['speedup']:6.2f}x (FLOP ratio {row['flop_ratio']:.2f})")
+            if train:
+                g = torch.randn(q.shape, generator=gen)
+                cands = {"dense": lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_),
+                         "sparse": lambda q_, k_, v_: sparse_attention_cpp(q_, k_, v_, idx),
+                         "gather": lambda q_, k_, v_: sparse_attention_torch(q_, k_, v_, idx)}
+                res = measure_callables({name: _forward_backward(fn, q, k, v, g) for name, fn in cands.items()},
+                                        warmup=warmup, repeats=repeats, num_threads=threads, min_sample_ms=20.0)
+                row.update({f"{name}_train_ms": res[name]["median_ms"] for name in cands})
+                row["train_speedup"] = row["dense_train_ms"] / row["sparse_train_ms"]
+                row["train_speedup_vs_gather"] = row["gather_train_ms"] / row["sparse_train_ms"]
+                log(f"  {'':5s} forward+backward: dense {row['dense_train_ms']:9.3f} ms, sparse "
+                    f"{row['sparse_train_ms']:9.3f} ms, gather {row['gather_train_ms']:9.3f} ms, speedup "
+                    f"{row['train_speedup']:6.2f}x over dense, {row['train_speedup_vs_gather']:6.2f}x over gather")
             del idx
     return out
 
 
+def _forward_backward(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      g: torch.Tensor) -> Callable[[], None]:
+    """A callable running ``fn(q, k, v)`` and the gradients of ``q, k, v`` for the output gradient ``g``
+    (autograd on even inside the timer's ``inference_mode``; the inputs are normal tensors made outside it)."""
+    def call() -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
+            torch.autograd.grad(fn(*leaves), leaves, g)
+    return call
+
+
 def write_kernel_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Write ``kernel.csv`` with exactly :data:`KERNEL_COLUMNS` (full precision)."""
+    """Write ``kernel.csv`` with exactly :data:`KERNEL_COLUMNS` (full precision), plus
+    :data:`KERNEL_TRAIN_COLUMNS` when the rows have them (``--train``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(KERNEL_COLUMNS) + ([*KERNEL_TRAIN_COLUMNS] if rows and KERNEL_TRAIN_COLUMNS[0] in rows[0] else [])
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(KERNEL_COLUMNS), extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({c: r[c] for c in KERNEL_COLUMNS})
+            w.writerow({c: r[c] for c in columns})
     return path
 
 
@@ -546,7 +580,7 @@ def write_speed_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def run_speed(opts: SpeedOptions, core: bool = False, kernel: bool = False,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, train: bool = False) -> dict[str, Any]:
     """Run the chosen benchmarks (models unless ``core``/``kernel``), write the store, ``speed.csv`` and
     ``kernel.csv``; returns ``{"rows": [...store rows], "kernel": [...kernel rows], "paths": [...]}``."""
     from bench_suite.store import ResultsStore
@@ -563,9 +597,10 @@ def run_speed(opts: SpeedOptions, core: bool = False, kernel: bool = False,
         log(f"sparse attention kernel vs dense SDPA: {heads} heads x head dim {head_dim} "
             f"({'DeiT-T' if (heads, head_dim) == HEAD_PRESETS['deit_t'] else 'custom'}), batch {opts.batch_size}")
         out["kernel"] = kernel_benchmark(opts.kernel_n, opts.keep_rates or DEFAULT_KERNEL_KEEP_RATES, heads, head_dim,
-                                         opts.batch_size, _threads(opts), opts.warmup, opts.repeats, opts.seed, log)
+                                         opts.batch_size, _threads(opts), opts.warmup, opts.repeats, opts.seed, log,
+                                         train=train)
         out["paths"].append(write_kernel_csv(out["kernel"], opts.output / "kernel.csv"))
-        log(_fmt_table(out["kernel"], KERNEL_COLUMNS))
+        log(_fmt_table(out["kernel"], KERNEL_COLUMNS + (KERNEL_TRAIN_COLUMNS if train else ())))
     if core:
         out["rows"] += core_benchmark(opts, log)
     if not core and not kernel:
@@ -637,7 +672,9 @@ def run_from_cli(cfg: Any) -> dict[str, Any]:
     except ValueError as e:
         raise UserError(str(e)) from None
     try:
-        return run_speed(opts, core=cfg.core, kernel=cfg.kernel)
+        if getattr(cfg, "train", False) and not cfg.kernel:
+            raise UserError("--train times the kernel's forward and backward: use it with --kernel")
+        return run_speed(opts, core=cfg.core, kernel=cfg.kernel, train=bool(getattr(cfg, "train", False)))
     except KernelBuildError as e:
         raise UserError(str(e)) from None
     except ValueError as e:

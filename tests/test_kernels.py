@@ -216,13 +216,16 @@ GRAD_SHAPES = [  # (B, H, Nq, Nk, d, Bk)
     (2, 3, 17, 17, 64, 17),     # B = N (dense)
     (2, 4, 49, 50, 32, 13),     # the mini profile: 49 predicted rows (CLS row full), keep 0.25
     (1, 2, 37, 41, 24, 5),      # generic head dim, Nq != Nk
+    (1, 2, 33, 40, 128, 21),    # head dim 128 (8 vector registers), budget not a multiple of 16
 ]
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_backward_matches_dense_masked_reference(shape: tuple[int, ...]) -> None:
+def test_backward_matches_dense_masked_reference(shape: tuple[int, ...], index_dtype: torch.dtype) -> None:
     b, h, nq, nk, d, bk = shape
     q, k, v, idx = random_case(b, h, nq, nk, d, bk, seed=nq + bk)
+    idx = idx.to(index_dtype)
     g = torch.randn(b, h, nq, d, generator=torch.Generator().manual_seed(7))
     qc, kc, vc = (t.clone().requires_grad_(True) for t in (q, k, v))
     out = sparse_attention_cpp(qc, kc, vc, idx)

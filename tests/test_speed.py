@@ -100,6 +100,21 @@ def test_kernel_grid_writes_kernel_csv(tmp_path: Path, kernel: None, capsys: pyt
     assert not (tmp_path / "results.sqlite").exists()  # the kernel grid goes to kernel.csv only
 
 
+def test_kernel_grid_train_times_forward_and_backward(tmp_path: Path, kernel: None) -> None:
+    from bench_suite.speed import KERNEL_TRAIN_COLUMNS
+
+    assert main(["speed", "--kernel", "--train", "--kernel-n", "24", "--keep-rates", "0.25", *TINY,
+                 "--output", str(tmp_path)]) == 0
+    header, rows = _csv(tmp_path / "kernel.csv")
+    assert header == [*KERNEL_COLUMNS, *KERNEL_TRAIN_COLUMNS] and len(rows) == 1
+    r = rows[0]
+    dense, sparse, gather = (float(r[f"{c}_train_ms"]) for c in ("dense", "sparse", "gather"))
+    assert min(dense, sparse, gather) > 0
+    assert math.isclose(float(r["train_speedup"]), dense / sparse, rel_tol=1e-9)
+    assert math.isclose(float(r["train_speedup_vs_gather"]), gather / sparse, rel_tol=1e-9)
+    assert main(["speed", "--train", "--output", str(tmp_path)]) == 2  # --train needs --kernel
+
+
 def test_core_rows_in_store_and_speed_csv(tmp_path: Path, kernel: None) -> None:
     assert main(["speed", "--core", "--profile", "tiny", "--keep-rates", "0.5", "--impl", "cpp,torch", *TINY,
                  "--output", str(tmp_path)]) == 0

@@ -431,6 +431,117 @@ void backward_slices(const BackwardProblem<scalar_t>& BP, int64_t begin, int64_t
   }
 }
 
+// Fast path of the backward: float32, head dim D = 16 * NV, the 16-float vectors of vec16.h (the generic
+// loops above leave the dot products scalar: without -ffast-math the compiler may not reorder a float sum).
+template <typename index_t, int NV>
+void backward_slices_f32(const BackwardProblem<float>& BP, int64_t begin, int64_t end, std::atomic<int64_t>& bad) {
+  const Problem<float>& P = BP.f;
+  constexpr int64_t d = 16 * NV;
+  const int64_t Bk = P.Bk, Nq = P.Nq, Nk = P.Nk;
+  const int64_t Bk16 = (Bk + 15) / 16 * 16;
+  Scratch<float>& S = scratch<float>();
+  S.fit(2 * Bk16, d);
+  float* p = S.scores.data();  // [0, Bk16): probabilities (padding -> 0); [Bk16, 2 Bk16): dp
+  float* dp = p + Bk16;
+  int64_t* keys = S.keys.data();
+  const index_t* idx = static_cast<const index_t*>(P.idx);
+  const uint64_t nk = static_cast<uint64_t>(Nk);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t b = t / P.H, h = t % P.H;
+    const float* kb = P.k + b * P.ks_b + h * P.ks_h;
+    const float* vb = P.v + b * P.vs_b + h * P.vs_h;
+    float* dkb = BP.dk + t * Nk * d;
+    float* dvb = BP.dv + t * Nk * d;
+    for (int64_t i = 0; i < Nq; ++i) {
+      const float* qr = P.q + b * P.qs_b + h * P.qs_h + i * P.qs_n;
+      const float* gr = BP.g + b * BP.gs_b + h * BP.gs_h + i * BP.gs_n;
+      const index_t* ir = idx + b * P.is_b + h * P.is_h + i * P.is_n;
+      v16f qv[NV], gv[NV];
+      for (int c = 0; c < NV; ++c) {
+        qv[c] = load16(qr + 16 * c);
+        gv[c] = load16(gr + 16 * c);
+      }
+      float m = ninf;
+      for (int64_t j = 0; j < Bk; ++j) {
+        const int64_t kj = checked_key(ir, j, P.is_j, nk, bad);
+        keys[j] = kj;
+        const float* kr = kb + kj * P.ks_n;
+        const float* vr = vb + kj * P.vs_n;
+        v16f a = qv[0] * load16(kr), e = gv[0] * load16(vr);
+        for (int c = 1; c < NV; ++c) {
+          a += qv[c] * load16(kr + 16 * c);
+          e += gv[c] * load16(vr + 16 * c);
+        }
+        p[j] = hsum16(a) * P.scale;
+        dp[j] = hsum16(e);
+        m = p[j] > m ? p[j] : m;
+      }
+      for (int64_t j = Bk; j < Bk16; ++j) {
+        p[j] = ninf;  // exp gives exactly 0
+        dp[j] = 0.0f;
+      }
+      const v16f mv = splat(m);
+      v16f lv{};
+      for (int64_t j = 0; j < Bk16; j += 16) {
+        const v16f ej = exp16_nonpositive(load16(p + j) - mv);
+        store16(p + j, ej);
+        lv += ej;
+      }
+      const v16f inv = splat(1.0f / hsum16(lv));
+      v16f Dv{};
+      for (int64_t j = 0; j < Bk16; j += 16) {
+        const v16f pj = load16(p + j) * inv;
+        store16(p + j, pj);
+        Dv += pj * load16(dp + j);
+      }
+      const float D = hsum16(Dv);
+      v16f dq[NV];
+      for (int c = 0; c < NV; ++c) dq[c] = v16f{};
+      for (int64_t j = 0; j < Bk; ++j) {
+        const v16f ds = splat(p[j] * (dp[j] - D) * P.scale);
+        const v16f pj = splat(p[j]);
+        const float* kr = kb + keys[j] * P.ks_n;
+        float* dkr = dkb + keys[j] * d;
+        float* dvr = dvb + keys[j] * d;
+        for (int c = 0; c < NV; ++c) {
+          dq[c] += ds * load16(kr + 16 * c);
+          store16(dkr + 16 * c, load16(dkr + 16 * c) + ds * qv[c]);
+          store16(dvr + 16 * c, load16(dvr + 16 * c) + pj * gv[c]);
+        }
+      }
+      float* dq_row = BP.dq + (t * Nq + i) * d;
+      for (int c = 0; c < NV; ++c) store16(dq_row + 16 * c, dq[c]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void run_backward(const BackwardProblem<scalar_t>& BP, int64_t slices, bool i64, int64_t d, std::atomic<int64_t>& bad) {
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      switch (i64 ? d : -d) {  // vectorised float32 path for head dims 32, 64, 128
+        case 32: return backward_slices_f32<int64_t, 2>(BP, begin, end, bad);
+        case 64: return backward_slices_f32<int64_t, 4>(BP, begin, end, bad);
+        case 128: return backward_slices_f32<int64_t, 8>(BP, begin, end, bad);
+        case -32: return backward_slices_f32<int32_t, 2>(BP, begin, end, bad);
+        case -64: return backward_slices_f32<int32_t, 4>(BP, begin, end, bad);
+        case -128: return backward_slices_f32<int32_t, 8>(BP, begin, end, bad);
+        default: break;
+      }
+    }
+    switch (i64 ? d : -d) {  // compile-time head dims for the common sizes (the compiler unrolls/vectorises)
+      case 32: return backward_slices<scalar_t, int64_t, 32>(BP, begin, end, bad);
+      case 64: return backward_slices<scalar_t, int64_t, 64>(BP, begin, end, bad);
+      case -32: return backward_slices<scalar_t, int32_t, 32>(BP, begin, end, bad);
+      case -64: return backward_slices<scalar_t, int32_t, 64>(BP, begin, end, bad);
+      default: break;
+    }
+    if (i64) return backward_slices<scalar_t, int64_t, 0>(BP, begin, end, bad);
+    return backward_slices<scalar_t, int32_t, 0>(BP, begin, end, bad);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& idx, double scale) {
@@ -474,17 +585,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
         grad_out.const_data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>()};
     const bool i64 = idx.scalar_type() == at::kLong;
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      switch (i64 ? d : -d) {  // compile-time head dims for the common sizes (the compiler unrolls/vectorises)
-        case 32: return backward_slices<scalar_t, int64_t, 32>(BP, begin, end, bad);
-        case 64: return backward_slices<scalar_t, int64_t, 64>(BP, begin, end, bad);
-        case -32: return backward_slices<scalar_t, int32_t, 32>(BP, begin, end, bad);
-        case -64: return backward_slices<scalar_t, int32_t, 64>(BP, begin, end, bad);
-        default: break;
-      }
-      if (i64) return backward_slices<scalar_t, int64_t, 0>(BP, begin, end, bad);
-      return backward_slices<scalar_t, int32_t, 0>(BP, begin, end, bad);
-    });
+    run_backward<scalar_t>(BP, B * H, i64, d, bad);
   });
   const int64_t bad_value = bad.load();
   TORCH_CHECK_INDEX(bad_value == std::numeric_limits<int64_t>::min(), "sparse_attention_backward: idx holds key index ",
