@@ -25,8 +25,9 @@ idx [B,H,Nq,Bk] int64, scale: float) -> out [B,H,Nq,d]`` = for every query row t
 ``Bk`` selected keys of ``(q . k) * scale`` and the weighted sum of their values (``Nq`` may differ
 from ``Nk``). ``"torch"`` (:func:`sparse_attention_torch`) is the differentiable reference; other
 implementations (e.g. the C++ kernel) register with :func:`register_sparse_attention_impl` and are
-selected by name (``impl=``; module default :data:`DEFAULT_IMPL`). A non-torch implementation is used
-only where no gradient is needed: training always runs the torch path.
+selected by name (``impl=``; module default :data:`DEFAULT_IMPL`). An implementation registered as
+differentiable (:data:`DIFFERENTIABLE_IMPLS`; the C++ ``"cpp"``/``"auto"`` entries, which have a fused
+backward kernel) also runs in training; for any other the torch path runs whenever a gradient is needed.
 
 FLOP counting (``bench_suite.flops``, 1 MAC = 1 FLOP, per head)
 ---------------------------------------------------------------
