@@ -419,9 +419,6 @@ def pareto_figure(df: pd.DataFrame, x: str = "mhsa_mflops", title: str | None = 
                     linestyle="--", linewidth=1.0, zorder=2)
             ax.scatter(fp[x], fp[Y_COLUMN], s=150, facecolors="none", edgecolors="0.15", linewidths=1.0,
                        zorder=4)
-            for _, r in pts.iterrows():
-                ax.annotate(f"{r['keep_rate']:g}", (r[x], r[Y_COLUMN]), xytext=(5, 4), textcoords="offset points",
-                            fontsize=7, color=palette[r["method"]], zorder=5)
             handles, labels = ax.get_legend_handles_labels()
             handles.append(Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="none",
                                   markeredgecolor="0.15", markersize=8))
@@ -434,7 +431,42 @@ def pareto_figure(df: pd.DataFrame, x: str = "mhsa_mflops", title: str | None = 
         ax.set_ylabel(Y_LABEL)
         if title:
             ax.set_title(title)
+        if not pts.empty:  # last: the layout (legend, labels, title) must be final to place them
+            _label_points(fig, ax, pts, x, palette)
     return fig
+
+
+# Candidate keep-rate label places around a marker, tried in order: (x offset, y offset in points, alignment).
+_LABEL_PLACES = ((5, 3, "left"), (5, -10, "left"), (-5, 3, "right"), (-5, -10, "right"))
+
+
+def _label_points(fig: Any, ax: Any, pts: pd.DataFrame, x: str, palette: Mapping[str, Any]) -> None:
+    """Label every point with its keep rate, beside its marker: the first of :data:`_LABEL_PLACES` whose box
+    overlaps no marker and no label placed before (points in order of cost, then top-1), else the place with
+    the fewest overlaps. Works in display units after a layout pass, so it holds in the saved figure."""
+    from matplotlib.transforms import Bbox
+
+    fig.canvas.draw()  # fixes the layout and axis limits, so data -> display positions are final
+    renderer = fig.canvas.get_renderer()
+    half = 4.0 * fig.dpi / 72.0  # a marker's half width in pixels (s = 55 pt^2)
+    xy = ax.transData.transform(pts[[x, Y_COLUMN]].to_numpy(dtype=float))
+    obstacles = [Bbox([[px - half, py - half], [px + half, py + half]]) for px, py in xy]
+    for _, r in pts.sort_values([x, Y_COLUMN], kind="stable").iterrows():
+        best = None
+        for dx, dy, ha in _LABEL_PLACES:
+            ann = ax.annotate(f"{r['keep_rate']:g}", (r[x], r[Y_COLUMN]), xytext=(dx, dy), textcoords="offset points",
+                              ha=ha, fontsize=7, color=palette[r["method"]], zorder=5)
+            box = ann.get_window_extent(renderer)
+            hits = sum(box.overlaps(o) for o in obstacles)
+            if best is None or hits < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (hits, ann, box)
+            else:
+                ann.remove()
+            if hits == 0:
+                break
+        obstacles.append(best[2])
 
 
 def plot_pareto(df: pd.DataFrame, x: str = "mhsa_mflops", out_dir: str | Path = ".", stem: str = "pareto",

@@ -317,3 +317,23 @@ def test_sparsifiner_sparsity_is_shown_in_percent(tmp_path):
     md = next(p for p in paths if p.suffix == ".md").read_text()
     assert "Coef. sparsity (%)" in md and "W_up sparsity (%)" in md
     assert re.search(r"\|\s+87\.0 \|\s+90\.3 \|", md)
+
+
+def test_keep_rate_labels_of_nearby_points_do_not_overlap(tmp_path):
+    # two methods whose points nearly coincide (the case where labels at one fixed offset collide)
+    points = [("evit", 0.5, 3.334, 89.04), ("dynamicvit", 0.7, 3.40, 89.08), ("sparsifiner", 0.25, 3.37, 89.0),
+              ("full", 1.0, 7.68, 90.2), ("evit", 0.3, 2.8, 88.6)]
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        for p in points:
+            store.put(make_row(*p))
+        table = pareto_table(store.rows())
+    fig = pareto_figure(table)
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == len(points)
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (ax.texts[i].get_text(), ax.texts[j].get_text())
+    anchors = sorted((round(t.xy[0], 6), round(t.xy[1], 6)) for t in ax.texts)  # each label points at its point
+    assert anchors == sorted((round(p[2], 6), round(p[3], 6)) for p in points)
