@@ -7,7 +7,6 @@ status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from typing import Any, Sequence

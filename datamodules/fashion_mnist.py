@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset
 
+from datamodules.base import SplitDataModule
 from datamodules.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -163,7 +163,7 @@ def _random_crop_flip(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
     return x
 
 
-class FashionMNISTDataModule(pl.LightningDataModule):
+class FashionMNISTDataModule(SplitDataModule):
     """Fashion-MNIST (Xiao et al., 2017): 10 classes, 60k train / 10k test grayscale 28x28 images.
 
     Args:
@@ -237,26 +237,6 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         self.val_set = mk(images[val_idx], labels[val_idx], False)
         self.test_set = mk(test_images, test_labels, False)
         self._ready = True
-
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
-
-    def sample_batch(self, n: int = 8, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``n`` images of a split as one batch ``([n, C, S, S], [n])``, for FLOPs and speed."""
-        self.setup()
-        ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
-        xs, ys = zip(*(ds[i] for i in range(min(n, len(ds)))))
-        return torch.stack(xs), torch.stack(ys)
 
 
 def synthetic_idx_dir(directory: str | Path, n_train: int = 64, n_test: int = 32, seed: int = 0,

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
+from datamodules.base import SplitDataModule
 from datamodules.errors import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """Images in class folders, read with ``torchvision.datasets.ImageFolder``.
 
     ``data_dir`` must hold ``train/`` and ``val/`` (ImageNet's layout); ``val/`` is the reported test
@@ -81,22 +81,3 @@ class ImageFolderDataModule(pl.LightningDataModule):
             train_idx = train_idx[: self.train_subset]
         self.train_set, self.val_set = Subset(train_aug, train_idx), Subset(train_eval, val_idx)
         self._ready = True
-
-    def _loader(self, ds, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
-
-    def sample_batch(self, n: int = 8, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
-        self.setup()
-        ds = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
-        xs, ys = zip(*(ds[i] for i in range(min(n, len(ds)))))
-        return torch.stack(xs), torch.tensor(ys)

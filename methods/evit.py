@@ -32,7 +32,6 @@ Differences from the official code (youweiliang/evit, ``evit.py``/``helpers.py``
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch

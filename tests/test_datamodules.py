@@ -8,7 +8,7 @@ import torch
 
 from datamodules import DataError, FashionMNISTDataModule, ImageFolderDataModule, create_datamodule
 from datamodules.fashion_mnist import locate, read_idx, synthetic_idx_dir
-from tests.conftest import FASHION_DIR, have_fashion_mnist
+from tests.conftest import have_fashion_mnist
 
 real = pytest.mark.skipif(not have_fashion_mnist(), reason="apt-get install dataset-fashion-mnist")
 
