@@ -36,3 +36,15 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 def have_fashion_mnist() -> bool:
     return os.path.isfile(os.path.join(FASHION_DIR, "t10k-labels-idx1-ubyte.gz"))
+
+
+def fit_steps(module, images: torch.Tensor, labels: torch.Tensor, steps: int = 3, batch_size: int = 8):
+    """Train ``module`` for ``steps`` optimiser steps on ``(images, labels)`` with a bare CPU Trainer (no
+    logger, checkpoints, progress bar or validation); returns the Trainer (``callback_metrics`` hold the loss)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, DataLoader(TensorDataset(images, labels), batch_size=batch_size))
+    return trainer

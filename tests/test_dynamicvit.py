@@ -6,12 +6,11 @@ import copy
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 import methods.dynamicvit as dvit
 from bench_suite.backbones import create_backbone
+from tests.conftest import fit_steps
 from bench_suite.registry import get_method
 from methods.dynamicvit import DynamicViT, PredictorLG, softmax_with_policy
 
@@ -253,10 +252,7 @@ def test_training_steps_with_teacher_are_finite_and_train_the_predictors() -> No
     full = _backbone(seed=7)
     module = DynamicViT(copy.deepcopy(full), keep_rate=0.5, teacher=full, lr=1e-3)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    data = TensorDataset(_images(16, seed=2), torch.randint(0, 10, (16,)))
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, DataLoader(data, batch_size=8))
+    trainer = fit_steps(module, _images(16, seed=2), torch.randint(0, 10, (16,)))
     loss = trainer.callback_metrics["train/loss"]
     assert torch.isfinite(loss)
     for n, p in module.model.named_parameters():

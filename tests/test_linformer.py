@@ -6,11 +6,10 @@ import copy
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from bench_suite.backbones import create_backbone
+from tests.conftest import fit_steps
 from bench_suite.registry import get_method
 from methods.adapter import merge_heads, split_heads
 from methods.linformer import Linformer, LinformerAttention, apply_linformer, init_projection
@@ -132,10 +131,7 @@ def test_training_steps_with_teacher_are_finite_and_train_e_and_f() -> None:
     full = _backbone(seed=7)
     module = Linformer(copy.deepcopy(full), keep_rate=0.25, teacher=full, lr=1e-3)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    data = TensorDataset(_images(16, seed=2), torch.randint(0, 10, (16,)))
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, DataLoader(data, batch_size=8))
+    trainer = fit_steps(module, _images(16, seed=2), torch.randint(0, 10, (16,)))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     for n, p in module.model.named_parameters():
         assert torch.isfinite(p).all(), n
