@@ -362,10 +362,10 @@ struct BackwardProblem {
   scalar_t* dv;
 };
 
-template <typename scalar_t, typename index_t, int DC>
+template <typename scalar_t, typename index_t>
 void backward_slices(const BackwardProblem<scalar_t>& BP, int64_t begin, int64_t end, std::atomic<int64_t>& bad) {
   const Problem<scalar_t>& P = BP.f;
-  const int64_t d = DC > 0 ? DC : P.d;
+  const int64_t d = P.d;
   const int64_t Bk = P.Bk, Nq = P.Nq, Nk = P.Nk;
   Scratch<scalar_t>& S = scratch<scalar_t>();
   S.fit(2 * Bk, d);
@@ -530,15 +530,9 @@ void run_backward(const BackwardProblem<scalar_t>& BP, int64_t slices, bool i64,
         default: break;
       }
     }
-    switch (i64 ? d : -d) {  // compile-time head dims for the common sizes (the compiler unrolls/vectorises)
-      case 32: return backward_slices<scalar_t, int64_t, 32>(BP, begin, end, bad);
-      case 64: return backward_slices<scalar_t, int64_t, 64>(BP, begin, end, bad);
-      case -32: return backward_slices<scalar_t, int32_t, 32>(BP, begin, end, bad);
-      case -64: return backward_slices<scalar_t, int32_t, 64>(BP, begin, end, bad);
-      default: break;
-    }
-    if (i64) return backward_slices<scalar_t, int64_t, 0>(BP, begin, end, bad);
-    return backward_slices<scalar_t, int32_t, 0>(BP, begin, end, bad);
+    // other head dims and float64 (gradcheck): the generic loops
+    if (i64) return backward_slices<scalar_t, int64_t>(BP, begin, end, bad);
+    return backward_slices<scalar_t, int32_t>(BP, begin, end, bad);
   });
 }
 
