@@ -21,6 +21,8 @@ from torch import nn
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from bench_suite.errors import UnknownProfileError
+
 __all__ = [
     "ConvStemPatchEmbed",
     "Profile",
@@ -30,10 +32,6 @@ __all__ = [
     "create_backbone",
     "pruning_stages",
 ]
-
-
-class UnknownProfileError(ValueError):
-    """Raised for a profile name that is not in :data:`PROFILES`."""
 
 
 class ConvStemPatchEmbed(nn.Module):

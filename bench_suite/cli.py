@@ -14,11 +14,9 @@ from typing import Any, Sequence
 from jsonargparse import ActionConfigFile
 from jsonargparse import ArgumentParser as _JsonArgumentParser
 
-__all__ = ["main", "build_parser", "UserError"]
+from bench_suite.errors import UserError
 
-
-class UserError(Exception):
-    """An error caused by the user's input; printed as one line, exit status 2."""
+__all__ = ["main", "build_parser"]
 
 
 class ArgumentParser(_JsonArgumentParser):
@@ -251,19 +249,6 @@ COMMANDS = {"list": _cmd_list, "run": _cmd_run, "teacher": _cmd_teacher, "report
             "visualize": _cmd_visualize, "speed": _cmd_speed, "tables": _cmd_tables}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from bench_suite.backbones import UnknownProfileError
-    from bench_suite.registry import UnknownMethodError
-    from bench_suite.report import ReportError
-    from bench_suite.store import StoreCorruptError
-    from bench_suite.tables import DataFileError
-    from bench_suite.teacher import TeacherError
-    from datamodules.errors import DataError
-
-    return (UserError, UnknownMethodError, UnknownProfileError, TeacherError, DataError, ReportError,
-            StoreCorruptError, DataFileError)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m bench_suite``; returns the exit status."""
     # fvcore scripts a function with torch.jit at import; its deprecation warning is not the user's business
@@ -284,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub_cfg.devices = _devices(sub_cfg.devices)
     try:
         status = COMMANDS[command](sub_cfg)
-    except _user_errors() as e:
+    except UserError as e:
         print(f"bench_suite: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench_suite.errors import UserError
+
 __all__ = ["FigureResult", "find_checkpoints", "load_trained", "figure4_paper", "figure4_suite",
            "attention_figures", "make_figures"]
 
@@ -135,7 +137,6 @@ def load_trained(method: str, path: str | Path, profile: str) -> Any:
         UserError: if the checkpoint does not fit the method and profile.
     """
     from bench_suite.backbones import create_backbone
-    from bench_suite.cli import UserError
     from bench_suite.registry import get_method
 
     try:

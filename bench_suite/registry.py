@@ -1,11 +1,22 @@
 """The method registry: name -> LightningModule factory, in the spirit of timm's ``@register_model``.
 
-Built-in methods register themselves when :mod:`methods` is imported. Outside packages add methods
-through the entry-point group ``bench_suite.methods``; those are loaded lazily, the first time the
-registry is asked for a method or the list of methods. An entry point may name a module (importing it
-registers its methods with :func:`register_method`) or a factory/class (registered under the entry
-point's name). A plugin that fails to import gives a warning that names it; the other methods still
-work.
+The registry imports no method. Every method, built-in or not, is found through the entry-point group
+``bench_suite.methods`` (the suite's own methods are entry points of the ``bench_suite`` distribution,
+declared in its ``pyproject.toml``), loaded lazily the first time the registry is asked for a method or
+the list of methods. An entry point may name a module (importing it registers its methods with
+:func:`register_method`) or a factory/class (registered under the entry point's name). A plugin that
+fails to import gives a warning that names it; the other methods still work.
+
+A method declares everything about itself on its class (read through :class:`MethodSpec`), so that the
+runner, the report, the speed benchmark and the tables name no method:
+
+* ``reported_metrics``: the :class:`Metric` s its ``sparsity_report`` returns (unit, Pareto-table column,
+  header, format);
+* ``ddp_find_unused_parameters``: whether DDP must look for parameters unused in a step;
+* ``reference``: the dense baseline (the teacher's evaluation and the speed ratios refer to it);
+* ``in_default_run``: part of the sweep ``run`` does when no ``--methods`` is given;
+* ``plot_color`` / ``plot_marker``: its colour and marker in every plot;
+* hooks of :class:`methods.base.BenchModule` (paper FLOP rule, timing set-up, attention maps).
 """
 from __future__ import annotations
 
@@ -15,8 +26,11 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
+from bench_suite.errors import UnknownMethodError
+
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "Metric",
     "MethodSpec",
     "DuplicateMethodError",
     "UnknownMethodError",
@@ -25,6 +39,9 @@ __all__ = [
     "list_methods",
     "method_specs",
     "parse_methods",
+    "reference_method",
+    "default_methods",
+    "declared_metrics",
 ]
 
 ENTRY_POINT_GROUP = "bench_suite.methods"
@@ -34,11 +51,33 @@ class DuplicateMethodError(ValueError):
     """Raised when a method name is registered twice."""
 
 
-class UnknownMethodError(KeyError):
-    """Raised for a method name that no built-in method or plugin registered; lists the known names."""
+@dataclass(frozen=True)
+class Metric:
+    """A metric a method measures and reports (from its ``sparsity_report``), declared on the method's class.
 
-    def __str__(self) -> str:  # KeyError quotes its message; keep it one readable line
-        return str(self.args[0])
+    Attributes:
+        name: the key in ``sparsity_report()`` and in the stored row's ``metrics``.
+        unit: the stored value's unit (recorded with every row, e.g. ``"fraction"``, ``"keys per query row"``).
+        column: the Pareto table column that shows it (``None``: stored, not shown in the table).
+        header: the column's header, unit included (e.g. ``"Coef. sparsity (%)"``).
+        scale: shown value = stored value x ``scale`` (100 shows a fraction as a percentage).
+        decimals: decimals shown in the Markdown table (the CSV keeps full precision).
+        description: one line for ``list``.
+    """
+
+    name: str
+    unit: str
+    column: str | None = None
+    header: str | None = None
+    scale: float = 1.0
+    decimals: int = 1
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.unit:
+            raise ValueError(f"a metric needs a name and a unit, got {self.name!r}, {self.unit!r}")
+        if self.column is not None and not self.header:
+            raise ValueError(f"metric {self.name!r}: a table column needs a header (with its unit)")
 
 
 @dataclass(frozen=True)
@@ -60,21 +99,64 @@ class MethodSpec:
     description: str = ""
     source: str = "builtin"
 
+    def _declared(self, name: str, default: Any) -> Any:
+        return getattr(self.factory, name, default)
+
+    @property
+    def reported_metrics(self) -> tuple[Metric, ...]:
+        """The method's declared :class:`Metric` s (class attribute ``reported_metrics``; none by default)."""
+        return tuple(self._declared("reported_metrics", ()))
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """Whether DDP must look for parameters unused in a step (class attribute of that name)."""
+        return bool(self._declared("ddp_find_unused_parameters", False))
+
+    @property
+    def reference(self) -> bool:
+        """Whether this is the dense baseline every ratio and the teacher's evaluation refer to."""
+        return bool(self._declared("reference", False))
+
+    @property
+    def in_default_run(self) -> bool:
+        """Whether ``run`` sweeps it when no ``--methods`` is given."""
+        return bool(self._declared("in_default_run", False))
+
+    @property
+    def plot_style(self) -> tuple[str | None, str | None]:
+        """``(colour, marker)`` the method declares for plots (``plot_color``, ``plot_marker``; None: assigned)."""
+        return self._declared("plot_color", None), self._declared("plot_marker", None)
+
+    def accepts(self, setting: str) -> bool:
+        """Whether the factory takes the keyword ``setting`` (a typed ``__init__`` argument, base classes
+        included through ``**kwargs``)."""
+        out: set[str] = set()
+        for target in self._init_chain():
+            out |= {p.name for p in inspect.signature(target).parameters.values()
+                    if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+        return setting in out
+
+    def _init_chain(self) -> list[Callable[..., Any]]:
+        """The ``__init__`` signatures a call goes through, following ``**kwargs`` up the class hierarchy."""
+        targets = [c.__init__ for c in self.factory.__mro__ if "__init__" in vars(c)] \
+            if inspect.isclass(self.factory) else [self.factory]
+        chain = []
+        for target in targets:
+            chain.append(target)
+            if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(target).parameters.values()):
+                break
+        return chain
+
     def defaults(self) -> dict[str, Any]:
         """Default hyperparameters, read from the factory's typed signature (the config), following
         ``**kwargs`` up the class hierarchy so that base-class settings are listed too."""
-        targets = [c.__init__ for c in self.factory.__mro__ if "__init__" in vars(c)] \
-            if inspect.isclass(self.factory) else [self.factory]
         out: dict[str, Any] = {}
-        for target in targets:
-            params = inspect.signature(target).parameters.values()
-            for p in params:
+        for target in self._init_chain():
+            for p in inspect.signature(target).parameters.values():
                 if p.name in ("self", "backbone", "teacher") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                     continue
                 if p.default is not inspect.Parameter.empty:
                     out.setdefault(p.name, p.default)
-            if not any(p.kind == p.VAR_KEYWORD for p in params):
-                break
         return out
 
 
@@ -116,21 +198,22 @@ def register_method(
     return deco
 
 
-def _load_builtin() -> None:
-    import methods  # noqa: F401  (registers the built-in methods)
-
-
 def load_plugins(force: bool = False) -> None:
-    """Import the ``bench_suite.methods`` entry points once (lazily). Failures become warnings."""
+    """Import the ``bench_suite.methods`` entry points once (lazily): the suite's own methods and the plugins.
+    Failures become warnings; a suite that is not installed (no entry points at all) says so once."""
     global _plugins_loaded, _loading_source
-    _load_builtin()
     if _plugins_loaded and not force:
         return
     _plugins_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY and _REGISTRY[ep.name].source != "builtin":
+    eps = entry_points(group=ENTRY_POINT_GROUP)
+    if not any(_is_builtin(ep) for ep in eps):
+        warnings.warn("bench_suite is not installed (no entry points of its own): its methods are found through "
+                      "the entry-point group 'bench_suite.methods'; run 'pip install -e .' in its folder",
+                      RuntimeWarning, stacklevel=2)
+    for ep in eps:
+        if ep.name in _REGISTRY:
             continue
-        _loading_source = f"plugin {ep.name} ({ep.value})"
+        _loading_source = "builtin" if _is_builtin(ep) else f"plugin {ep.name} ({ep.value})"
         try:
             obj = ep.load()
             if ep.name not in _REGISTRY and callable(obj) and not inspect.ismodule(obj):
@@ -140,6 +223,11 @@ def load_plugins(force: bool = False) -> None:
                           f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
         finally:
             _loading_source = None
+
+
+def _is_builtin(ep: Any) -> bool:
+    dist = getattr(ep, "dist", None)
+    return dist is not None and str(dist.metadata["Name"]).replace("-", "_").lower() == "bench_suite"
 
 
 def list_methods() -> list[str]:
@@ -186,3 +274,47 @@ def parse_methods(text: str | list[str]) -> list[MethodSpec]:
     if not names:
         raise UnknownMethodError(f"no method given; known methods: {', '.join(sorted(_REGISTRY))}")
     return [_REGISTRY[n] for n in dict.fromkeys(names)]
+
+
+def reference_method() -> MethodSpec:
+    """The registered dense baseline (the method whose class sets ``reference = True``).
+
+    Raises:
+        UnknownMethodError: if no registered method, or more than one, declares itself the reference.
+    """
+    refs = [spec for spec in method_specs() if spec.reference]
+    if len(refs) != 1:
+        raise UnknownMethodError(f"exactly one method must declare itself the dense reference "
+                                 f"(reference = True); found {', '.join(s.name for s in refs) or 'none'}")
+    return refs[0]
+
+
+def default_methods() -> list[MethodSpec]:
+    """The methods ``run`` sweeps when no ``--methods`` is given (``in_default_run = True``), reference first.
+
+    Raises:
+        UnknownMethodError: if no registered method declares itself part of the default run.
+    """
+    specs = sorted((s for s in method_specs() if s.in_default_run), key=lambda s: (not s.reference, s.name))
+    if not specs:
+        raise UnknownMethodError("no registered method declares itself part of the default run; name --methods")
+    return specs
+
+
+def declared_metrics(names: Any = None) -> dict[str, Metric]:
+    """Metric name -> :class:`Metric` declared by the methods ``names`` (all registered ones by default);
+    methods that are not registered (a store written with a plugin since uninstalled) contribute nothing.
+
+    Raises:
+        ValueError: if two methods declare one metric name with different units.
+    """
+    load_plugins()
+    specs = [_REGISTRY[n] for n in (sorted(_REGISTRY) if names is None else names) if n in _REGISTRY]
+    out: dict[str, Metric] = {}
+    for spec in specs:
+        for m in spec.reported_metrics:
+            if m.name in out and out[m.name].unit != m.unit:
+                raise ValueError(f"metric {m.name!r} is declared in {out[m.name].unit!r} and in {m.unit!r} "
+                                 f"(method {spec.name!r})")
+            out.setdefault(m.name, m)
+    return out

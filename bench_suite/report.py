@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from bench_suite.errors import ReportError
 from bench_suite.store import STORE_FILENAME, ResultsStore
 
 __all__ = [
@@ -42,11 +43,6 @@ __all__ = [
     "write_report",
     "summary_text",
 ]
-
-
-class ReportError(ValueError):
-    """A report that cannot be made from the user's input (unknown x axis, no store, no finished rows,
-    mixed groups, unexpected units). A ``ValueError``; the message is one line."""
 
 
 @dataclass(frozen=True)

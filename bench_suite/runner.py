@@ -37,6 +37,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from bench_suite.errors import UserError
 from bench_suite.backbones import get_profile, num_tokens
 from bench_suite.registry import MethodSpec, parse_methods
 from bench_suite.training import NonFiniteLossError, TrainSettings, fit_and_test
@@ -67,11 +68,6 @@ UNITS = {
     "tokens_in": "tokens", "token_keep_frac": "fraction", "mean_token_ratio": "fraction",
 }
 
-
-def _user_error(msg: str) -> Exception:
-    from bench_suite.cli import UserError
-
-    return UserError(msg)
 
 
 def profile_defaults(profile: str) -> dict[str, Any]:
@@ -110,9 +106,9 @@ def parse_keep_rates(text: str | None) -> list[float] | None:
         try:
             r = float(part)
         except ValueError:
-            raise _user_error(f"keep rate {part.strip()!r} is not a number") from None
+            raise UserError(f"keep rate {part.strip()!r} is not a number") from None
         if not 0.0 < r <= 1.0 or math.isnan(r):
-            raise _user_error(f"keep rate {r:g} is outside (0, 1]")
+            raise UserError(f"keep rate {r:g} is outside (0, 1]")
         rates.append(r)
     return rates
 
@@ -135,16 +131,16 @@ def parse_hparams(text: str | None, methods: Any) -> dict[str, dict[str, Any]]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _user_error(f"--hparams is not valid JSON ({e.msg} at character {e.pos}): {text!r}") from None
+        raise UserError(f"--hparams is not valid JSON ({e.msg} at character {e.pos}): {text!r}") from None
     if not isinstance(obj, dict):
-        raise _user_error('--hparams must be a JSON object {"<method>": {"<setting>": value}}')
+        raise UserError('--hparams must be a JSON object {"<method>": {"<setting>": value}}')
     names = sorted(set(methods))
     out: dict[str, dict[str, Any]] = {}
     for name, settings in obj.items():
         if name not in names:
-            raise _user_error(f"--hparams names method {name!r}, which is not in this run ({', '.join(names)})")
+            raise UserError(f"--hparams names method {name!r}, which is not in this run ({', '.join(names)})")
         if not isinstance(settings, dict):
-            raise _user_error(f'--hparams["{name}"] must be an object of settings, got {settings!r}')
+            raise UserError(f'--hparams["{name}"] must be an object of settings, got {settings!r}')
         out[name] = dict(settings)
     return out
 
@@ -156,7 +152,7 @@ def _check_output(output: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise _user_error(f"output folder {output} is not writable: {e.strerror or e}") from None
+        raise UserError(f"output folder {output} is not writable: {e.strerror or e}") from None
 
 
 class RunOptions:
@@ -173,7 +169,7 @@ class RunOptions:
         self.output = Path(cfg.output)
         self.seed = int(cfg.seed)
         if self.epochs < 0:
-            raise _user_error(f"--epochs must be >= 0, got {self.epochs}")
+            raise UserError(f"--epochs must be >= 0, got {self.epochs}")
 
 
 def _teacher_top1(teacher: torch.nn.Module, dm, run_dir: Path, settings: TrainSettings) -> float:
@@ -230,16 +226,16 @@ def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
     out, seen = [], set()
     for entry in plan:
         if len(entry) not in (2, 3):
-            raise _user_error(f"plan entries are (method, keep_rate[, overrides]), got {entry!r}")
+            raise UserError(f"plan entries are (method, keep_rate[, overrides]), got {entry!r}")
         method, rate = entry[0], float(entry[1])
         overrides = dict(entry[2] or {}) if len(entry) == 3 else {}
         spec = method if isinstance(method, MethodSpec) else get_method(str(method))
         if not 0.0 < rate <= 1.0:
-            raise _user_error(f"plan entry {spec.name}: keep rate {rate:g} is outside (0, 1]")
+            raise UserError(f"plan entry {spec.name}: keep rate {rate:g} is outside (0, 1]")
         settings = set(spec.defaults()) - {"keep_rate"}
         unknown = sorted(set(overrides) - settings)
         if unknown:
-            raise _user_error(f"plan entry {spec.name}: {', '.join(unknown)} is not a setting of the method "
+            raise UserError(f"plan entry {spec.name}: {', '.join(unknown)} is not a setting of the method "
                               f"(settings: {', '.join(k for k in spec.defaults() if k != 'keep_rate')})")
         ident = (spec.name, rate, canonical_json(overrides))
         if ident not in seen:
@@ -300,7 +296,7 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
         if settings.strategy == "auto":
             settings = replace(settings, strategy="ddp")
     if opts.batch_size % world:
-        raise _user_error(f"--batch-size {opts.batch_size} is not divisible by the {world} processes (the global "
+        raise UserError(f"--batch-size {opts.batch_size} is not divisible by the {world} processes (the global "
                           f"batch is split evenly across them); choose a multiple of {world}")
     plan = validate_plan(plan, opts.profile, skip_infeasible=skip_infeasible, log=log)
     dm = make_datamodule(cfg, train_subset=opts.train_subset, batch_size=opts.batch_size)
@@ -511,18 +507,18 @@ def setup_data(cfg: Any, dm) -> None:
     if cfg.data_dir is not None:
         d = Path(cfg.data_dir)
         if not d.exists():
-            raise _user_error(f"data folder {d} does not exist")
+            raise UserError(f"data folder {d} does not exist")
         if not d.is_dir():
-            raise _user_error(f"data folder {d} is not a folder")
+            raise UserError(f"data folder {d} is not a folder")
         if not any(d.iterdir()):
-            raise _user_error(f"data folder {d} is empty")
+            raise UserError(f"data folder {d} is empty")
     dm.setup()
     paths = getattr(dm, "paths", None)
     if cfg.data_dir is not None and isinstance(paths, dict):
         root = Path(cfg.data_dir).resolve()
         outside = [str(p) for p in paths.values() if not Path(p).resolve().is_relative_to(root)]
         if outside:
-            raise _user_error(f"data folder {cfg.data_dir} holds no {cfg.data} files (it would fall back to "
+            raise UserError(f"data folder {cfg.data_dir} holds no {cfg.data} files (it would fall back to "
                               f"{Path(outside[0]).parent}); fix --data-dir or leave it out")
 
 
@@ -555,16 +551,16 @@ def validate_plan(plan: list[tuple[MethodSpec, float, dict[str, Any]]], profile,
             if skip_infeasible:
                 log(f"{why}: left out")
                 continue
-            raise _user_error(f"{why}; the smallest keep rate here is 1/{n} = {1 / n:.4g}")
+            raise UserError(f"{why}; the smallest keep rate here is 1/{n} = {1 / n:.4g}")
         kept.append((spec, rate, overrides))
         try:
             spec.factory(copy.deepcopy(reference), keep_rate=rate, teacher=None, **overrides)
         except (ValueError, TypeError, NotImplementedError) as e:
-            raise _user_error(f"{spec.name} at keep rate {rate:g}"
+            raise UserError(f"{spec.name} at keep rate {rate:g}"
                               + "".join(f", {k}={v!r}" for k, v in overrides.items())
                               + f" cannot be built on profile {profile.name!r}: {str(e).splitlines()[0]}") from None
     if not kept:
-        raise _user_error(f"no configuration of the plan fits profile {profile.name!r} ({n} tokens)")
+        raise UserError(f"no configuration of the plan fits profile {profile.name!r} ({n} tokens)")
     return kept
 
 
@@ -601,19 +597,19 @@ def _processes(settings: TrainSettings):
 
     strategy = str(settings.strategy)
     if strategy not in SUPPORTED_STRATEGIES:
-        raise _user_error(f"--strategy {strategy} is not supported by the sweep runner; use {', '.join(SUPPORTED_STRATEGIES)}"
+        raise UserError(f"--strategy {strategy} is not supported by the sweep runner; use {', '.join(SUPPORTED_STRATEGIES)}"
                           " (every process runs the sweep, as under srun)")
     try:
         fabric = Fabric(accelerator=settings.accelerator, devices=settings.devices, num_nodes=settings.num_nodes,
                         strategy="auto" if strategy == "auto" else "ddp")
     except Exception as e:  # noqa: BLE001 - Lightning's MisconfigurationException, ValueError, RuntimeError
-        raise _user_error(f"cannot run on --accelerator {settings.accelerator} --devices {settings.devices} "
+        raise UserError(f"cannot run on --accelerator {settings.accelerator} --devices {settings.devices} "
                           f"--num-nodes {settings.num_nodes}: {str(e).splitlines()[0]}") from None
     world = int(fabric.world_size)
     if world == 1:
         return None, 1
     if not isinstance(fabric.strategy, DDPStrategy):
-        raise _user_error(f"{world} processes need --strategy ddp, Lightning chose {type(fabric.strategy).__name__}")
+        raise UserError(f"{world} processes need --strategy ddp, Lightning chose {type(fabric.strategy).__name__}")
     return fabric, world
 
 

@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from bench_suite.errors import UserError
 from bench_suite.backbones import create_backbone, get_profile, keep_count, num_tokens
 
 __all__ = [
@@ -643,7 +644,6 @@ def _parse_json(text: str | None) -> dict[str, Any] | None:
 def run_from_cli(cfg: Any) -> dict[str, Any]:
     """``python -m bench_suite speed``: parse the subcommand's options and run; errors a user can fix become
     :class:`bench_suite.cli.UserError`."""
-    from bench_suite.cli import UserError
     from bench_suite.kernels import KernelBuildError, build_info, load_kernel
 
     if cfg.build:

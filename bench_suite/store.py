@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
+from bench_suite.errors import StoreCorruptError
+
 __all__ = [
     "SCHEMA_VERSION",
     "STORE_FILENAME",
@@ -75,10 +77,6 @@ CREATE TABLE IF NOT EXISTS results (
 );
 CREATE INDEX IF NOT EXISTS results_group ON results (profile, dataset, method, keep_rate);
 """
-
-
-class StoreCorruptError(Exception):
-    """The results file exists but is not a readable bench_suite SQLite store. The file is left untouched."""
 
 
 # --------------------------------------------------------------------------- keys

@@ -49,6 +49,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench_suite.errors import DataFileError, UserError
+
 __all__ = [
     "DATA_FILE",
     "TABLES",
@@ -89,15 +91,6 @@ _REQUIRED = ("table", "row", "model", "backbone", *_PAPER_NUMBERS, "suite_method
              "suite_overrides", "suite_role", "mhsa_reproducible", "overall_reproducible", "note")
 _ROLES = ("same", "flops_proxy")
 
-
-class DataFileError(ValueError):
-    """The paper-results data file is missing, malformed, or names an unknown method/profile."""
-
-
-def _user_error(message: str) -> Exception:
-    from bench_suite.cli import UserError
-
-    return UserError(message)
 
 
 # --------------------------------------------------------------------------- the data file
@@ -227,7 +220,7 @@ def _check_tables(tables: int | Iterable[int] | None) -> tuple[int, ...]:
     out = (int(tables),) if isinstance(tables, (int, float, str)) else tuple(int(t) for t in tables)
     bad = [t for t in out if t not in TABLES]
     if bad or not out:
-        raise _user_error(f"--table must be one of {', '.join(map(str, TABLES))}, got {', '.join(map(str, bad))}")
+        raise UserError(f"--table must be one of {', '.join(map(str, TABLES))}, got {', '.join(map(str, bad))}")
     return out
 
 
@@ -299,21 +292,20 @@ def flops_images(profiles: Iterable[str], data: str = "fashion_mnist", data_dir:
             return out, f"the first {name} test image, resized by the datamodule{note}"
         except (DataError, OSError) as e:
             errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    raise _user_error("no test image to count FLOPs on: " + "; ".join(errors))
+    raise UserError("no test image to count FLOPs on: " + "; ".join(errors))
 
 
 def _fast_impl() -> str | None:
     """``"cpp"`` when the fused sparse attention kernel is already compiled for this code version (cached by
     the hash of its sources; never compiled here), else None. The implementation only changes how fast the
     count's forward pass runs, not the count: the sparse product is counted from its shapes
-    (``sparsifiner::sparse_attention``) whichever implementation runs inside."""
+    (``bench_suite::sparse_attention``) whichever implementation runs inside."""
     try:
-        from bench_suite.kernels import build_info, load_kernel, register
+        from bench_suite.kernels import build_info, load_kernel
 
         if not build_info()["cached"]:
             return None
         load_kernel()
-        register()
         return "cpp"
     except Exception:  # noqa: BLE001 - any kernel problem: count with the torch implementation
         return None
@@ -358,8 +350,6 @@ def count_one(profile: str, cfg: SuiteConfig, image: torch.Tensor, impl: str | N
 def _count_task(tasks: list[tuple[str, SuiteConfig, torch.Tensor]], threads: int) -> list[FlopCount]:
     """Worker-process entry: count ``tasks`` with ``threads`` intra-op threads."""
     torch.set_num_threads(max(1, threads))
-    import methods  # noqa: F401  (registers the built-in methods in a spawned process)
-
     impl = _fast_impl()
     return [count_one(p, cfg, image, impl) for p, cfg, image in tasks]
 

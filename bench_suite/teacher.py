@@ -26,16 +26,13 @@ import torch
 from torch import nn
 
 from bench_suite.backbones import create_backbone, get_profile
+from bench_suite.errors import TeacherError
 
 __all__ = ["TeacherError", "TeacherRecipe", "TEACHER_RECIPES", "teacher_key", "load_teacher_checkpoint",
            "export_checkpoint", "shipped_teachers", "ASSETS_DIR", "file_sha256"]
 
 ASSETS_DIR = Path(__file__).parent / "assets" / "teachers"
 FORMAT = "bench_suite.teacher/1"
-
-
-class TeacherError(RuntimeError):
-    """A teacher checkpoint is unreadable or does not fit the requested backbone/dataset."""
 
 
 @dataclass(frozen=True)

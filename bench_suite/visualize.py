@@ -22,13 +22,10 @@ from typing import Any
 
 import torch
 
+from bench_suite.errors import UserError
+
 __all__ = ["find_checkpoint", "load_module", "collect_maps", "query_maps", "plot_maps", "visualize"]
 
-
-def _user_error(message: str) -> Exception:
-    from bench_suite.cli import UserError
-
-    return UserError(message)
 
 
 def find_checkpoint(output: str | Path, method: str, keep_rate: float, profile: str,
@@ -45,7 +42,7 @@ def find_checkpoint(output: str | Path, method: str, keep_rate: float, profile: 
     store_path = output / STORE_FILENAME
     hint = "train it with 'python -m bench_suite run' or pass --checkpoint PATH"
     if not store_path.is_file():
-        raise _user_error(f"no results store at {store_path}; {hint}")
+        raise UserError(f"no results store at {store_path}; {hint}")
     with ResultsStore(store_path) as store:
         rows = store.rows(method=method, profile=profile, dataset=dataset)
     if len(rows):
@@ -56,7 +53,7 @@ def find_checkpoint(output: str | Path, method: str, keep_rate: float, profile: 
             path = output / "runs" / str(key) / "checkpoints" / "last.ckpt"
             if path.is_file():
                 return path
-    raise _user_error(f"no trained checkpoint of {method} at keep rate {keep_rate:g} ({profile}, {dataset}) "
+    raise UserError(f"no trained checkpoint of {method} at keep rate {keep_rate:g} ({profile}, {dataset}) "
                       f"under {output}; {hint}")
 
 
@@ -74,16 +71,16 @@ def load_module(method: str, checkpoint: str | Path, profile: str, num_classes: 
 
     path = Path(checkpoint)
     if not path.is_file():
-        raise _user_error(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist")
     spec = get_method(method)
     try:  # checkpoints hold the student only (BenchModule.on_save_checkpoint); loading is strict
         module = spec.factory.load_from_checkpoint(str(path), backbone=create_backbone(profile, num_classes=num_classes),
                                                    teacher=None, map_location="cpu")
     except (RuntimeError, KeyError, TypeError) as e:
-        raise _user_error(f"cannot load {path} as {method} on the {profile} profile: "
+        raise UserError(f"cannot load {path} as {method} on the {profile} profile: "
                           f"{str(e).splitlines()[0]}") from None
     if not all(isinstance(b.attn, SparsifinerAttention) for b in module.model.blocks):
-        raise _user_error(f"method {method!r} has no Sparsifiner attention to visualise "
+        raise UserError(f"method {method!r} has no Sparsifiner attention to visualise "
                           f"(use sparsifiner or sparsif_evit)")
     return module
 
@@ -209,17 +206,17 @@ def visualize(method: str = "sparsifiner", keep_rate: float = 0.25, output: str 
     from datamodules import create_datamodule
 
     if images < 1:
-        raise _user_error(f"--images must be at least 1, got {images}")
+        raise UserError(f"--images must be at least 1, got {images}")
     prof = get_profile(profile)
     path = Path(checkpoint) if checkpoint is not None else find_checkpoint(output, method, keep_rate, profile, data)
     module = load_module(method, path, profile)
     if abs(module.keep_rate - float(keep_rate)) > 1e-9:
-        raise _user_error(f"checkpoint {path} has attention keep rate {module.keep_rate:g}, not {keep_rate:g}")
+        raise UserError(f"checkpoint {path} has attention keep rate {module.keep_rate:g}, not {keep_rate:g}")
     gh, gw = module.model.patch_embed.grid_size
     n_patches = gh * gw
     query = _grid_centre(gh, gw) if query is None else int(query)
     if not 0 <= query < n_patches:
-        raise _user_error(f"--query must be a patch index in [0, {n_patches}) for the {gh}x{gw} grid, got {query}")
+        raise UserError(f"--query must be a patch index in [0, {n_patches}) for the {gh}x{gw} grid, got {query}")
     dm = create_datamodule(data, data_dir=data_dir, img_size=prof.img_size, in_chans=prof.in_chans, batch_size=images)
     x, y = dm.sample_batch(images, split="test")
     layers = collect_maps(module, x)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from datamodules.errors import DataError
+from bench_suite.errors import DataError
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from datamodules.imagefolder import ImageFolderDataModule
 

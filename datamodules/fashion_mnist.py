@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import SplitDataModule
-from datamodules.errors import DataError
+from bench_suite.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path(os.environ.get("BENCH_SUITE_CACHE", Path.home() / ".cache" / "bench_suite")) / "data"

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Subset
 
 from datamodules.base import SplitDataModule
-from datamodules.errors import DataError
+from bench_suite.errors import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

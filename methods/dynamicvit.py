@@ -52,7 +52,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from bench_suite.backbones import pruning_stages
-from bench_suite.registry import register_method
+from bench_suite.registry import Metric, register_method
 from methods.adapter import merge_heads, split_heads, swap_class
 from methods.base import BenchModule, ForwardOutput, check_keep_rate
 
@@ -341,6 +341,11 @@ class DynamicViT(BenchModule):
         ValueError: for a keep rate outside (0, 1], a backbone too shallow for three stages, or a
             negative loss weight / learning-rate scale.
     """
+
+    plot_color, plot_marker = "#d55e00", "D"
+    reported_metrics = (
+        Metric("mean_token_ratio", "fraction", description="mean over blocks of the tokens kept at inference / N"),
+    )
 
     def __init__(
         self,

@@ -40,7 +40,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from bench_suite.backbones import keep_count, num_tokens, pruning_stages
-from bench_suite.registry import register_method
+from bench_suite.registry import Metric, register_method
 from methods.adapter import attention_probs, merge_heads, split_heads, swap_class
 from methods.base import BenchModule, check_keep_rate
 
@@ -285,6 +285,13 @@ class EViT(BenchModule):
     Raises:
         ValueError: for a keep rate outside (0, 1] or invalid stages.
     """
+
+    in_default_run = True
+    plot_color, plot_marker = "#029e73", "^"
+    reported_metrics = (
+        Metric("tokens_in", "tokens", description="tokens entering the first block"),
+        Metric("token_keep_frac", "fraction", description="mean over blocks of the tokens each MHSA sees / N"),
+    )
 
     def __init__(self, backbone: nn.Module, keep_rate: float = 0.7, teacher: nn.Module | None = None,
                  stages: tuple[int, ...] | None = None, **kwargs) -> None:

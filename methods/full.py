@@ -18,6 +18,10 @@ class FullAttention(BenchModule):
         ValueError: for any keep rate other than 1.0 (dense attention keeps everything).
     """
 
+    reference = True  # the dense baseline: the teacher's evaluation and the speed ratios refer to it
+    in_default_run = True
+    plot_color, plot_marker = "#0173b2", "o"
+
     def __init__(self, backbone: nn.Module, keep_rate: float = 1.0, teacher: nn.Module | None = None,
                  **kwargs) -> None:
         if keep_rate != 1.0:

@@ -39,7 +39,7 @@ from timm.layers import Attention
 from torch import nn
 
 from bench_suite.backbones import keep_count, num_tokens
-from bench_suite.registry import register_method
+from bench_suite.registry import Metric, register_method
 from methods.adapter import merge_heads, split_heads, swap_class
 from methods.base import BenchModule
 
@@ -155,6 +155,12 @@ class Linformer(BenchModule):
     Raises:
         ValueError: for a keep rate outside (0, 1], ``k`` outside ``[1, N]`` or an unknown ``proj_init``.
     """
+
+    plot_color, plot_marker = "#cc78bc", "v"
+    reported_metrics = (
+        Metric("k", "tokens", description="projected length of keys and values"),
+        Metric("k_over_n", "fraction", description="k / N, the attention keep rate used"),
+    )
 
     def __init__(
         self,

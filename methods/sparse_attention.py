@@ -11,31 +11,21 @@ Transformers", CVPR 2023, section 3. Per layer and head (shapes ``[B, H, ...]``;
   ``W_up [n_down, N]`` whose entries with ``|w| < 1e-2`` are zero, and the connectivity mask
   ``M = 1[top-B(scores)]``: exactly ``B = ceil(keep_rate * N)`` keys per query row;
 * eq. 4-6, sparse MHSA: ``softmax(q k^T / sqrt(d))`` evaluated only at the ``B`` kept keys of each row
-  and the sparse attention-value product. :func:`sparse_attention_torch` gathers the ``B`` keys and
-  values of each query (no dense ``N x N`` tensor); :func:`dense_masked_attention` is the dense
-  ``masked_fill(-inf)`` reference (the official code's way) used by the tests.
+  and the sparse attention-value product, through :func:`bench_suite.kernels.sparse_attention` (the one
+  dispatcher: the PyTorch gather reference, the fused C++ kernels, or a registered implementation; no
+  dense ``N x N`` tensor); :func:`dense_masked_attention` is the dense ``masked_fill(-inf)`` reference
+  (the official code's way) used by the tests.
 
 The query rows of the predictor and of the sparse product may be a subset of the tokens
 (``Nq <= Nk``): by default the CLS query row is kept full (see :func:`sparsifiner_attention`).
-
-Sparse attention implementations
---------------------------------
-:data:`SPARSE_ATTENTION_IMPLS` maps a name to ``fn(q [B,H,Nq,d], k [B,H,Nk,d], v [B,H,Nk,d],
-idx [B,H,Nq,Bk] int64, scale: float) -> out [B,H,Nq,d]`` = for every query row the softmax over its
-``Bk`` selected keys of ``(q . k) * scale`` and the weighted sum of their values (``Nq`` may differ
-from ``Nk``). ``"torch"`` (:func:`sparse_attention_torch`) is the differentiable reference; other
-implementations (e.g. the C++ kernel) register with :func:`register_sparse_attention_impl` and are
-selected by name (``impl=``; module default :data:`DEFAULT_IMPL`). An implementation registered as
-differentiable (:data:`DIFFERENTIABLE_IMPLS`; the C++ ``"cpp"``/``"auto"`` entries, which have a fused
-backward kernel) also runs in training; for any other the torch path runs whenever a gradient is needed.
 
 FLOP counting (``bench_suite.flops``, 1 MAC = 1 FLOP, per head)
 ---------------------------------------------------------------
 While ``torch.jit`` traces the model (fvcore), the dense emulations of sparse products run through
 custom ops that fvcore counts exactly:
 
-* ``sparsifiner::sparse_attention`` (shape-exact handle): ``2 * Nq * Bk * d`` (``q k`` at the mask's
-  nonzeros and the attention-value product), whatever implementation runs inside;
+* ``bench_suite::sparse_attention`` (shape-exact handle, :mod:`bench_suite.kernels`): ``2 * Nq * Bk * d``
+  (``q k`` at the mask's nonzeros and the attention-value product), whatever implementation runs inside;
 * ``sparsifiner::sparse_sparse_matmul`` (zero handle) plus a :func:`bench_suite.flops.mark_macs` marker
   with the measured ``sum over nonzeros (i, j) of A~_down of nnz(W_up[j, :])``;
 * ``sparsifiner::position_mix`` (zero handle) plus a marker with ``n_down * nnz`` of the soft-position
@@ -46,26 +36,19 @@ matmuls that fvcore counts from shapes. Thresholds, softmax and top-k are free (
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from bench_suite.backbones import keep_count
+from bench_suite.flops import mark_macs, register_flop_handle, zero_flop_handle
+from bench_suite.kernels import CONNECTIVITY_TOPK_IMPLS, DEFAULT_IMPL, sparse_attention
 
 __all__ = [
-    "SPARSE_ATTENTION_IMPLS",
-    "DEFAULT_IMPL",
-    "register_sparse_attention_impl",
-    "DIFFERENTIABLE_IMPLS",
-    "get_sparse_attention_impl",
     "attention_budget",
     "default_n_down",
-    "sparse_attention_torch",
     "sparse_attention_probs",
-    "sparse_attention",
     "dense_masked_attention",
     "topk_connectivity",
     "indices_to_mask",
@@ -83,9 +66,6 @@ __all__ = [
     "sparsifiner_attention",
     "sparsifiner_mhsa_macs",
 ]
-
-SparseAttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
-
 
 # --------------------------------------------------------------------------- budget and sizes
 def attention_budget(keep_rate: float, n_keys: int) -> int:
@@ -143,133 +123,10 @@ def sparse_attention_probs(q: Tensor, k: Tensor, idx: Tensor, scale: float) -> T
     return logits.softmax(dim=-1)
 
 
-def sparse_attention_torch(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float) -> Tensor:
-    """Sparse MHSA by gathering (paper eq. 4-6), differentiable; the ``"torch"`` implementation.
-
-    For every query row ``i`` only its ``Bk`` selected keys/values are gathered
-    (``[B, H, Nq, Bk, d]``), so memory and multiply-accumulates are ``O(Nq Bk d)``, never ``Nq x Nk``:
-    ``out_i = sum_j softmax_j((q_i . k_idx[i,j]) * scale) v_idx[i,j]``.
-
-    Args:
-        q: ``[B, H, Nq, d]``; k, v: ``[B, H, Nk, d]``; idx: ``[B, H, Nq, Bk]`` int64 in ``[0, Nk)``;
-        scale: logit scale.
-
-    Returns:
-        ``[B, H, Nq, d]``.
-
-    Raises:
-        ValueError: for inconsistent shapes.
-    """
-    _check_sparse_args(q, k, v, idx)
-    probs = sparse_attention_probs(q, k, idx, scale)  # [B, H, Nq, Bk]
-    v_sel = _gather_rows(v, idx)  # [B, H, Nq, Bk, d]
-    return torch.matmul(probs.unsqueeze(-2), v_sel).squeeze(-2)
-
-
-def _check_sparse_args(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> None:
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or idx.ndim != 4:
-        raise ValueError(f"sparse attention needs q [B,H,Nq,d], k/v [B,H,Nk,d], idx [B,H,Nq,Bk]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(idx.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or idx.shape[:3] != q.shape[:3]:
-        raise ValueError(f"sparse attention shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"idx {tuple(idx.shape)}")
-
-
-SPARSE_ATTENTION_IMPLS: dict[str, SparseAttentionFn] = {"torch": sparse_attention_torch}
-"""Name -> sparse attention implementation (see the module docstring for the contract)."""
-
-CONNECTIVITY_TOPK_IMPLS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {}
-"""Name -> fused ``fn(coef [B,H,Nq,n_down], w_up [(B,)Hw,n_down,Nk], budget) -> idx [B,H,Nq,budget]`` computing
-``top-B(coef @ w_up)`` per row without the score tensor (eq. 3); used with the sparse attention
-implementation of the same name when no gradient, trace or record is needed."""
-
-
-def register_connectivity_topk_impl(name: str, fn: Callable[[Tensor, Tensor, int], Tensor]) -> None:
-    """Add a fused connectivity top-B implementation under ``name`` (e.g. ``"cpp"``)."""
-    if not name or not callable(fn):
-        raise ValueError(f"invalid connectivity top-k implementation {name!r}")
-    CONNECTIVITY_TOPK_IMPLS[name] = fn
-
-
-DEFAULT_IMPL = "torch"
-"""Implementation used when none is named (a module attribute other code may set)."""
-
-
-DIFFERENTIABLE_IMPLS: set[str] = {"torch"}
-"""Implementations that may run while autograd records (they give gradients of ``q``, ``k``, ``v``); for the
-others :func:`sparse_attention` takes the ``"torch"`` path whenever a gradient is needed."""
-
-
-def register_sparse_attention_impl(name: str, fn: SparseAttentionFn, differentiable: bool = False) -> None:
-    """Add (or replace) a sparse attention implementation under ``name``; ``differentiable=True`` if ``fn``
-    supports autograd (then training uses it too, see :data:`DIFFERENTIABLE_IMPLS`).
-
-    Raises:
-        ValueError: for an empty name or replacing ``"torch"``.
-        TypeError: for a non-callable ``fn``.
-    """
-    if not name or name == "torch":
-        raise ValueError(f"cannot register a sparse attention implementation named {name!r}")
-    if not callable(fn):
-        raise TypeError(f"sparse attention implementation {name!r} must be callable")
-    SPARSE_ATTENTION_IMPLS[name] = fn
-    if differentiable:
-        DIFFERENTIABLE_IMPLS.add(name)
-    else:
-        DIFFERENTIABLE_IMPLS.discard(name)
-
-
-def get_sparse_attention_impl(name: str | None = None) -> SparseAttentionFn:
-    """The implementation registered as ``name`` (``None``: :data:`DEFAULT_IMPL`).
-
-    Raises:
-        ValueError: for an unknown name; the message lists the known ones.
-    """
-    name = DEFAULT_IMPL if name is None else name
-    try:
-        return SPARSE_ATTENTION_IMPLS[name]
-    except KeyError:
-        raise ValueError(f"unknown sparse attention implementation {name!r}; known: "
-                         f"{', '.join(sorted(SPARSE_ATTENTION_IMPLS))}") from None
-
-
-@torch.library.custom_op("sparsifiner::sparse_attention", mutates_args=())
-def _sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, impl: str) -> Tensor:
-    """Opaque sparse attention for the FLOP trace (counted by :func:`_sparse_attention_flop_handle`)."""
-    return get_sparse_attention_impl(impl)(q, k, v, idx, scale).contiguous()
-
-
-@_sparse_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, impl: str) -> Tensor:
-    return torch.empty_like(q)
-
-
-def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, impl: str | None = None) -> Tensor:
-    """Sparse MHSA with the chosen implementation: ``[B,H,Nq,d]`` (see :data:`SPARSE_ATTENTION_IMPLS`).
-
-    When a gradient is needed (autograd enabled and an input requires grad) and ``impl`` is not in
-    :data:`DIFFERENTIABLE_IMPLS`, the differentiable ``"torch"`` path runs instead. While ``torch.jit`` traces (FLOP counting) the call
-    is recorded as the single op ``sparsifiner::sparse_attention``, counted ``2 * Nq * Bk * d`` per
-    ``[B, H]`` pair.
-
-    Raises:
-        ValueError: for an unknown implementation or inconsistent shapes.
-    """
-    fn = get_sparse_attention_impl(impl)
-    if torch.jit.is_tracing():
-        _check_sparse_args(q, k, v, idx)
-        return _sparse_attention_op(q, k, v, idx, float(scale), DEFAULT_IMPL if impl is None else impl)
-    name = DEFAULT_IMPL if impl is None else impl
-    if name not in DIFFERENTIABLE_IMPLS and torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or v.requires_grad):
-        fn = sparse_attention_torch
-    return fn(q, k, v, idx, float(scale))
-
-
 def dense_masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Dense reference of the sparse MHSA: ``softmax(masked_fill(q k^T * scale, ~mask, -inf)) v``.
 
-    The official code's (dense, no speed-up) form of eq. 4-6; used to check :func:`sparse_attention_torch`.
+    The official code's (dense, no speed-up) form of eq. 4-6; used to check the sparse implementations.
 
     Args:
         q: ``[B, H, Nq, d]``; k, v: ``[B, H, Nk, d]``; mask: bool ``[B, H, Nq, Nk]`` (every row needs
@@ -385,7 +242,6 @@ def connectivity_scores(coef: Tensor, w_up: Tensor) -> Tensor:
         ``[B, H, Nq, Nk]``.
     """
     if torch.jit.is_tracing():
-        from bench_suite.flops import mark_macs
 
         return mark_macs(_sparse_sparse_matmul_op(coef, w_up), sparse_product_macs(coef, w_up))
     return torch.matmul(coef, w_up)
@@ -423,7 +279,6 @@ def mix_positions(w: Tensor, positions: Tensor) -> Tensor:
         ``[B, Hw, n_down, N]``.
     """
     if torch.jit.is_tracing():
-        from bench_suite.flops import mark_macs
 
         macs = position_mix_macs(w.shape[0] * w.shape[1], positions)
         return mark_macs(_position_mix_op(w, positions), macs)
@@ -607,7 +462,7 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
         predictor: the layer's :class:`ConnectivityPredictor`.
         keep_rate: attention keep rate in (0, 1].
         cls_full_row: keep the CLS query row dense.
-        impl: sparse attention implementation (:data:`SPARSE_ATTENTION_IMPLS`).
+        impl: sparse attention implementation (:data:`bench_suite.kernels.SPARSE_ATTENTION_IMPLS`).
         dense: full attention instead of sparse (training phase 1 of the official code); the predictor
             still runs if ``need_predictor``.
         positions: soft positions ``[B, N, N0]`` of the tokens (after token pruning), else ``None``.
@@ -687,21 +542,5 @@ def sparsifiner_mhsa_macs(n_tokens: int, head_dim: int, num_heads: int, n_down: 
     return num_heads * (lowrank + proj + 2 * head_dim * nnz_m) + int(coef_nnz_macs)
 
 
-def _register_flop_handles() -> None:
-    """fvcore handles of this module's custom ops (see the module docstring)."""
-    try:
-        from bench_suite.flops import register_flop_handle, zero_flop_handle
-    except ImportError:  # FLOP counting not available: nothing to register
-        return
-
-    def sparse_attention_handle(inputs: list, outputs: list) -> int:
-        q = inputs[0].type().sizes()
-        idx = inputs[3].type().sizes()
-        return 2 * math.prod(idx) * int(q[-1])
-
-    register_flop_handle("sparsifiner::sparse_attention", sparse_attention_handle)
-    register_flop_handle("sparsifiner::sparse_sparse_matmul", zero_flop_handle)
-    register_flop_handle("sparsifiner::position_mix", zero_flop_handle)
-
-
-_register_flop_handles()
+register_flop_handle("sparsifiner::sparse_sparse_matmul", zero_flop_handle)  # counted by its mark_macs marker
+register_flop_handle("sparsifiner::position_mix", zero_flop_handle)  # likewise

@@ -314,15 +314,13 @@ def test_missing_compiler_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
     assert not loader.kernel_available()
 
 
-def test_registers_as_sparsifiner_cpp_impl() -> None:
-    sa = pytest.importorskip("methods.sparse_attention")
-    kernels.register()
-    fn = sa.get_sparse_attention_impl("cpp")
+def test_cpp_impl_is_registered_and_trains() -> None:
+    fn = kernels.get_sparse_attention_impl("cpp")
     q, k, v, idx = random_case(2, 3, 40, 41, 64, 6, seed=14)
     scale = 64 ** -0.5
     with torch.inference_mode():
-        out = sa.sparse_attention(q, k, v, idx, scale, impl="cpp")
-        torch.testing.assert_close(out, sa.SPARSE_ATTENTION_IMPLS["torch"](q, k, v, idx, scale), rtol=1e-5,
+        out = kernels.sparse_attention(q, k, v, idx, scale, impl="cpp")
+        torch.testing.assert_close(out, kernels.SPARSE_ATTENTION_IMPLS["torch"](q, k, v, idx, scale), rtol=1e-5,
                                    atol=1e-6)
         assert fn(q, k, v, idx, scale).transpose(1, 2).is_contiguous()  # the kernel ran
     q.requires_grad_(True)  # the registered entry trains through the kernel's backward
@@ -330,7 +328,7 @@ def test_registers_as_sparsifiner_cpp_impl() -> None:
     assert type(out.grad_fn).__name__.startswith("_SparseAttentionCpp")
     out.sum().backward()
     assert q.grad is not None
-    assert "cpp" in sa.DIFFERENTIABLE_IMPLS and "auto" in sa.DIFFERENTIABLE_IMPLS
+    assert "cpp" in kernels.DIFFERENTIABLE_IMPLS and "auto" in kernels.DIFFERENTIABLE_IMPLS
 
 
 def test_kernel_matches_torch_on_many_random_shapes() -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench_suite import kernels as K
 from methods import sparse_attention as sa
 
 
@@ -48,7 +49,7 @@ def test_sparse_attention_equals_dense_masked_reference_outputs_and_gradients(nq
     idx = _random_idx(b, h, n - nq_offset, n, budget)
     qr = q[:, :, nq_offset:]
     scale = d ** -0.5
-    out_sparse = sa.sparse_attention_torch(qr, k, v, idx, scale)
+    out_sparse = K.sparse_attention_torch(qr, k, v, idx, scale)
     out_dense, probs = sa.dense_masked_attention(qr, k, v, sa.indices_to_mask(idx, n), scale)
     torch.testing.assert_close(out_sparse, out_dense, rtol=1e-10, atol=1e-12)
     assert (probs > 0).sum(-1).eq(budget).all()
@@ -66,13 +67,13 @@ def test_sparse_attention_with_all_keys_is_full_attention():
     n, d = q.shape[2], q.shape[3]
     idx = _random_idx(q.shape[0], q.shape[1], n, n, n)  # every key, in a random order
     full = torch.softmax(q @ k.transpose(-2, -1) * d ** -0.5, -1) @ v
-    torch.testing.assert_close(sa.sparse_attention_torch(q, k, v, idx, d ** -0.5), full)
+    torch.testing.assert_close(K.sparse_attention_torch(q, k, v, idx, d ** -0.5), full)
 
 
 def test_sparse_attention_rejects_bad_shapes():
     q, k, v = _qkv()
     with pytest.raises(ValueError):
-        sa.sparse_attention_torch(q, k, v, torch.zeros(2, 3, 5, 2, dtype=torch.long), 1.0)
+        K.sparse_attention_torch(q, k, v, torch.zeros(2, 3, 5, 2, dtype=torch.long), 1.0)
 
 
 def test_impl_registry_and_torch_path_under_grad():
@@ -82,22 +83,22 @@ def test_impl_registry_and_torch_path_under_grad():
 
     def fake(q_, k_, v_, idx_, scale):
         calls.append(1)
-        return sa.sparse_attention_torch(q_, k_, v_, idx_, scale)
+        return K.sparse_attention_torch(q_, k_, v_, idx_, scale)
 
     with pytest.raises(ValueError, match="known: .*torch"):
-        sa.get_sparse_attention_impl("nope")
+        K.get_sparse_attention_impl("nope")
     with pytest.raises(ValueError):
-        sa.register_sparse_attention_impl("torch", fake)
-    sa.register_sparse_attention_impl("test_fake", fake)
+        K.register_sparse_attention_impl("torch", fake)
+    K.register_sparse_attention_impl("test_fake", fake)
     try:
         with torch.no_grad():
-            sa.sparse_attention(q, k, v, idx, 0.3, impl="test_fake")
+            K.sparse_attention(q, k, v, idx, 0.3, impl="test_fake")
         assert calls == [1]
         qg = q.clone().requires_grad_(True)
-        out = sa.sparse_attention(qg, k, v, idx, 0.3, impl="test_fake")  # needs a gradient: torch path
+        out = K.sparse_attention(qg, k, v, idx, 0.3, impl="test_fake")  # needs a gradient: torch path
         assert calls == [1] and out.requires_grad
     finally:
-        sa.SPARSE_ATTENTION_IMPLS.pop("test_fake")
+        K.SPARSE_ATTENTION_IMPLS.pop("test_fake")
 
 
 # --------------------------------------------------------------------------- predictor (eq. 1-3)
@@ -200,7 +201,7 @@ class _HandMadeAttn(nn.Module):
 
     def forward(self, x):
         q, k, v, idx, coef, w_up = self.t
-        out = sa.sparse_attention(q, k, v, idx, 0.5)
+        out = K.sparse_attention(q, k, v, idx, 0.5)
         scores = sa.connectivity_scores(coef, w_up)
         return x + out.sum() * 0 + scores.sum() * 0
 

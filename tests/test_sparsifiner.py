@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from bench_suite.backbones import create_backbone
 from methods.adapter import merge_heads, split_heads
 from methods.sparse_attention import attention_budget
-from methods.sparsifiner import SparsifEViT, Sparsifiner, SparsifinerAttention
+from methods.sparsif_evit import SparsifEViT
+from methods.sparsifiner import Sparsifiner, SparsifinerAttention
 
 
 def have_fashion_mnist() -> bool:

@@ -233,7 +233,7 @@ def test_cli_table4_in_process(tmp_path, capsys):
 
 
 def test_run_plan_and_data_file_checks(tmp_path):
-    from bench_suite.cli import UserError
+    from bench_suite.errors import UserError
     from bench_suite.runner import resolve_plan
 
     plan1 = run_plan(1)

@@ -10,7 +10,9 @@ Shapes: ``q [B, H, Nq, d]``, ``k, v [B, H, Nk, d]`` (``Nq = Nk = N`` in self-att
 ``idx [B, H, Nq, Bk]`` int64 (the C++ kernel also takes int32), ``out [B, H, Nq, d]``. Cost:
 ``2 * B * H * Nq * Bk * d`` multiply-accumulates, against ``2 * B * H * Nq * Nk * d`` for dense attention.
 
-Implementations (``impl=``):
+This module is the one home of sparse attention: the PyTorch reference, the registry of implementations
+(:data:`SPARSE_ATTENTION_IMPLS`, :func:`register_sparse_attention_impl`) and the one dispatcher
+(:func:`sparse_attention`) that every model and benchmark calls. Implementations (``impl=``):
 
 - ``"cpp"``: :func:`sparse_attention_cpp`, the fused kernel (``csrc/sparse_attention.cpp``; OpenMP over
   ``B * H * Nq`` query rows, float32 accumulation, no gathered copies, no dense ``N x N`` matrix), with a
@@ -20,7 +22,15 @@ Implementations (``impl=``):
 - ``"torch"``: :func:`sparse_attention_torch`, gather-based and differentiable on any device and dtype
   (the reference; it materialises ``[B, H, Nq, Bk, d]`` copies of the keys and values).
 - ``"auto"``: ``"cpp"`` when the inputs are CPU float32/float64 tensors and the kernel can be built, else
-  ``"torch"``.
+  ``"torch"`` (one warning if the build fails).
+
+Under ``"cpp"`` inputs the kernel does not take (CUDA tensors, half precision) run the PyTorch path, so a
+model built with the kernel still runs anywhere; a failed build raises there (a benchmark never silently
+times the fallback). Other implementations register by name; one registered as differentiable also runs
+while autograd records, for any other :func:`sparse_attention` takes the PyTorch path whenever a gradient
+is needed. While ``torch.jit`` traces (FLOP counting) a call is recorded as the single op
+``bench_suite::sparse_attention``, which :mod:`bench_suite.flops` counts as ``2 * Nq * Bk * d`` MACs per
+``[B, H]`` pair, whichever implementation runs inside.
 
 Sparsifiner's connectivity mask (eq. 3), ``idx = top-B(A~_down @ W_up)`` per query row, has a fused
 kernel too: :func:`connectivity_topk` (``impl="cpp"``) accumulates each row's scores over the nonzero
@@ -36,14 +46,27 @@ The kernels are compiled just in time on first use and cached (see :mod:`bench_s
 """
 from __future__ import annotations
 
+import math
 import warnings
+from typing import Callable
 
 import torch
+from torch import Tensor
+
+from bench_suite.flops import register_flop_handle
 
 from bench_suite.kernels.loader import KernelBuildError, build_info, kernel_available, load_kernel
 
 __all__ = [
     "IMPLS",
+    "DEFAULT_IMPL",
+    "SPARSE_ATTENTION_IMPLS",
+    "DIFFERENTIABLE_IMPLS",
+    "CONNECTIVITY_TOPK_IMPLS",
+    "SparseAttentionFn",
+    "get_sparse_attention_impl",
+    "register_sparse_attention_impl",
+    "register_connectivity_topk_impl",
     "KernelBuildError",
     "build_info",
     "check_inputs",
@@ -52,13 +75,17 @@ __all__ = [
     "connectivity_topk_torch",
     "kernel_available",
     "load_kernel",
-    "register",
     "sparse_attention",
     "sparse_attention_cpp",
     "sparse_attention_torch",
 ]
 
 IMPLS = ("auto", "cpp", "torch")
+"""The built-in implementation names (others may be registered)."""
+DEFAULT_IMPL = "torch"
+"""The implementation used where none is named (``impl=None``)."""
+SparseAttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
+"""``fn(q [B,H,Nq,d], k [B,H,Nk,d], v [B,H,Nk,d], idx [B,H,Nq,Bk], scale) -> out [B,H,Nq,d]``."""
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -203,26 +230,6 @@ def _use_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return True
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                     scale: float | None = None, impl: str = "auto") -> torch.Tensor:
-    """Sparse attention with the chosen implementation (``"cpp"``, ``"torch"`` or ``"auto"``).
-
-    See :func:`sparse_attention_cpp` and :func:`sparse_attention_torch` for arguments and errors.
-
-    Raises:
-        ValueError: an unknown ``impl``.
-    """
-    if impl == "torch":
-        return sparse_attention_torch(q, k, v, idx, scale)
-    if impl == "cpp":
-        return sparse_attention_cpp(q, k, v, idx, scale)
-    if impl == "auto":
-        check_inputs(q, k, v, idx)
-        fn = sparse_attention_cpp if _use_cpp(q, k, v) else sparse_attention_torch
-        return fn(q, k, v, idx, scale)
-    raise ValueError(f"unknown sparse attention impl {impl!r}; choose one of {', '.join(IMPLS)}")
-
-
 def _cpp_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
     """``SPARSE_ATTENTION_IMPLS["cpp"]``: the kernel (forward and backward) for CPU float inputs, else the
     PyTorch path, so that a model built with the kernel still runs on CUDA. Unlike ``"auto"`` it never hides
@@ -321,13 +328,113 @@ def _auto_topk_impl(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> torc
     return connectivity_topk(coef, w_up, budget, impl="auto")
 
 
-def register() -> None:
-    """Register the kernels as Sparsifiner's ``"cpp"`` and ``"auto"`` implementations: the sparse attention
-    (differentiable) and the fused connectivity top-k (``methods.sparse_attention.register_*_impl``). Cheap:
-    the kernels are built on the first call that needs them, not here. Idempotent."""
-    import methods.sparse_attention as sa
+# --------------------------------------------------------------------------- the registries and the dispatcher
+SPARSE_ATTENTION_IMPLS: dict[str, SparseAttentionFn] = {
+    "torch": sparse_attention_torch, "cpp": _cpp_impl, "auto": _auto_impl}
+"""Name -> sparse attention implementation (the contract is :data:`SparseAttentionFn`)."""
 
-    sa.register_sparse_attention_impl("cpp", _cpp_impl, differentiable=True)
-    sa.register_sparse_attention_impl("auto", _auto_impl, differentiable=True)
-    sa.register_connectivity_topk_impl("cpp", _cpp_topk_impl)
-    sa.register_connectivity_topk_impl("auto", _auto_topk_impl)
+DIFFERENTIABLE_IMPLS: set[str] = {"torch", "cpp", "auto"}
+"""Implementations that may run while autograd records (they give gradients of ``q``, ``k``, ``v``)."""
+
+CONNECTIVITY_TOPK_IMPLS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
+    "cpp": _cpp_topk_impl, "auto": _auto_topk_impl}
+"""Name -> fused ``fn(coef [B,H,Nq,n_down], w_up [(B,)Hw,n_down,Nk], budget) -> idx [B,H,Nq,budget]``: the
+top-B of ``coef @ w_up`` per row without the score tensor, used with the sparse attention implementation of
+the same name when no gradient, trace or record is needed (``"torch"`` has none: the caller computes the
+dense scores and takes ``torch.topk``)."""
+
+
+def register_sparse_attention_impl(name: str, fn: SparseAttentionFn, differentiable: bool = False) -> None:
+    """Add (or replace) a sparse attention implementation under ``name``; ``differentiable=True`` if ``fn``
+    supports autograd (then training uses it too).
+
+    Raises:
+        ValueError: for an empty name or replacing a built-in one (:data:`IMPLS`).
+        TypeError: for a non-callable ``fn``.
+    """
+    if not name or name in IMPLS:
+        raise ValueError(f"cannot register a sparse attention implementation named {name!r}")
+    if not callable(fn):
+        raise TypeError(f"sparse attention implementation {name!r} must be callable")
+    SPARSE_ATTENTION_IMPLS[name] = fn
+    if differentiable:
+        DIFFERENTIABLE_IMPLS.add(name)
+    else:
+        DIFFERENTIABLE_IMPLS.discard(name)
+
+
+def register_connectivity_topk_impl(name: str, fn: Callable[[Tensor, Tensor, int], Tensor]) -> None:
+    """Add a fused connectivity top-B implementation under ``name`` (see :data:`CONNECTIVITY_TOPK_IMPLS`).
+
+    Raises:
+        ValueError: for an empty name or a non-callable ``fn``.
+    """
+    if not name or not callable(fn):
+        raise ValueError(f"invalid connectivity top-k implementation {name!r}")
+    CONNECTIVITY_TOPK_IMPLS[name] = fn
+
+
+def get_sparse_attention_impl(name: str | None = None) -> SparseAttentionFn:
+    """The implementation registered as ``name`` (``None``: :data:`DEFAULT_IMPL`).
+
+    Raises:
+        ValueError: for an unknown name; the message lists the known ones.
+    """
+    name = DEFAULT_IMPL if name is None else name
+    try:
+        return SPARSE_ATTENTION_IMPLS[name]
+    except KeyError:
+        raise ValueError(f"unknown sparse attention implementation {name!r}; known: "
+                         f"{', '.join(sorted(SPARSE_ATTENTION_IMPLS))}") from None
+
+
+@torch.library.custom_op("bench_suite::sparse_attention", mutates_args=())
+def _sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, impl: str) -> Tensor:
+    """Opaque sparse attention for the FLOP trace (counted by :func:`_sparse_attention_flop_handle`)."""
+    return get_sparse_attention_impl(impl)(q, k, v, idx, scale).contiguous()
+
+
+@_sparse_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float, impl: str) -> Tensor:
+    return torch.empty_like(q)
+
+
+def _sparse_attention_flop_handle(inputs: list, outputs: list) -> int:
+    """fvcore handle of ``bench_suite::sparse_attention``: ``2 * B * H * Nq * Bk * d`` MACs (``q k`` at the
+    selected keys and the attention-value product)."""
+    q = inputs[0].type().sizes()
+    idx = inputs[3].type().sizes()
+    return 2 * math.prod(idx) * int(q[-1])
+
+
+register_flop_handle("bench_suite::sparse_attention", _sparse_attention_flop_handle)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scale: float | None = None,
+                     impl: str | None = "auto") -> Tensor:
+    """Sparse attention ``[B, H, Nq, d]`` with the implementation named ``impl`` (``None``: :data:`DEFAULT_IMPL`).
+
+    Every model and benchmark of the suite calls this one dispatcher. When a gradient is needed and ``impl``
+    is not differentiable the PyTorch path runs; while ``torch.jit`` traces, the call is the single op
+    ``bench_suite::sparse_attention`` (counted exactly by the FLOP counter).
+
+    Args:
+        q: ``[B, H, Nq, d]``; k, v: ``[B, H, Nk, d]``; idx: ``[B, H, Nq, Bk]`` key indices in ``[0, Nk)``.
+        scale: score scale; default ``d ** -0.5``.
+        impl: a name in :data:`SPARSE_ATTENTION_IMPLS`.
+
+    Raises:
+        ValueError: an unknown ``impl``; shapes (see :func:`check_inputs`).
+        TypeError: dtypes (see :func:`check_inputs`).
+        KernelBuildError: ``impl="cpp"`` where the kernel cannot be built.
+    """
+    name = DEFAULT_IMPL if impl is None else impl
+    fn = get_sparse_attention_impl(name)
+    check_inputs(q, k, v, idx)
+    s = _default_scale(q, scale)
+    if torch.jit.is_tracing():
+        return _sparse_attention_op(q, k, v, idx, s, name)
+    if name not in DIFFERENTIABLE_IMPLS and torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad):
+        fn = sparse_attention_torch
+    return fn(q, k, v, idx, s)

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from bench_suite.errors import KernelBuildError
+
 __all__ = ["KernelBuildError", "SOURCES", "OP_NAMESPACE", "load_kernel", "kernel_available", "build_info"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -42,11 +44,6 @@ _BASE_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unknown-pragmas"]
 _lock = threading.Lock()
 _loaded = False
 _load_error: "KernelBuildError | None" = None
-
-
-class KernelBuildError(RuntimeError):
-    """The C++ kernel could not be compiled or loaded (no compiler, no ninja, a compile error). The message
-    says what is missing; ``impl="torch"`` (or ``"auto"``) works without the kernel."""
 
 
 def _cpu_signature() -> str:
