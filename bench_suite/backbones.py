@@ -12,7 +12,7 @@ row names one profile and is comparable with every other row of the same profile
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import timm
@@ -148,6 +148,9 @@ class Profile:
         in_chans: input channels the backbone expects.
         description: one line for ``python -m bench_suite list``.
         model_kwargs: extra keyword arguments for ``timm.create_model``.
+        epochs, train_subset, batch_size: the profile's fine-tuning protocol, used by ``run`` unless its
+            options say otherwise (default: the paper's 30 epochs on all training images, batch 64; the
+            CPU profiles keep short recipes).
     """
 
     name: str
@@ -156,17 +159,23 @@ class Profile:
     in_chans: int
     description: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 30
+    train_subset: int | None = None
+    batch_size: int = 64
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def run_defaults(self) -> dict[str, Any]:
+        """``{"epochs", "train_subset", "batch_size"}`` of the profile's fine-tuning protocol."""
+        return {"epochs": self.epochs, "train_subset": self.train_subset, "batch_size": self.batch_size}
 
 
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in [
         Profile("mini", "bench_vit_mini_convstem", 28, 1,
-                "CPU default: conv-stem ViT, 12 blocks, width 128, 50 tokens at 28x28"),
-        Profile("tiny", "bench_vit_tiny", 28, 1, "test-sized ViT: 4 blocks, width 32, 17 tokens at 28x28"),
+                "CPU default: conv-stem ViT, 12 blocks, width 128, 50 tokens at 28x28",
+                epochs=1, train_subset=10000, batch_size=128),
+        Profile("tiny", "bench_vit_tiny", 28, 1, "test-sized ViT: 4 blocks, width 32, 17 tokens at 28x28",
+                epochs=1, train_subset=512, batch_size=64),
         Profile("deit_s", "deit_small_patch16_224", 224, 3, "DeiT-S, 12 blocks, width 384, 197 tokens at 224"),
         # timm ships DeiT-T only at 224; the paper's DeiT-T-384 is the same architecture at 384x384
         # (timm resizes the position embedding grid for img_size=384: 24x24 patches + CLS = 577 tokens).
@@ -213,7 +222,7 @@ def create_backbone(profile: str | Profile, num_classes: int = 10, **kwargs: Any
 def pruning_stages(depth: int, num_stages: int = 3) -> tuple[int, ...]:
     """Block indices (0-based) at 1/4, 1/2 and 3/4 of the depth, where token pruning happens.
 
-    This is EViT's and DynamicViT's placement (blocks 3, 6, 9 of 12; 4, 8, 12 of 16 for LV-ViT-S).
+    The token-pruning methods' placement in their papers (blocks 3, 6, 9 of 12; 4, 8, 12 of 16 for LV-ViT-S).
 
     Raises:
         ValueError: if the backbone is too shallow for ``num_stages`` distinct stages.
@@ -230,5 +239,6 @@ def num_tokens(model: VisionTransformer) -> int:
 
 
 def keep_count(keep_rate: float, n: int) -> int:
-    """``ceil(keep_rate * n)``, the paper's budget rule (Sparsifiner sec. 4; EViT's kept tokens)."""
+    """``ceil(keep_rate * n)``, the paper's budget rule (Wei et al., CVPR 2023, sec. 4; also the token count
+    kept by token pruning)."""
     return int(math.ceil(keep_rate * n - 1e-9))

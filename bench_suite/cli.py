@@ -9,12 +9,28 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 from jsonargparse import ActionConfigFile
 from jsonargparse import ArgumentParser as _JsonArgumentParser
 
+from bench_suite.backbones import PROFILES
+from bench_suite.distributed import start_processes, world_info
 from bench_suite.errors import UserError
+from bench_suite.locks import ConfigLock
+from bench_suite.paper.data import run_plan
+from bench_suite.paper.run import make_tables
+from bench_suite.paper.visualize import FIGURE3_METHOD, visualize
+from bench_suite.pareto import pareto_table, summary_text
+from bench_suite.plan import make_datamodule, setup_data, train_settings
+from bench_suite.registry import method_specs
+from bench_suite.report import write_report
+from bench_suite.runner import run_benchmark
+from bench_suite.speed import run_command as run_speed_command
+from bench_suite.store import STORE_FILENAME, ResultsStore
+from bench_suite.teacher import ASSETS_DIR, install_shipped, train_teacher
+from bench_suite.training import quiet_lightning_info
 
 __all__ = ["main", "build_parser"]
 
@@ -28,20 +44,32 @@ class ArgumentParser(_JsonArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _common(p: ArgumentParser, output: bool = True) -> None:
+def _common(p: ArgumentParser, *, profile: str | None = "mini", data: str = "read", output: str = "results",
+            seed: bool = False, processes: bool = False) -> None:
+    """The options subcommands share, declared once: ``--config``; ``--profile`` (``None``: a filter, default
+    all); ``--data`` and, with ``data="read"``, ``--data-dir`` (``data="filter"``: a filter, default all;
+    ``"none"``: no data options); ``--output``; ``--seed``; with ``processes`` the Lightning process options
+    (devices, nodes, strategy, accelerator, loader workers, progress bars)."""
     p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options")
-    p.add_argument("--profile", type=str, default="mini", help="backbone profile (see 'list')")
-    p.add_argument("--data", type=str, default="fashion_mnist", help="dataset: fashion_mnist or imagenet")
-    p.add_argument("--data-dir", type=str | None, default=None, help="folder holding the dataset")
-    p.add_argument("--seed", type=int, default=0, help="global seed")
-    if output:
-        p.add_argument("--output", type=str, default="results", help="results folder (store, tables, plots)")
-    p.add_argument("--devices", type=str, default="1", help="Lightning devices ('auto', N, or a list)")
-    p.add_argument("--num-nodes", type=int, default=1, help="Lightning num_nodes")
-    p.add_argument("--strategy", type=str, default="auto", help="Lightning strategy, e.g. ddp")
-    p.add_argument("--accelerator", type=str, default="auto", help="Lightning accelerator: cpu, gpu, auto")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if profile is None:
+        p.add_argument("--profile", type=str | None, default=None, help="only rows of this profile")
+    else:
+        p.add_argument("--profile", type=str, default=profile, help="backbone profile (see 'list')")
+    if data == "filter":
+        p.add_argument("--data", type=str | None, default=None, help="only rows of this dataset")
+    elif data == "read":
+        p.add_argument("--data", type=str, default="fashion_mnist", help="dataset: fashion_mnist or imagenet")
+        p.add_argument("--data-dir", type=str | None, default=None, help="folder holding the dataset")
+    p.add_argument("--output", type=str, default=output, help="results folder (store, tables, plots)")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="global seed (weights, data order, random inputs)")
+    if processes:
+        p.add_argument("--devices", type=str, default="1", help="Lightning devices ('auto', N, or a list)")
+        p.add_argument("--num-nodes", type=int, default=1, help="Lightning num_nodes")
+        p.add_argument("--strategy", type=str, default="auto", help="Lightning strategy, e.g. ddp")
+        p.add_argument("--accelerator", type=str, default="auto", help="Lightning accelerator: cpu, gpu, auto")
+        p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def build_parser() -> ArgumentParser:
@@ -54,7 +82,8 @@ def build_parser() -> ArgumentParser:
 
     p_run = ArgumentParser(description="Fine-tune and evaluate methods at their keep rates; write the "
                                        "results store, the Pareto table and plot.")
-    p_run.add_argument("--methods", type=str, default="full,evit", help="comma-separated method names")
+    p_run.add_argument("--methods", type=str | None, default=None,
+                       help="comma-separated method names (default: the methods of the default run, see 'list')")
     p_run.add_argument("--keep-rates", type=str | None, default=None,
                        help="comma-separated keep rates (default: each method's own grid)")
     p_run.add_argument("--epochs", type=int | None, default=None, help="fine-tuning epochs (default: profile's)")
@@ -68,64 +97,52 @@ def build_parser() -> ArgumentParser:
     p_run.add_argument("--no-augment", action="store_true",
                        help="fine-tune without random crop/flip (the teacher keeps its recipe's augmentation)")
     p_run.add_argument("--hparams", type=str | None, default=None,
-                       help='JSON object of method settings, e.g. \'{"sparsifiner": {"tau": 0.2}}\' (see list); '
+                       help='JSON object of method settings, {"<method>": {"<setting>": value}} (see list); '
                             'a changed setting is a new configuration')
     p_run.add_argument("--x", type=str, default="mhsa_mflops", help="x axis of the Pareto plot")
     p_run.add_argument("--table", type=int | None, default=None,
-                       help="run exactly the configurations of the Sparsifiner paper's table N (1-4) on --profile "
+                       help="run exactly the configurations of the paper's table N (1-4) on --profile "
                             "(replaces --methods/--keep-rates)")
-    _common(p_run)
+    _common(p_run, seed=True, processes=True)
     sub.add_subcommand("run", p_run, help="train/evaluate methods and write Pareto tables and plots")
 
     p_teacher = ArgumentParser(description="Train the full-attention teacher from scratch and cache it.")
     p_teacher.add_argument("--ship", action="store_true",
                            help="also copy it into the package's shipped teachers (maintainers)")
-    _common(p_teacher)
+    _common(p_teacher, seed=True, processes=True)
     sub.add_subcommand("teacher", p_teacher, help="(re-)create the full-attention teacher")
 
     p_report = ArgumentParser(description="Rewrite the Pareto table and plot from the results store.")
     p_report.add_argument("--x", type=str, default="mhsa_mflops", help="x axis of the Pareto plot")
-    p_report.add_argument("--output", type=str, default="results", help="results folder")
-    p_report.add_argument("--profile", type=str | None, default=None, help="only rows of this profile")
-    p_report.add_argument("--data", type=str | None, default=None, help="only rows of this dataset")
+    _common(p_report, profile=None, data="filter")
     sub.add_subcommand("report", p_report, help="rewrite tables and plots from the store")
 
     p_tables = ArgumentParser(description=(
-        "Regenerate the Sparsifiner paper's Tables 1-4 beside the paper's numbers: MHSA FLOPs counted now at paper "
+        "Regenerate the paper's Tables 1-4 (Wei et al., CVPR 2023) beside the paper's numbers: MHSA FLOPs counted now at paper "
         "scale (DeiT-S, LV-ViT-S, DeiT-T-384; random weights), top-1 from the results store of --profile/--data. "
         "Writes <output>/tables/table<N>.{md,csv,tex}, Figures 3-7 and <output>/report.html, report.md."))
-    p_tables.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options")
     p_tables.add_argument("--table", type=int | None, default=None, help="only table N (1-4); default: all and the report page")
-    p_tables.add_argument("--output", type=str, default="results", help="results folder (store in, tables/ out)")
-    p_tables.add_argument("--profile", type=str, default="mini",
-                          help="profile whose stored top-1 results are shown (see 'list')")
-    p_tables.add_argument("--data", type=str, default="fashion_mnist",
-                          help="dataset whose stored top-1 results are shown: fashion_mnist or imagenet")
-    p_tables.add_argument("--data-dir", type=str | None, default=None, help="folder holding the dataset")
+    _common(p_tables)  # --profile/--data: whose stored top-1 results are shown
     p_tables.add_argument("--no-figures", action="store_true", help="skip Figures 3-7")
     sub.add_subcommand("tables", p_tables, help="the paper's Tables 1-4 and Figures 3-7, beside the paper's numbers")
 
-    p_vis = ArgumentParser(description="Save Sparsifiner's connectivity mask, sparse and full attention of a "
-                                       "query patch per layer and head (paper Fig. 3) as PNG in <output>/figures.")
-    p_vis.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options")
-    p_vis.add_argument("--method", type=str, default="sparsifiner", help="sparsifiner or sparsif_evit")
-    p_vis.add_argument("--keep-rate", type=float, default=0.25, help="attention keep rate of the configuration")
+    p_vis = ArgumentParser(description="Save a trained model's attention maps of a query patch per layer and head "
+                                       "(the paper's Fig. 3: connectivity mask, sparse and full attention) as PNG "
+                                       "in <output>/figures.")
+    p_vis.add_argument("--method", type=str, default=FIGURE3_METHOD, help="a registered method (see 'list')")
+    p_vis.add_argument("--keep-rate", type=float, default=0.25, help="keep rate of the configuration")
     p_vis.add_argument("--checkpoint", type=str | None, default=None,
                        help="Lightning checkpoint (default: the runner's one for this configuration)")
     p_vis.add_argument("--images", type=int, default=4, help="number of test images")
     p_vis.add_argument("--query", type=int | None, default=None, help="query patch index (default: centre)")
-    p_vis.add_argument("--profile", type=str, default="mini", help="backbone profile (see 'list')")
-    p_vis.add_argument("--data", type=str, default="fashion_mnist", help="dataset: fashion_mnist or imagenet")
-    p_vis.add_argument("--data-dir", type=str | None, default=None, help="folder holding the dataset")
-    p_vis.add_argument("--output", type=str, default="results", help="results folder (figures/ inside)")
-    sub.add_subcommand("visualize", p_vis, help="plot Sparsifiner's masks and attention maps (Fig. 3)")
+    _common(p_vis)
+    sub.add_subcommand("visualize", p_vis, help="plot a trained model's attention maps (the paper's Fig. 3)")
 
     p_speed = ArgumentParser(description=(
         "Wall-clock eval speed on the CPU (random weights): latency (median, p90), throughput and peak memory "
         "of methods (default), of one MHSA core (--core), or the sparse attention kernel against dense SDPA "
         "(--kernel, writes kernel.csv). Rows go to <output>/results.sqlite and speed.csv."))
-    p_speed.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of these options")
-    p_speed.add_argument("--profile", type=str, default="deit_t384", help="backbone profile (see 'list')")
+    _common(p_speed, profile="deit_t384", data="none", seed=True)
     p_speed.add_argument("--methods", type=str | None, default=None,
                          help="comma-separated method names (default: all registered)")
     p_speed.add_argument("--keep-rates", type=str | None, default=None,
@@ -135,8 +152,6 @@ def build_parser() -> ArgumentParser:
                          help="intra-op threads, fixed and recorded (default: torch's, usually all cores)")
     p_speed.add_argument("--repeats", type=int, default=10, help="timed rounds (candidates interleaved)")
     p_speed.add_argument("--warmup", type=int, default=3, help="untimed runs per candidate first")
-    p_speed.add_argument("--output", type=str, default="results", help="results folder")
-    p_speed.add_argument("--seed", type=int, default=0, help="seed of random weights, inputs and key indices")
     p_speed.add_argument("--impl", type=str, default="cpp",
                          help="sparse attention implementation(s) of methods that have one: cpp, torch or cpp,torch")
     p_speed.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -153,9 +168,10 @@ def build_parser() -> ArgumentParser:
                          help="--core/--kernel: head dim (default: the profile's / DeiT-T's 64)")
     p_speed.add_argument("--kernel-n", type=str, default="197,577,2305", help="--kernel: comma-separated N values")
     p_speed.add_argument("--hparams", type=str | None, default=None,
-                         help='JSON object of extra method settings, e.g. \'{"coef_topk": 8}\' (methods that take them)')
+                         help='JSON object of method settings, as for run: {"<method>": {"<setting>": value}}')
     p_speed.add_argument("--coef-density", type=float | None, default=None,
-                         help="emulate a trained Sparsifiner's coefficient density (paper: 0.13) with random weights")
+                         help="emulate a trained predictor's density of sparse coefficients (paper: 0.13) with "
+                              "random weights (methods that have such coefficients)")
     sub.add_subcommand("speed", p_speed, help="wall-clock latency/throughput/memory; sparse kernel vs dense")
     return parser
 
@@ -170,13 +186,11 @@ def _devices(text: str) -> Any:
 
 
 def _cmd_list(cfg: Any) -> None:
-    from bench_suite.backbones import PROFILES
-    from bench_suite.registry import method_specs
-
-    print("Methods (name, default keep rates, source):")
+    print("Methods (name, default keep rates, source; * = in the default run):")
     for spec in method_specs():
         rates = ", ".join(f"{r:g}" for r in spec.keep_rates)
-        print(f"  {spec.name:<14} keep rates [{rates}]  ({spec.source})  {spec.description}")
+        star = "*" if spec.in_default_run else " "
+        print(f"{star} {spec.name:<14} keep rates [{rates}]  ({spec.source})  {spec.description}")
         defaults = ", ".join(f"{k}={v!r}" for k, v in spec.defaults().items() if k != "keep_rate")
         print(f"  {'':<14} defaults: {defaults}")
     print("Profiles:")
@@ -185,10 +199,7 @@ def _cmd_list(cfg: Any) -> None:
 
 
 def _cmd_teacher(cfg: Any) -> None:
-    from bench_suite.runner import _processes, make_datamodule, setup_data, train_settings
-    from bench_suite.teacher import ASSETS_DIR, install_shipped, train_teacher
-
-    if _processes(train_settings(cfg, epochs=0))[1] > 1:
+    if start_processes(train_settings(cfg, epochs=0))[1] > 1:
         raise UserError("the teacher is trained in one process: drop --devices/--num-nodes here (multi-process "
                         "'run' sweeps use the cached teacher, or train it in one process first)")
     dm = make_datamodule(cfg, train_subset=None)
@@ -205,21 +216,35 @@ def _cmd_teacher(cfg: Any) -> None:
 
 
 def _cmd_run(cfg: Any) -> int:
-    from bench_suite.runner import run_from_cli
-
-    return run_from_cli(cfg)
+    """Run the sweep (``--table N``: exactly the configurations of the paper's table N), then write and print
+    the Pareto table and plot (rank 0 of a multi-process run)."""
+    plan = run_plan(cfg.table) if cfg.table is not None else None
+    rows = run_benchmark(cfg, plan=plan, skip_infeasible=plan is not None)
+    if world_info()[0] != 0:
+        return 0
+    failed = sum(1 for r in rows if r["status"] != "ok")
+    with ConfigLock(Path(cfg.output) / "locks" / "report.lock"):  # two sweeps of one folder: one writer at a time
+        paths = write_report(cfg.output, x=cfg.x, profile=cfg.profile, dataset=cfg.data)
+    with ResultsStore(Path(cfg.output) / STORE_FILENAME) as store:
+        table = pareto_table(store.rows(profile=cfg.profile, dataset=cfg.data), x=cfg.x)
+    print()
+    print(summary_text(table))
+    print()
+    for p in paths:
+        print(f"wrote {p}")
+    if failed:
+        print(f"bench_suite: {failed} configuration(s) failed (rows with status 'failed'); re-run to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_report(cfg: Any) -> None:
-    from bench_suite.report import write_report
-
     for p in write_report(cfg.output, x=cfg.x, profile=cfg.profile, dataset=cfg.data):
         print(f"wrote {p}")
 
 
 def _cmd_tables(cfg: Any) -> None:
-    from bench_suite.tables import make_tables
-
     run = make_tables(cfg.output, tables=cfg.table, profile=cfg.profile, data=cfg.data, data_dir=cfg.data_dir,
                       figures=not cfg.no_figures and cfg.table is None,
                       command="python -m bench_suite " + " ".join(sys.argv[1:] or ["tables"]))
@@ -232,17 +257,13 @@ def _cmd_tables(cfg: Any) -> None:
 
 
 def _cmd_visualize(cfg: Any) -> None:
-    from bench_suite.visualize import visualize
-
     for p in visualize(cfg.method, cfg.keep_rate, cfg.output, cfg.checkpoint, cfg.images, cfg.query,
                        cfg.profile, cfg.data, cfg.data_dir):
         print(f"wrote {p}")
 
 
 def _cmd_speed(cfg: Any) -> None:
-    from bench_suite.speed import run_from_cli as run_speed_cli
-
-    run_speed_cli(cfg)
+    run_speed_command(cfg)
 
 
 COMMANDS = {"list": _cmd_list, "run": _cmd_run, "teacher": _cmd_teacher, "report": _cmd_report,
@@ -262,8 +283,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = cfg.command
     sub_cfg = cfg[command]
     if command in ("run", "teacher"):
-        from bench_suite.training import quiet_lightning_info
-
         quiet_lightning_info()
     if "devices" in sub_cfg:
         sub_cfg.devices = _devices(sub_cfg.devices)

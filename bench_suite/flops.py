@@ -51,8 +51,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import conv_flop_jit, linear_flop_jit
+
+with warnings.catch_warnings():  # fvcore scripts a function with torch.jit at import: not the user's business
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import conv_flop_jit, linear_flop_jit
 from torch import nn
 
 from bench_suite.backbones import keep_count, pruning_stages

@@ -18,7 +18,7 @@ import copy
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch import nn
 
 from bench_suite.backbones import create_backbone, get_profile
 from bench_suite.errors import TeacherError
+from bench_suite.locks import ConfigLock
 
 __all__ = ["TeacherError", "TeacherRecipe", "TEACHER_RECIPES", "teacher_key", "load_teacher_checkpoint",
            "export_checkpoint", "shipped_teachers", "ASSETS_DIR", "file_sha256"]
@@ -193,13 +194,12 @@ def train_teacher(profile: str, datamodule, seed: int, output: str | Path, setti
         Path of the slim ``teacher.ckpt``.
     """
     import time
-    from dataclasses import replace
 
     import pytorch_lightning as pl
 
+    from bench_suite.registry import reference_method
     from bench_suite.training import fit_and_test
     from bench_suite.versions import versions
-    from methods.full import FullAttention
 
     recipe = recipe or TEACHER_RECIPES.get(profile, TeacherRecipe())
     datamodule.batch_size = recipe.batch_size
@@ -210,8 +210,9 @@ def train_teacher(profile: str, datamodule, seed: int, output: str | Path, setti
     pl.seed_everything(seed, workers=True, verbose=False)
     datamodule.setup()
     backbone = create_backbone(profile, num_classes=datamodule.num_classes, drop_path_rate=recipe.drop_path_rate)
-    module = FullAttention(backbone, lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_frac=recipe.warmup_frac,
-                           label_smoothing=recipe.label_smoothing, distill_logits=0.0)
+    module = reference_method().factory(backbone, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                        warmup_frac=recipe.warmup_frac, label_smoothing=recipe.label_smoothing,
+                                        distill_logits=0.0)
     start = time.perf_counter()
     metrics = fit_and_test(module, datamodule, folder / "run", replace(settings, epochs=recipe.epochs))
     seconds = time.perf_counter() - start
@@ -233,7 +234,7 @@ def _full_training_split(datamodule):
         return datamodule
     dm = copy.copy(datamodule)
     dm.train_subset = None
-    dm._ready = False
+    dm.reset()
     return dm
 
 
@@ -276,3 +277,49 @@ def resolve_teacher(profile: str, datamodule, seed: int, output: str | Path, set
                                    f"run 'python -m bench_suite teacher --profile {profile} --seed {seed}'")
     model, meta = load_teacher_checkpoint(path, profile, datamodule.num_classes)
     return model, {"path": str(path), "source": source, "key": meta.get("key", key), "sha256": file_sha256(path)}
+
+
+def load_given_teacher(path: str | Path, profile: str, dm, seed: int, output: str | Path, settings,
+                       log=print) -> tuple[nn.Module, dict[str, Any]]:
+    """Load ``--teacher PATH`` for a run on ``dm`` (nothing is written).
+
+    Raises:
+        TeacherError: if it is missing, unreadable or does not fit the profile (a weight-shape mismatch
+            that torch reports as a ``RuntimeError`` becomes a one-line TeacherError too).
+    """
+    try:
+        return resolve_teacher(profile, teacher_datamodule(dm), seed, output, settings, teacher_path=path, log=log)
+    except TeacherError:
+        raise
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing key" in ln]
+        if not lines:
+            raise
+        raise TeacherError(f"teacher {path} does not fit profile {profile!r}: {lines[0]}") from None
+
+
+def teacher_datamodule(dm):
+    """The run's datamodule as the teacher sees it: its own copy (the teacher sets its recipe's batch
+    size on it), always with augmentation (part of the teacher's recipe, whatever ``--no-augment`` says)."""
+    tdm = copy.copy(dm)
+    if getattr(tdm, "augment", True) is not True:
+        tdm.augment = True
+        tdm.reset()
+    return tdm
+
+
+def resolve_teacher_locked(profile: str, dm, seed: int, output: str | Path, settings, external: bool,
+                           log=print) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher from the cache or the shipped teachers, else trained now in this one process, while
+    holding the teacher's lock (a second sweep waits for it instead of training it too); ``external``: the
+    processes were started by someone else, so a missing teacher is an error rather than trained here."""
+    lock = ConfigLock(Path(output) / "locks" / f"teacher-{profile}-{dm.name}-seed{seed}.lock")
+    if not lock.try_acquire():
+        log(f"waiting for another process that is making the teacher ({lock.holder()})")
+        lock.acquire()
+    try:
+        one = replace(settings, devices=1, num_nodes=1, strategy="auto")  # the teacher is trained in one process
+        return resolve_teacher(profile, teacher_datamodule(dm), seed, output, one, train_if_missing=not external,
+                               log=log)
+    finally:
+        lock.release()

@@ -39,34 +39,16 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
+from bench_suite.distributed import broadcast, world_info
+
 __all__ = ["TrainSettings", "make_trainer", "quiet_lightning_info", "fit_and_test", "NonFiniteLossError", "AtomicCheckpointIO",
-           "ResumableSampler", "inspect_checkpoint", "world_info", "STAMP_KEY"]
+           "ResumableSampler", "inspect_checkpoint", "STAMP_KEY"]
 
 STAMP_KEY = "bench_suite_run"  # checkpoint entry naming the configuration the checkpoint belongs to
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------------------- processes
-
-def world_info() -> tuple[int, int]:
-    """``(global rank, world size)`` of this process: from ``torch.distributed`` once initialised,
-    else 0 and 1."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (identity in a single process)."""
-    rank, world = world_info()
-    if world == 1:
-        return obj
-    box = [obj if rank == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ----------------------------------------------------------------------------------------- callbacks
@@ -412,7 +394,7 @@ def _prepare_checkpoint(run_dir: Path, run_key: str | None, module: pl.Lightning
                 log(f"not resuming from {last}: {reason}; moved it to {dest}, training from scratch")
             else:
                 decision = (str(last), info)
-    path, info = _broadcast(decision)
+    path, info = broadcast(decision)
     return (Path(path) if path else None), info
 
 

@@ -1,7 +1,9 @@
-"""The part every suite datamodule shares: loaders of the three splits and a sample batch for measuring."""
+"""The part every suite datamodule shares: its declared contract, loaders of the three splits and a sample
+batch for measuring."""
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -11,15 +13,51 @@ __all__ = ["SplitDataModule"]
 
 
 class SplitDataModule(pl.LightningDataModule):
-    """A LightningDataModule whose ``setup`` fills ``train_set``, ``val_set`` and ``test_set`` (datasets of
-    ``(image [C, S, S], label)``) and whose ``__init__`` sets ``batch_size`` and ``num_workers``. Provides the
-    three dataloaders (training shuffled) and :meth:`sample_batch`."""
+    """A LightningDataModule of three splits, the contract the runner, the teacher and the tables rely on.
 
+    A subclass declares ``name`` (the ``--data`` name, stored with every row) and ``num_classes`` (``None``
+    until :meth:`setup` when the data decides it), sets ``batch_size``, ``num_workers`` and ``augment`` in its
+    ``__init__``, implements :meth:`describe` and :meth:`load` (fill ``train_set``, ``val_set`` and
+    ``test_set``, datasets of ``(image [C, S, S], label)``, and ``paths`` where files are read). This base
+    provides :meth:`setup` (loads once), :meth:`reset` (the public way to load again after a setting
+    changed), the three dataloaders (training shuffled) and :meth:`sample_batch`.
+    """
+
+    name: ClassVar[str]
+    num_classes: int | None = None
     train_set: Dataset
     val_set: Dataset
     test_set: Dataset
     batch_size: int
     num_workers: int
+    augment: bool
+    paths: dict[str, Path] | None = None
+    """The files the data was read from (``None`` where the datamodule reads a folder tree)."""
+    _ready: bool = False
+
+    def describe(self) -> dict[str, object]:
+        """The settings that define the data a result was measured on (stored with each row; part of the
+        configuration key): at least ``dataset`` (= :attr:`name`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement describe()")
+
+    def load(self) -> None:
+        """Read the data and fill the three splits (called once by :meth:`setup`).
+
+        Raises:
+            DataError: when the data cannot be found, read or used.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement load()")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits on first use (:meth:`load`); later calls do nothing until :meth:`reset`."""
+        if not self._ready:
+            self.load()
+            self._ready = True
+
+    def reset(self) -> None:
+        """Forget the loaded splits: the next :meth:`setup` loads them again (after changing ``augment``,
+        ``train_subset`` or another setting that :meth:`load` reads)."""
+        self._ready = False
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

@@ -205,7 +205,6 @@ class FashionMNISTDataModule(SplitDataModule):
         self.img_size, self.in_chans = img_size, in_chans
         self.batch_size, self.val_size, self.train_subset = batch_size, val_size, train_subset
         self.num_workers, self.augment, self.split_seed, self.download = num_workers, augment, split_seed, download
-        self.paths: dict[str, Path] | None = None
 
     def describe(self) -> dict[str, object]:
         """The settings that define the data a result was measured on (stored with each row)."""
@@ -216,9 +215,7 @@ class FashionMNISTDataModule(SplitDataModule):
     def prepare_data(self) -> None:
         locate(self.data_dir, self.download)
 
-    def setup(self, stage: str | None = None) -> None:
-        if getattr(self, "_ready", False):
-            return
+    def load(self) -> None:
         self.paths = locate(self.data_dir, self.download)
         images, labels = load_split(self.paths, "train")
         if not 0 < self.val_size < len(labels):
@@ -236,7 +233,6 @@ class FashionMNISTDataModule(SplitDataModule):
         self.train_set = mk(images[train_idx], labels[train_idx], self.augment)
         self.val_set = mk(images[val_idx], labels[val_idx], False)
         self.test_set = mk(test_images, test_labels, False)
-        self._ready = True
 
 
 def synthetic_idx_dir(directory: str | Path, n_train: int = 64, n_test: int = 32, seed: int = 0,

@@ -37,7 +37,6 @@ class ImageFolderDataModule(SplitDataModule):
         self.data_dir, self.img_size, self.in_chans = data_dir, img_size, in_chans
         self.batch_size, self.val_size, self.train_subset = batch_size, val_size, train_subset
         self.num_workers, self.augment, self.split_seed = num_workers, augment, split_seed
-        self.num_classes: int | None = None
 
     def describe(self) -> dict[str, object]:
         return {"dataset": self.name, "data_dir": str(self.data_dir), "img_size": self.img_size,
@@ -53,9 +52,7 @@ class ImageFolderDataModule(SplitDataModule):
                 raise DataError(f"{root / sub} is missing: an ImageFolder dataset needs train/ and val/ class folders")
         return root
 
-    def setup(self, stage: str | None = None) -> None:
-        if getattr(self, "_ready", False):
-            return
+    def load(self) -> None:
         from torchvision import datasets, transforms as T
 
         root = self._check()
@@ -80,4 +77,3 @@ class ImageFolderDataModule(SplitDataModule):
         if self.train_subset:
             train_idx = train_idx[: self.train_subset]
         self.train_set, self.val_set = Subset(train_aug, train_idx), Subset(train_eval, val_idx)
-        self._ready = True

@@ -15,7 +15,8 @@ from torch import nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-__all__ = ["split_heads", "merge_heads", "swap_class", "blocks_of", "attentions_of", "attention_probs"]
+__all__ = ["split_heads", "merge_heads", "swap_class", "blocks_of", "attentions_of", "attention_probs",
+           "attention_inputs"]
 
 
 def split_heads(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,3 +69,20 @@ def attentions_of(model: VisionTransformer, layers: Iterable[int] | None = None)
     blocks = blocks_of(model)
     idx = range(len(blocks)) if layers is None else layers
     return [blocks[i].attn for i in idx]
+
+
+@torch.no_grad()
+def attention_inputs(model: VisionTransformer, images: torch.Tensor) -> list[torch.Tensor]:
+    """The input ``[B, N_l, C]`` of every block's attention module in one eval-mode forward of ``model`` on
+    ``images [B, C, H, W]`` (the model's training mode is restored)."""
+    seen: list[torch.Tensor] = []
+    hooks = [b.attn.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach())) for b in model.blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return seen

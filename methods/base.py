@@ -24,6 +24,8 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from methods.adapter import attention_inputs, attention_probs, split_heads
+
 __all__ = ["BenchModule", "ForwardOutput", "check_keep_rate"]
 
 
@@ -228,5 +230,36 @@ class BenchModule(pl.LightningModule):
                                                int(self.model.embed_dim), self.keep_rate, stages))
 
     def sparsity_report(self) -> dict[str, float]:
-        """Method-specific measured statistics to store with a result (e.g. sparsity ratios)."""
+        """Method-specific measured statistics to store with a result (e.g. sparsity ratios); declare their
+        units and table columns in the class attribute ``reported_metrics`` (:class:`bench_suite.registry.Metric`)."""
+        return {}
+
+    # ---------------------------------------------------------------- hooks for the figures and the speed benchmark
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> list[dict[str, Any]]:
+        """Attention maps of one eval-mode forward on ``images [B, C, H, W]``, per layer: named maps
+        ``[B, H, N_l, N_l]`` (query rows by key columns) plus ``positions`` (original token index of each
+        token, ``[B, N_l, N0]`` soft one-hot, or ``None`` when no token was pruned or merged) and ``n``
+        (``N_l``). This default gives ``"full"``, the dense ``softmax(q k^T / sqrt(d))`` of each block's own
+        queries and keys; methods add or replace maps (e.g. a connectivity mask, sparse or low-rank
+        attention). Used by ``visualize`` and the paper's figures."""
+        out = []
+        for blk, x in zip(self.model.blocks, attention_inputs(self.model, images)):
+            q, k, _ = split_heads(blk.attn, x)
+            out.append({"full": attention_probs(blk.attn, q, k), "positions": None, "n": int(x.shape[1])})
+        return out
+
+    def prepare_timing(self, images: torch.Tensor, **settings: Any) -> dict[str, Any]:
+        """Called by ``speed`` on a model with random weights before it is timed: a method whose cost depends
+        on trained values (e.g. the density of learned sparse coefficients) may emulate them here from the
+        ``settings`` it knows (``coef_density``, ...) and ignores the others. Returns what it set, recorded
+        in the row's configuration (``{}``: nothing)."""
+        return {}
+
+    @classmethod
+    def core_candidates(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_rate: float, impl: str,
+                        seed: int, **settings: Any) -> dict[str, Any]:
+        """Callables that ``speed --core`` times beside dense attention on ``q, k, v [B, H, N, d]``: name ->
+        zero-argument callable (the method's attention core at ``keep_rate`` with implementation ``impl``,
+        and any part of it worth timing alone). ``{}`` (the default): nothing beyond the whole model."""
         return {}

@@ -40,7 +40,7 @@ from torch import nn
 
 from bench_suite.backbones import keep_count, num_tokens
 from bench_suite.registry import Metric, register_method
-from methods.adapter import merge_heads, split_heads, swap_class
+from methods.adapter import attention_inputs, merge_heads, split_heads, swap_class
 from methods.base import BenchModule
 
 __all__ = ["Linformer", "LinformerAttention", "apply_linformer", "init_projection"]
@@ -189,3 +189,17 @@ class Linformer(BenchModule):
     def sparsity_report(self) -> dict[str, float]:
         """The low-rank dimension ``k`` and ``k / N`` (the attention keep rate actually used)."""
         return {"k": float(self.k), "k_over_n": self.k / self.n_tokens}
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> list[dict[str, Any]]:
+        """Per layer (see :meth:`BenchModule.attention_maps`): ``full`` (dense ``softmax(q k^T / sqrt(d))`` of the
+        layer's own queries and keys) and ``lowrank``, Linformer's attention over the tokens ``P F``
+        ``[B, H, N, N]`` with ``P = softmax(Q (E K)^T / sqrt(d))`` ``[B, H, N, k]`` (Linformer eq. 7: the output
+        is ``(P F) V``; it can be negative)."""
+        maps = super().attention_maps(images)
+        for layer, blk, x in zip(maps, self.model.blocks, attention_inputs(self.model, images)):
+            attn = blk.attn
+            q, k, _ = split_heads(attn, x)
+            probs = ((q * attn.scale) @ (attn.E @ k).transpose(-2, -1)).softmax(dim=-1)  # [B, H, N, k]
+            layer["lowrank"] = probs @ attn.F  # [B, H, N, N]
+        return maps

@@ -72,6 +72,7 @@ from methods.adapter import attention_probs, attentions_of, merge_heads, split_h
 from methods.base import BenchModule, ForwardOutput, check_keep_rate
 from methods.sparse_attention import (
     ConnectivityPredictor,
+    attention_budget,
     default_n_down,
     map_attention_to_tokens,
     sparsifiner_attention,
@@ -80,6 +81,7 @@ from methods.sparse_attention import (
 __all__ = [
     "SparsifinerAttention",
     "apply_sparsifiner",
+    "emulate_coef_density",
     "Sparsifiner",
 ]
 
@@ -201,6 +203,44 @@ def apply_sparsifiner(model: nn.Module, keep_rate: float, n_down: int | None = N
                    cls_full_row=cls_full_row, impl=impl, phase1_dense=False, collect_scores=False,
                    self_target=False, need_cls_attn=False, record=False, token_state=None, last={})
     return model
+
+
+def emulate_coef_density(model: torch.nn.Module, images: torch.Tensor, density: float,
+                         passes: int = 2) -> list[float] | None:
+    """Make a randomly initialised Sparsifiner predict coefficients as dense as a trained one, for timing.
+
+    With random weights the low-rank attention ``A_down`` (paper eq. 1) is nearly uniform (each entry about
+    ``1 / n_down``), so the paper's threshold ``tau = 0.05`` (eq. 2) zeroes every coefficient: the
+    connectivity scores are all 0 and the top-B selection degenerates, which is not what a trained model
+    costs (paper: about 87% of the coefficients are zero, i.e. a density of 0.13). This sets each
+    :class:`methods.sparse_attention.ConnectivityPredictor`'s ``tau`` to the ``1 - density`` quantile of its
+    ``A_down`` on ``images`` (``passes`` rounds, since a layer's input depends on the earlier layers' masks),
+    so that the fraction of nonzero coefficients is ``density``. Only the threshold value changes; the
+    computation is the method's. Returns the thresholds set, or None if the model has no predictor.
+    """
+    preds = [m for m in model.modules() if isinstance(m, ConnectivityPredictor)]
+    if not preds:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(passes):
+            seen: dict[int, torch.Tensor] = {}
+            hooks = [p.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out.a_down.flatten()))
+                     for i, p in enumerate(preds)]
+            try:
+                with torch.inference_mode():
+                    model(images)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for i, p in enumerate(preds):
+                values = seen[i]
+                sample = values[:: max(1, values.numel() // 1_000_000)].float()
+                p.tau = float(torch.quantile(sample, 1.0 - density))
+    finally:
+        model.train(was_training)
+    return [p.tau for p in preds]
 
 
 # --------------------------------------------------------------------------- the LightningModules
@@ -496,3 +536,59 @@ class Sparsifiner(BenchModule):
             "attention_budget": float(sum(a.last["budget"] for a in attns) / len(attns)),
             "n_down": float(attns[0].predictor.n_down),
         }
+
+    # ---------------------------------------------------------------- figures and speed
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> list[dict[str, Any]]:
+        """Per layer (see :meth:`BenchModule.attention_maps`): ``mask`` (bool connectivity mask ``M``, eq. 3),
+        ``sparse`` (eq. 4, zeros outside the mask) and ``full`` (dense ``softmax(q k^T / sqrt(d))`` of the same
+        layer), all ``[B, H, N_l, N_l]``, with ``positions``, ``n`` and ``budget`` (``B``)."""
+        attns = self._attns()
+        was_training = self.training
+        self.eval()
+        try:
+            for a in attns:
+                a.record = True
+            self(images)
+        finally:
+            for a in attns:
+                a.record = False
+            self.train(was_training)
+        out = []
+        for a in attns:
+            rec = a.last["records"]
+            out.append({"mask": rec["mask"], "sparse": rec["sparse_probs"], "full": rec["full_probs"],
+                        "positions": a.last.get("positions"), "budget": a.last["budget"], "n": a.last["n"]})
+        return out
+
+    def prepare_timing(self, images: torch.Tensor, coef_density: float | None = None, **_: Any) -> dict[str, Any]:
+        """With ``coef_density`` (``speed --coef-density``), make the random predictors as sparse as a trained
+        one (:func:`emulate_coef_density`); returns ``{"coef_density_emulated", "tau_emulated"}`` or ``{}``."""
+        if coef_density is None:
+            return {}
+        taus = emulate_coef_density(self, images, coef_density)
+        return {"coef_density_emulated": coef_density, "tau_emulated": [round(t, 8) for t in taus or []]}
+
+    @classmethod
+    def core_candidates(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep_rate: float, impl: str,
+                        seed: int, coef_density: float | None = None, **_: Any) -> dict[str, Any]:
+        """``speed --core``: the whole attention core (predictor, top-B, sparse attention, dense CLS row;
+        ``sparsifiner_core``) with a randomly initialised predictor (``tau`` set for ``coef_density`` as
+        :func:`emulate_coef_density` does), and the connectivity top-B alone (eq. 3 on that predictor's
+        coefficients; ``connectivity_topk``: ``torch`` = dense scores + ``torch.topk``, ``cpp`` = the fused
+        kernel)."""
+        from bench_suite.kernels import connectivity_topk
+
+        _, heads, n, d = q.shape
+        torch.manual_seed(seed)
+        pred = ConnectivityPredictor(n, d, heads, default_n_down(n)).eval()
+        if coef_density is not None:
+            with torch.inference_mode():
+                a_down = pred(q[:, :, 1:], k).a_down.flatten()
+            pred.tau = float(torch.quantile(a_down[:: max(1, a_down.numel() // 1_000_000)], 1.0 - coef_density))
+        with torch.inference_mode():
+            out = pred(q[:, :, 1:], k)
+        budget = attention_budget(keep_rate, n)
+        topk_impl = "cpp" if impl == "cpp" else "torch"
+        return {"sparsifiner_core": lambda: sparsifiner_attention(q, k, v, pred, keep_rate, impl=impl).out,
+                "connectivity_topk": lambda: connectivity_topk(out.coef, out.w_up, budget, impl=topk_impl)}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_suite.runner import DDP_FIND_UNUSED, ddp_strategy_for
+from bench_suite.distributed import ddp_strategy_for
+from bench_suite.registry import get_method
 from tests.conftest import have_fashion_mnist
 from tests.test_resume import rows_by_method, run_cli, tiny_teacher  # noqa: F401  (session fixture)
 
@@ -20,12 +21,14 @@ class _Declares:
 
 
 def test_ddp_strategy_per_method():
-    assert DDP_FIND_UNUSED == {"sparsifiner", "sparsif_evit"}  # they freeze parts between phases
-    assert ddp_strategy_for("sparsifiner", _Plain(), "ddp") == "ddp_find_unused_parameters_true"
-    assert ddp_strategy_for("sparsif_evit", _Plain(), "ddp") == "ddp_find_unused_parameters_true"
-    assert ddp_strategy_for("evit", _Plain(), "ddp") == "ddp"
-    assert ddp_strategy_for("my_plugin", _Declares(), "ddp") == "ddp_find_unused_parameters_true"
-    assert ddp_strategy_for("sparsifiner", _Plain(), "auto") == "auto"  # only --strategy ddp is mapped
+    # the methods that freeze parts between phases declare it on their class
+    assert get_method("sparsifiner").ddp_find_unused_parameters and get_method("sparsif_evit").ddp_find_unused_parameters
+    assert not get_method("evit").ddp_find_unused_parameters
+    assert ddp_strategy_for(get_method("sparsifiner").factory, "ddp") == "ddp_find_unused_parameters_true"
+    assert ddp_strategy_for(get_method("evit").factory, "ddp") == "ddp"
+    assert ddp_strategy_for(_Plain(), "ddp") == "ddp"
+    assert ddp_strategy_for(_Declares(), "ddp") == "ddp_find_unused_parameters_true"
+    assert ddp_strategy_for(_Declares(), "auto") == "auto"  # only --strategy ddp is mapped
 
 
 @pytest.mark.slow

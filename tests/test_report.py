@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_rgba
 
-from bench_suite.report import (X_AXES, ReportError, method_palette, pareto_figure, pareto_front, pareto_table, plot_pareto,
-                                summary_text, write_report, write_table)
+from bench_suite.errors import ReportError
+from bench_suite.pareto import X_AXES, pareto_front, pareto_table, summary_text, write_table
+from bench_suite.plots import method_palette, pareto_figure, plot_pareto
+from bench_suite.report import write_report
 from bench_suite.store import ResultsStore, config_key
 
 # (method, keep rate, measured MHSA MFLOPs, top-1 %): sparsifiner dominates evit at equal FLOPs,

@@ -34,7 +34,7 @@ def quick_teacher(base: Path) -> Path:
     per test session under ``base`` (a file lock makes concurrent callers wait) and shared by the test
     files that drive the runner."""
     from bench_suite.backbones import create_backbone
-    from bench_suite.runner import ConfigLock
+    from bench_suite.locks import ConfigLock
     from bench_suite.teacher import export_checkpoint
     from datamodules import create_datamodule
     from methods.full import FullAttention

@@ -66,7 +66,7 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tmp_path, capsys, args, n
 def test_table_plans_leave_out_keep_rates_the_profile_cannot_have():
     from bench_suite.backbones import get_profile
     from bench_suite.errors import UserError
-    from bench_suite.runner import resolve_plan, validate_plan
+    from bench_suite.plan import resolve_plan, validate_plan
 
     plan = resolve_plan([("sparsifiner", 0.05), ("sparsifiner", 0.5), ("evit", 0.01)])  # as the paper's Table 2
     said: list[str] = []

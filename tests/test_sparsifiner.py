@@ -320,11 +320,11 @@ def _checkpoint(tmp_path, method=Sparsifiner, **kw):
 @pytest.mark.parametrize("method,name", [(Sparsifiner, "sparsifiner"), (SparsifEViT, "sparsif_evit")])
 def test_visualize_loads_checkpoint_and_writes_pngs(tmp_path, method, name):
     from bench_suite.cli import main
-    from bench_suite.visualize import load_module
+    from bench_suite.checkpoints import load_trained
 
     # the runner trains with a teacher, whose weights end up in the checkpoint too
     trained, path = _checkpoint(tmp_path, method, teacher=_backbone(seed=1) if method is SparsifEViT else None)
-    loaded = load_module(name, path, "tiny")
+    loaded = load_trained(name, path, "tiny")
     for k, v in trained.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[k], v)
     rc = main(["visualize", "--method", name, "--keep-rate", "0.25", "--profile", "tiny", "--checkpoint", str(path),

@@ -11,7 +11,8 @@ import torch
 from bench_suite.cli import main
 from bench_suite.kernels import KernelBuildError, load_kernel
 from bench_suite.measure import measure_callables, measure_models, summarize_times
-from bench_suite.speed import KERNEL_COLUMNS, SPEED_COLUMNS, random_key_indices
+from bench_suite.kernel_bench import KERNEL_COLUMNS, random_key_indices
+from bench_suite.speed import SPEED_COLUMNS
 from bench_suite.store import ResultsStore, config_key
 
 TINY = ["--batch-size", "2", "--repeats", "2", "--warmup", "1", "--threads", "1"]
@@ -101,7 +102,7 @@ def test_kernel_grid_writes_kernel_csv(tmp_path: Path, kernel: None, capsys: pyt
 
 
 def test_kernel_grid_train_times_forward_and_backward(tmp_path: Path, kernel: None) -> None:
-    from bench_suite.speed import KERNEL_TRAIN_COLUMNS
+    from bench_suite.kernel_bench import KERNEL_TRAIN_COLUMNS
 
     assert main(["speed", "--kernel", "--train", "--kernel-n", "24", "--keep-rates", "0.25", *TINY,
                  "--output", str(tmp_path)]) == 0
@@ -189,7 +190,7 @@ def test_coef_density_emulation_and_hparams(tmp_path: Path, kernel: None) -> Non
     """Random weights give no nonzero coefficient at tau = 0.05; the emulation sets tau per layer so that
     the measured coefficient density is the one asked for, and --hparams reaches the factory."""
     assert main(["speed", "--profile", "tiny", "--methods", "sparsifiner", "--keep-rates", "0.5", "--impl", "cpp",
-                 "--coef-density", "0.25", "--hparams", '{"n_down": 8}', *TINY, "--output", str(tmp_path)]) == 0
+                 "--coef-density", "0.25", "--hparams", '{"sparsifiner": {"n_down": 8}}', *TINY, "--output", str(tmp_path)]) == 0
     with ResultsStore(tmp_path) as store:
         row = store.rows().iloc[0]
     c = row["config"]
@@ -199,8 +200,11 @@ def test_coef_density_emulation_and_hparams(tmp_path: Path, kernel: None) -> Non
 
 
 def test_hparams_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["speed", "--profile", "tiny", "--methods", "full", "--hparams", '{"n_down": 8}',
+    assert main(["speed", "--profile", "tiny", "--methods", "full", "--hparams", '{"full": {"n_down": 8}}',
                  "--output", str(tmp_path)]) == 2
-    assert "no chosen method takes n_down" in capsys.readouterr().err
+    assert "full has no setting n_down" in capsys.readouterr().err
+    assert main(["speed", "--profile", "tiny", "--methods", "full", "--hparams", '{"n_down": 8}',
+                 "--output", str(tmp_path)]) == 2  # the format of run: method name first
+    assert "names method 'n_down', which is not in this run" in capsys.readouterr().err
     assert main(["speed", "--profile", "tiny", "--hparams", "[1]", "--output", str(tmp_path)]) == 2
     assert "JSON object" in capsys.readouterr().err

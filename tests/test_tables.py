@@ -1,4 +1,4 @@
-"""The paper tables command (bench_suite.tables): closed-form FLOP rows at paper scale, paper numbers only
+"""The paper tables command (bench_suite.paper): closed-form FLOP rows at paper scale, paper numbers only
 from the data file, top-1 only from the store, files and report page."""
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench_suite.tables import DATA_FILE, DataFileError, HEADERS, TEXT_COLUMNS, load_paper_results, make_tables, \
-    run_plan
+from bench_suite.errors import DataFileError
+from bench_suite.paper.data import DATA_FILE, load_paper_results, run_plan
+from bench_suite.paper.run import make_tables
+from bench_suite.paper.tables import HEADERS, TEXT_COLUMNS
 
 # Rows whose FLOPs have closed forms: DeiT-S, EViT/DynamicViT 0.7 and 0.5, LV-ViT-S (Table 1), DeiT-T-384
 # (Table 3), Linformer k = 68 (Table 4).
@@ -234,7 +236,7 @@ def test_cli_table4_in_process(tmp_path, capsys):
 
 def test_run_plan_and_data_file_checks(tmp_path):
     from bench_suite.errors import UserError
-    from bench_suite.runner import resolve_plan
+    from bench_suite.plan import resolve_plan
 
     plan1 = run_plan(1)
     assert ("sparsif_evit", 0.25, {"token_keep_rate": 0.5}) in plan1

@@ -1,6 +1,6 @@
 """One page gathering the regenerated paper tables and figures: ``<output>/report.html`` and ``report.md``.
 
-Written by ``python -m bench_suite tables`` (:func:`bench_suite.tables.make_tables`). The page shows each
+Written by ``python -m bench_suite tables`` (:func:`bench_suite.paper.run.make_tables`). The page shows each
 table (display headers say which numbers are the paper's and which the suite's), its caption, notes on the
 rows the published information does not determine, the commands for missing results, links to the table's
 Markdown/CSV/LaTeX files, the figures (or why a figure is missing), and the configuration and versions that
@@ -12,6 +12,8 @@ import html
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from bench_suite.paper.tables import display_frame
 
 __all__ = ["write_report_page", "render_html", "render_markdown"]
 
@@ -81,8 +83,7 @@ def _numeric(text: str) -> bool:
 
 
 def render_html(run: Any, base: Path) -> str:
-    """The report page as HTML (``run`` is a :class:`bench_suite.tables.TablesRun`; paths relative to ``base``)."""
-    from bench_suite.tables import display_frame
+    """The report page as HTML (``run`` is a :class:`bench_suite.paper.run.TablesRun`; paths relative to ``base``)."""
 
     cfg = run.config
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -168,7 +169,7 @@ def render_markdown(run: Any, base: Path) -> str:
 
 
 def write_report_page(output: str | Path, run: Any) -> list[Path]:
-    """Write ``<output>/report.html`` and ``<output>/report.md`` for a :class:`bench_suite.tables.TablesRun`;
+    """Write ``<output>/report.html`` and ``<output>/report.md`` for a :class:`bench_suite.paper.run.TablesRun`;
     returns both paths."""
     base = Path(output)
     base.mkdir(parents=True, exist_ok=True)

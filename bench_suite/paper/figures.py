@@ -31,9 +31,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench_suite.errors import UserError
+from bench_suite.backbones import get_profile
+from bench_suite.checkpoints import find_checkpoints, load_trained
+from bench_suite.errors import ReportError
+from bench_suite.plots import plot_pareto
+from bench_suite.store import STORE_FILENAME, ResultsStore
+from datamodules import create_datamodule
 
-__all__ = ["FigureResult", "find_checkpoints", "load_trained", "figure4_paper", "figure4_suite",
+__all__ = ["FigureResult", "figure4_paper", "figure4_suite",
            "attention_figures", "make_figures"]
 
 PREFERRED_KEEP = (0.25, 0.5, 0.345, 0.1)  # Sparsifiner checkpoints tried first, in this order
@@ -55,8 +60,6 @@ class FigureResult:
 def figure4_paper(paper_results: pd.DataFrame, out_dir: str | Path) -> FigureResult:
     """Figure 4 from the paper's numbers: MHSA MFLOPs against ImageNet top-1 of the DeiT-S rows of
     Tables 1, 2 and 4 (data file), one colour per method (suite names), the Pareto frontier marked."""
-    from bench_suite.report import plot_pareto
-
     p = paper_results
     rows = p[(p["backbone"] == "deit_s") & p["table"].isin([1, 2, 4])]
     df = pd.DataFrame({
@@ -79,9 +82,6 @@ def figure4_paper(paper_results: pd.DataFrame, out_dir: str | Path) -> FigureRes
 def figure4_suite(output: str | Path, profile: str, dataset: str, out_dir: str | Path) -> FigureResult:
     """Figure 4 from the suite's results store: measured MHSA MFLOPs (on ``profile``) against measured test top-1
     on ``dataset`` of every finished configuration, all methods, frontier marked."""
-    from bench_suite.report import ReportError, plot_pareto
-    from bench_suite.store import STORE_FILENAME, ResultsStore
-
     name = f"figure4_suite_{profile}_{dataset}"
     title = f"Figure 4 (suite): measured MHSA MFLOPs vs measured top-1, {profile} / {dataset}"
     db = Path(output) / STORE_FILENAME
@@ -103,24 +103,6 @@ def figure4_suite(output: str | Path, profile: str, dataset: str, out_dir: str |
 
 
 # --------------------------------------------------------------------------- checkpoints
-def find_checkpoints(output: str | Path, method: str, profile: str, dataset: str) -> list[tuple[float, str, Path]]:
-    """Trained checkpoints of ``method`` in the store: ``(keep_rate, key, path)`` of every finished row of the
-    profile and dataset whose ``<output>/runs/<key>/checkpoints/last.ckpt`` exists, newest first."""
-    from bench_suite.store import STORE_FILENAME, ResultsStore
-
-    db = Path(output) / STORE_FILENAME
-    if not db.is_file():
-        return []
-    with ResultsStore(db) as store:
-        rows = store.rows(method=method, profile=profile, dataset=dataset, status="ok")
-    out = []
-    for _, r in rows.sort_values("created", ascending=False).iterrows():
-        path = Path(output) / "runs" / str(r["key"]) / "checkpoints" / "last.ckpt"
-        if path.is_file():
-            out.append((float(r["keep_rate"]), str(r["key"]), path))
-    return out
-
-
 def _pick(found: list[tuple[float, str, Path]], prefer: Sequence[float]) -> tuple[float, str, Path] | None:
     for rate in prefer:
         for item in found:
@@ -129,68 +111,7 @@ def _pick(found: list[tuple[float, str, Path]], prefer: Sequence[float]) -> tupl
     return found[0] if found else None
 
 
-def load_trained(method: str, path: str | Path, profile: str) -> Any:
-    """Load a method's LightningModule from the runner's checkpoint onto a fresh backbone of ``profile`` (the
-    classifier size is read from the checkpoint), in eval mode on the CPU.
-
-    Raises:
-        UserError: if the checkpoint does not fit the method and profile.
-    """
-    from bench_suite.backbones import create_backbone
-    from bench_suite.registry import get_method
-
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=False)
-        num_classes = int(state["state_dict"]["model.head.weight"].shape[0])
-        module = get_method(method).factory.load_from_checkpoint(
-            str(path), backbone=create_backbone(profile, num_classes=num_classes), teacher=None, map_location="cpu")
-    except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"cannot load {path} as {method} on the {profile} profile: {e}") from None
-    return module.eval()
-
-
 # --------------------------------------------------------------------------- attention maps
-@torch.no_grad()
-def _attention_inputs(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """The input ``[B, N, C]`` of every block's attention module in one forward pass."""
-    seen: list[torch.Tensor] = []
-    hooks = [b.attn.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
-             for b in model.blocks]
-    try:
-        model(images)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-@torch.no_grad()
-def dense_attention(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """``softmax(q k^T / sqrt(d))`` ``[B, H, N, N]`` of every layer of a full-attention model."""
-    from methods.adapter import attention_probs, split_heads
-
-    out = []
-    for blk, x in zip(model.blocks, _attention_inputs(model, images)):
-        q, k, _ = split_heads(blk.attn, x)
-        out.append(attention_probs(blk.attn, q, k))
-    return out
-
-
-@torch.no_grad()
-def linformer_attention(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """Linformer's attention over the tokens, ``P F`` ``[B, H, N, N]`` per layer, with
-    ``P = softmax(Q (E K)^T / sqrt(d))`` ``[B, H, N, k]`` (Linformer eq. 7: the output is ``(P F) V``)."""
-    from methods.adapter import split_heads
-
-    out = []
-    for blk, x in zip(model.blocks, _attention_inputs(model, images)):
-        attn = blk.attn
-        q, k, _ = split_heads(attn, x)
-        probs = ((q * attn.scale) @ (attn.E @ k).transpose(-2, -1)).softmax(dim=-1)  # [B, H, N, k]
-        out.append(probs @ attn.F)  # [B, H, N, N]
-    return out
-
-
 @torch.no_grad()
 def predictor_coefficients(module: Any, images: torch.Tensor) -> list[torch.Tensor]:
     """The sparse basis coefficients ``A~_down`` ``[B, H, Nq, n_down]`` (eq. 2) of every layer."""
@@ -354,10 +275,6 @@ def attention_figures(output: str | Path, profile: str, dataset: str, data_dir: 
     Raises:
         UserError: for a checkpoint that does not load, or test images that cannot be read.
     """
-    from bench_suite.backbones import get_profile
-    from bench_suite.visualize import collect_maps
-    from datamodules import create_datamodule
-
     out_dir = Path(out_dir)
     prof = get_profile(profile)
     run = f"--profile {profile} --data {dataset}" + (f" --data-dir {data_dir}" if data_dir else "") + \
@@ -380,7 +297,7 @@ def attention_figures(output: str | Path, profile: str, dataset: str, data_dir: 
     gh, gw = module.model.patch_embed.grid_size
     query = (gh // 2) * gw + gw // 2
     label = f"sparsifiner keep {keep:g} ({key}), {profile} / {dataset}, centre query patch {query}"
-    layers = collect_maps(module, images)
+    layers = module.attention_maps(images)
     results = [FigureResult(*names[3], caption=(
         f"Trained Sparsifiner ({label}); two test images (labels {', '.join(str(int(v)) for v in labels)}); per "
         f"layer and head (up to 4): (b) the connectivity mask of the query row, (c) the sparse attention "
@@ -389,7 +306,7 @@ def attention_figures(output: str | Path, profile: str, dataset: str, data_dir: 
     sparse = [layer["sparse"] for layer in layers]
     fl = find_checkpoints(output, "full", profile, dataset)
     if fl:
-        full = dense_attention(load_trained("full", fl[0][2], profile).model, images)
+        full = [layer["full"] for layer in load_trained("full", fl[0][2], profile).attention_maps(images)]
         full_label, full_src = "(b) full", f"the trained full-attention model ({fl[0][1]})"
     else:
         full = [layer["full"] for layer in layers]
@@ -401,7 +318,8 @@ def attention_figures(output: str | Path, profile: str, dataset: str, data_dir: 
             f"`python -m bench_suite run --methods linformer --keep-rates {keep:g} {run}`")))
     else:
         lin = load_trained("linformer", li[2], profile)
-        paths = _figure5(images, query, (gh, gw), full, linformer_attention(lin.model, images), sparse, out_dir,
+        lowrank = [layer["lowrank"] for layer in lin.attention_maps(images)]
+        paths = _figure5(images, query, (gh, gw), full, lowrank, sparse, out_dir,
                          (full_label, "(c) Linformer P F", "(d) Sparsifiner sparse"),
                          f"Figure 5 (suite): query patch {query}, head-averaged, {profile} / {dataset}")
         results.append(FigureResult(*names[5], caption=(

@@ -1,0 +1,163 @@
+"""Planning a ``run`` before anything is trained or written: its resolved options, the configurations of
+the sweep (method, keep rate, settings), their validation against the profile, the data and the output.
+
+Everything here raises :class:`bench_suite.errors.UserError` (or a subclass) with one line for bad input.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from bench_suite.backbones import create_backbone, get_profile, num_tokens
+from bench_suite.errors import UserError
+from bench_suite.registry import MethodSpec, get_method
+from bench_suite.store import canonical_json
+from bench_suite.training import TrainSettings
+from datamodules import create_datamodule
+
+__all__ = ["RunOptions", "make_datamodule", "train_settings", "resolve_plan", "validate_plan", "setup_data",
+           "check_output"]
+
+
+def make_datamodule(cfg: Any, train_subset: int | None = None, batch_size: int | None = None):
+    """The datamodule for ``cfg.data`` at the profile's resolution and channels."""
+    p = get_profile(cfg.profile)
+    defaults = p.run_defaults()
+    return create_datamodule(cfg.data, data_dir=cfg.data_dir, img_size=p.img_size, in_chans=p.in_chans,
+                             batch_size=batch_size or defaults["batch_size"], train_subset=train_subset,
+                             num_workers=cfg.num_workers, split_seed=0,
+                             augment=not getattr(cfg, "no_augment", False))
+
+
+def train_settings(cfg: Any, epochs: int) -> TrainSettings:
+    every = getattr(cfg, "checkpoint_every", None)
+    return TrainSettings(epochs=epochs, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                         accelerator=cfg.accelerator, progress=not cfg.no_progress, seed=int(cfg.seed),
+                         checkpoint_every_n_steps=TrainSettings.checkpoint_every_n_steps if every is None
+                         else (int(every) or None))
+
+
+def check_output(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write_test-{socket.gethostname()}-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output folder {output} is not writable: {e.strerror or e}") from None
+
+
+class RunOptions:
+    """Resolved options of one ``run`` invocation (see :func:`run_benchmark`)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.profile = get_profile(cfg.profile)
+        defaults = self.profile.run_defaults()
+        self.epochs = defaults["epochs"] if cfg.epochs is None else int(cfg.epochs)
+        subset = defaults["train_subset"] if cfg.train_subset is None else int(cfg.train_subset)
+        self.train_subset = subset or None
+        self.batch_size = cfg.batch_size or defaults["batch_size"]
+        self.output = Path(cfg.output)
+        self.seed = int(cfg.seed)
+        if self.epochs < 0:
+            raise UserError(f"--epochs must be >= 0, got {self.epochs}")
+
+
+def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
+    """Normalise plan entries ``(method, keep_rate)`` or ``(method, keep_rate, overrides)`` into
+    ``(spec, keep_rate, overrides)``; ``method`` is a name or a :class:`MethodSpec`, ``overrides`` a dict of
+    hyperparameters for the method's factory (e.g. Sparsif-EViT ``token_keep_rate``). Repeats are dropped.
+
+    Raises:
+        UnknownMethodError: for an unknown method name.
+        UserError: for a keep rate outside (0, 1] or an override the method's factory does not take.
+    """
+    out, seen = [], set()
+    for entry in plan:
+        if len(entry) not in (2, 3):
+            raise UserError(f"plan entries are (method, keep_rate[, overrides]), got {entry!r}")
+        method, rate = entry[0], float(entry[1])
+        overrides = dict(entry[2] or {}) if len(entry) == 3 else {}
+        spec = method if isinstance(method, MethodSpec) else get_method(str(method))
+        if not 0.0 < rate <= 1.0:
+            raise UserError(f"plan entry {spec.name}: keep rate {rate:g} is outside (0, 1]")
+        settings = set(spec.defaults()) - {"keep_rate"}
+        unknown = sorted(set(overrides) - settings)
+        if unknown:
+            raise UserError(f"plan entry {spec.name}: {', '.join(unknown)} is not a setting of the method "
+                              f"(settings: {', '.join(k for k in spec.defaults() if k != 'keep_rate')})")
+        ident = (spec.name, rate, canonical_json(overrides))
+        if ident not in seen:
+            seen.add(ident)
+            out.append((spec, rate, overrides))
+    return out
+
+
+def setup_data(cfg: Any, dm) -> None:
+    """Load the data now (before anything is trained or written) and check it is what the user named.
+
+    Raises:
+        UserError: if ``--data-dir`` is missing, not a folder, empty, or (Fashion-MNIST) holds no data
+            while another copy would silently be used instead.
+        DataError: for corrupt or incomplete files (from the datamodule).
+    """
+    if cfg.data_dir is not None:
+        d = Path(cfg.data_dir)
+        if not d.exists():
+            raise UserError(f"data folder {d} does not exist")
+        if not d.is_dir():
+            raise UserError(f"data folder {d} is not a folder")
+        if not any(d.iterdir()):
+            raise UserError(f"data folder {d} is empty")
+    dm.setup()
+    paths = getattr(dm, "paths", None)
+    if cfg.data_dir is not None and isinstance(paths, dict):
+        root = Path(cfg.data_dir).resolve()
+        outside = [str(p) for p in paths.values() if not Path(p).resolve().is_relative_to(root)]
+        if outside:
+            raise UserError(f"data folder {cfg.data_dir} holds no {cfg.data} files (it would fall back to "
+                              f"{Path(outside[0]).parent}); fix --data-dir or leave it out")
+
+
+def validate_plan(plan: list[tuple[MethodSpec, float, dict[str, Any]]], profile, num_classes: int = 10,
+                  skip_infeasible: bool = False, log=print) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
+    """Check every configuration before anything is trained: its keep rate leaves at least one token of
+    the profile's ``N`` (``keep_rate * N >= 1``: the budget rule ``ceil(rho N)`` must not round a
+    vanishing budget up to a whole token, which would store a row under a keep rate it did not have),
+    and its module can be built (the method's own checks run on a fresh backbone of the profile).
+
+    Args:
+        skip_infeasible: drop configurations that keep fewer than one token (logging each) instead of
+            raising.
+
+    Returns:
+        The plan (without the dropped configurations).
+
+    Raises:
+        UserError: naming the configuration and what is wrong.
+    """
+    reference = create_backbone(profile, num_classes=num_classes)
+    n = num_tokens(reference)
+    kept = []
+    for spec, rate, overrides in plan:
+        if rate * n < 1.0:
+            why = (f"{spec.name}: keep rate {rate:g} keeps {rate * n:.3g} of the {n} tokens of profile "
+                   f"{profile.name!r}, fewer than one")
+            if skip_infeasible:
+                log(f"{why}: left out")
+                continue
+            raise UserError(f"{why}; the smallest keep rate here is 1/{n} = {1 / n:.4g}")
+        kept.append((spec, rate, overrides))
+        try:
+            spec.factory(copy.deepcopy(reference), keep_rate=rate, teacher=None, **overrides)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise UserError(f"{spec.name} at keep rate {rate:g}"
+                              + "".join(f", {k}={v!r}" for k, v in overrides.items())
+                              + f" cannot be built on profile {profile.name!r}: {str(e).splitlines()[0]}") from None
+    if not kept:
+        raise UserError(f"no configuration of the plan fits profile {profile.name!r} ({n} tokens)")
+    return kept
