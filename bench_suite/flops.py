@@ -1,15 +1,15 @@
 """MHSA FLOP counting on top of fvcore's ``FlopCountAnalysis``.
 
-Units: one multiply-accumulate (MAC) is one FLOP (fvcore's and the Sparsifiner paper's convention);
+Units: one multiply-accumulate (MAC) is one FLOP (fvcore's and the paper's convention, Wei et al., CVPR 2023);
 MFLOPs = 1e6 FLOPs, GFLOPs = 1e9 FLOPs. Element-wise ops, softmax, normalisation of attention rows,
 gathers, top-k and sorting are free, as in the paper.
 
 What is counted (:func:`count_flops`):
 
-* ``mhsa_mflops``, the paper's "MHSA FLOPs" (Sparsifiner sec. 4, Table 1-4): everything executed inside
+* ``mhsa_mflops``, the paper's "MHSA FLOPs" (Wei et al., CVPR 2023, sec. 4, Table 1-4): everything executed inside
   each block's attention module ``blocks.<i>.attn`` except its ``qkv`` and ``proj`` Linear children,
   i.e. ``Q K^T`` and ``A V`` for dense attention, plus whatever a method runs inside the attention
-  module (Linformer's E/F token projections, Sparsifiner's connectivity mask predictor and sparse
+  module (e.g. low-rank token projections of keys and values, a connectivity mask predictor and sparse
   products).
 * ``mhsa_proj_mflops``: the whole attention modules, ``qkv`` and ``proj`` included.
 * ``total_gflops``: the whole model as fvcore counts it (linear, conv, layer norm, attention).
@@ -564,8 +564,8 @@ def dense_mhsa_flops(depth: int, n_tokens: int, dim: int) -> int:
 
 def token_pruning_paper_flops(depth: int, n_tokens: int, dim: int, keep_rate: float,
                               stages: Sequence[int] | None = None) -> int:
-    """MHSA FLOPs of a token-pruning ViT under the paper's convention for the EViT/DynamicViT rows
-    (Sparsifiner Table 1; ``methods-and-flops.md``).
+    """MHSA FLOPs of a token-pruning ViT under the paper's convention for its token-pruning rows
+    (Wei et al., CVPR 2023, Table 1; ``methods-and-flops.md``).
 
     Stage ``s = 1..S`` keeps ``k_s = ceil(keep_rate^s * (n_tokens - 1))`` patch tokens (compounded from
     the input, no fused token). Layers ``0..stages[0]`` (up to and including the first pruning block,

@@ -32,7 +32,7 @@ def parse_keep_rates(text: str | None) -> list[float] | None:
 
 
 def parse_hparams(text: str | None, methods: Any) -> dict[str, dict[str, Any]]:
-    """Parse ``--hparams '{"sparsifiner": {"tau": 0.2}, "linformer": {"proj_init": "pool"}}'``: a JSON object
+    """Parse ``--hparams '{"<method>": {"<setting>": value, ...}, ...}'``: a JSON object
     from method name to that method's settings (see ``list``). The settings go to the method's factory and
     into the configuration key, so a changed setting is a new configuration (a new row).
 

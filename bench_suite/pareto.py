@@ -146,7 +146,7 @@ def _check_units(df: pd.DataFrame) -> None:
 def method_label(method: str, config: Any) -> str:
     """The method's name as tables and plots show it: ``method`` plus the settings it was run with that
     differ from the method's defaults (``config["overrides"]``, from ``run --hparams`` or a table plan),
-    e.g. ``linformer (proj_init=pool)``."""
+    e.g. ``<method> (proj_init=pool)``."""
     overrides = config.get("overrides") if isinstance(config, dict) else None
     if not overrides:
         return str(method)

@@ -70,7 +70,7 @@ class RunOptions:
 def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
     """Normalise plan entries ``(method, keep_rate)`` or ``(method, keep_rate, overrides)`` into
     ``(spec, keep_rate, overrides)``; ``method`` is a name or a :class:`MethodSpec`, ``overrides`` a dict of
-    hyperparameters for the method's factory (e.g. Sparsif-EViT ``token_keep_rate``). Repeats are dropped.
+    hyperparameters for the method's factory (e.g. a second keep rate). Repeats are dropped.
 
     Raises:
         UnknownMethodError: for an unknown method name.

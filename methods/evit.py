@@ -219,8 +219,8 @@ def apply_evit(model: nn.Module, keep_rate: float, stages: Sequence[int] | None 
 
     The blocks ``stages`` (default :func:`bench_suite.backbones.pruning_stages`, (3, 6, 9) for 12 blocks)
     become :class:`EViTBlock` with :class:`EViTAttention`; every other block keeps timm's own attention
-    (fused SDPA). Records ``model.evit_stages`` (sorted tuple), ``model.evit_keep_rate`` and
-    ``model.evit_fuse_token`` for the FLOP counter and the tables. Calling it again re-patches.
+    (fused SDPA). Records ``model.evit_stages`` (sorted tuple; the pruning blocks hold their ``keep_rate``).
+    Calling it again re-patches.
 
     Args:
         model: timm ``VisionTransformer`` with one CLS token and ``global_pool='token'``.
@@ -251,8 +251,6 @@ def apply_evit(model: nn.Module, keep_rate: float, stages: Sequence[int] | None 
         swap_class(blk, EViTBlock, _evit_base_cls=type(blk), keep_rate=keep_rate, fuse_token=True,
                    evit_tokens_out=None, evit_keep_idx=None)
     model.evit_stages = stages
-    model.evit_keep_rate = keep_rate
-    model.evit_fuse_token = True
     return model
 
 

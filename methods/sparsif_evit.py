@@ -101,7 +101,6 @@ def apply_sparsif_evit(model: nn.Module, keep_rate: float, token_keep_rate: floa
         swap_class(model.blocks[i], SparsifEViTBlock, token_keep_rate=token_keep_rate, token_state=state,
                    tokens_out=None)
     model.evit_stages = stages
-    model.evit_keep_rate = token_keep_rate
     return model
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny backbones and a registry snapshot so tests can register methods freely."""
+"""Shared test helpers: seeded tiny backbones and random images, a registry snapshot so tests can register
+methods freely, the Fashion-MNIST location and a few-step training helper."""
 from __future__ import annotations
 
 import os
@@ -23,12 +24,18 @@ def registry_snapshot():
     registry._plugins_loaded = loaded
 
 
-@pytest.fixture
-def tiny_backbone():
+def tiny_vit(profile: str = "tiny", seed: int = 0, **kwargs):
+    """A randomly initialised backbone of ``profile`` (seeded; 10 classes unless ``kwargs`` say otherwise)."""
     from bench_suite.backbones import create_backbone
 
-    torch.manual_seed(0)
-    return create_backbone("tiny", num_classes=10)
+    torch.manual_seed(seed)
+    return create_backbone(profile, **kwargs)
+
+
+def random_images(b: int = 4, seed: int = 0, chans: int = 1, size: int = 28) -> torch.Tensor:
+    """``[b, chans, size, size]`` standard-normal images from a seeded generator (the tiny and mini profiles
+    take 1 x 28 x 28)."""
+    return torch.randn(b, chans, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"

@@ -13,15 +13,7 @@ from bench_suite.backbones import create_backbone
 from tests.conftest import fit_steps
 from bench_suite.registry import get_method
 from methods.dynamicvit import DynamicViT, PredictorLG, softmax_with_policy
-
-
-def _images(b: int = 4, seed: int = 0, chans: int = 1, size: int = 28) -> torch.Tensor:
-    return torch.randn(b, chans, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _backbone(profile: str = "tiny", seed: int = 0):
-    torch.manual_seed(seed)
-    return create_backbone(profile, drop_rate=0.0, drop_path_rate=0.0)
+from tests.conftest import random_images, tiny_vit
 
 
 def _expected_tokens(depth: int, n_patches: int, stages: tuple[int, ...], rho: float) -> list[int]:
@@ -42,9 +34,9 @@ def test_registered_with_typed_defaults() -> None:
     d = spec.defaults()
     assert (d["ratio_weight"], d["distill_logits"], d["distill_tokens"], d["backbone_lr_scale"]) == (2.0, 0.5, 0.5, 0.01)
     with pytest.raises(ValueError):
-        DynamicViT(_backbone(), keep_rate=0.0)
+        DynamicViT(tiny_vit(), keep_rate=0.0)
     with pytest.raises(ValueError):
-        DynamicViT(_backbone(), keep_rate=0.5, ratio_weight=-1.0)
+        DynamicViT(tiny_vit(), keep_rate=0.5, ratio_weight=-1.0)
 
 
 def test_predictor_outputs_log_probabilities_and_global_feature_uses_policy() -> None:
@@ -94,7 +86,7 @@ def test_softmax_with_policy_masks_dropped_keys_but_keeps_the_diagonal() -> None
 
 
 def test_training_policy_masks_keys_keeps_diagonal_and_is_cumulative(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = DynamicViT(_backbone(), keep_rate=0.5).train()
+    module = DynamicViT(tiny_vit(), keep_rate=0.5).train()
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def spy(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -103,7 +95,7 @@ def test_training_policy_masks_keys_keeps_diagonal_and_is_cumulative(monkeypatch
         return probs
 
     monkeypatch.setattr(dvit, "softmax_with_policy", spy)
-    out = module.forward_train(_images(8))
+    out = module.forward_train(random_images(8))
     depth, stages = len(module.model.blocks), module.stages
     assert len(captured) == depth - stages[0]  # every block from the first stage on is masked
     decisions = out["decisions"]
@@ -130,12 +122,12 @@ def test_training_policy_masks_keys_keeps_diagonal_and_is_cumulative(monkeypatch
 # ------------------------------------------------------------------ inference pruning
 @pytest.mark.parametrize("profile,rho", [("tiny", 0.7), ("tiny", 0.5), ("mini", 0.7), ("mini", 0.3)])
 def test_eval_keeps_exactly_the_scheduled_tokens(profile: str, rho: float) -> None:
-    module = DynamicViT(_backbone(profile), keep_rate=rho).eval()
+    module = DynamicViT(tiny_vit(profile), keep_rate=rho).eval()
     model = module.model
     seen: list[int] = []
     hooks = [b.attn.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1])) for b in model.blocks]
     with torch.no_grad():
-        logits = module(_images(3))
+        logits = module(random_images(3))
     for h in hooks:
         h.remove()
     expected = _expected_tokens(len(model.blocks), model.patch_embed.num_patches, module.stages, rho)
@@ -145,14 +137,14 @@ def test_eval_keeps_exactly_the_scheduled_tokens(profile: str, rho: float) -> No
 
 
 def test_eval_gathers_the_top_scored_patch_tokens_and_keeps_cls() -> None:
-    module = DynamicViT(_backbone(), keep_rate=0.5).eval()
+    module = DynamicViT(tiny_vit(), keep_rate=0.5).eval()
     stage_block = module.model.blocks[module.stages[0]]
     got: dict[str, torch.Tensor] = {}
     h1 = stage_block.register_forward_pre_hook(lambda m, args: got.__setitem__("before", args[0]))
     h2 = stage_block.predictor.register_forward_hook(lambda m, args, out: got.__setitem__("scores", out[..., 0]))
     h3 = stage_block.norm1.register_forward_pre_hook(lambda m, args: got.__setitem__("after", args[0]))
     with torch.no_grad():
-        module(_images(3))
+        module(random_images(3))
     for h in (h1, h2, h3):
         h.remove()
     before, after, scores = got["before"], got["after"], got["scores"]
@@ -167,9 +159,9 @@ def test_eval_gathers_the_top_scored_patch_tokens_and_keeps_cls() -> None:
 
 # ------------------------------------------------------------------ keep rate 1.0 is full attention
 def test_keep_one_equals_the_unpatched_model() -> None:
-    full = _backbone(seed=3)
+    full = tiny_vit(seed=3)
     module = DynamicViT(copy.deepcopy(full), keep_rate=1.0, teacher=copy.deepcopy(full))
-    x = _images(4, seed=1)
+    x = random_images(4, seed=1)
     for train in (False, True):
         full.train(train)
         module.train(train)
@@ -188,7 +180,7 @@ def test_keep_one_equals_the_unpatched_model() -> None:
 
 # ------------------------------------------------------------------ losses
 def test_ratio_loss_is_zero_at_the_target_and_closed_form_otherwise() -> None:
-    module = DynamicViT(_backbone(), keep_rate=0.5)  # 16 patches: targets 0.5, 0.25, 0.125 -> 8, 4, 2 tokens
+    module = DynamicViT(tiny_vit(), keep_rate=0.5)  # 16 patches: targets 0.5, 0.25, 0.125 -> 8, 4, 2 tokens
     b, n = 3, 16
     exact = []
     for k in (8, 4, 2):
@@ -205,9 +197,9 @@ def test_ratio_loss_is_zero_at_the_target_and_closed_form_otherwise() -> None:
 
 
 def test_weighted_losses_and_token_distillation_over_kept_tokens_only() -> None:
-    full = _backbone(seed=5)
+    full = tiny_vit(seed=5)
     module = DynamicViT(copy.deepcopy(full), keep_rate=0.5, teacher=full).train()
-    x, y = _images(6), torch.randint(0, 10, (6,))
+    x, y = random_images(6), torch.randint(0, 10, (6,))
     out = module.forward_train(x)
     t_out = module.forward_teacher(x)
     terms = module.losses(out, t_out, (x, y))
@@ -228,7 +220,7 @@ def test_weighted_losses_and_token_distillation_over_kept_tokens_only() -> None:
 
 # ------------------------------------------------------------------ optimiser
 def test_predictors_train_at_lr_and_the_backbone_at_one_hundredth() -> None:
-    module = DynamicViT(_backbone(), keep_rate=0.7, lr=1e-3)
+    module = DynamicViT(tiny_vit(), keep_rate=0.7, lr=1e-3)
     groups = module.param_groups()
     pred_ids = {id(p) for i in module.stages for p in module.model.blocks[i].predictor.parameters()}
     seen: list[int] = []
@@ -249,10 +241,10 @@ def test_predictors_train_at_lr_and_the_backbone_at_one_hundredth() -> None:
 
 # ------------------------------------------------------------------ a real training step
 def test_training_steps_with_teacher_are_finite_and_train_the_predictors() -> None:
-    full = _backbone(seed=7)
+    full = tiny_vit(seed=7)
     module = DynamicViT(copy.deepcopy(full), keep_rate=0.5, teacher=full, lr=1e-3)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    trainer = fit_steps(module, _images(16, seed=2), torch.randint(0, 10, (16,)))
+    trainer = fit_steps(module, random_images(16, seed=2), torch.randint(0, 10, (16,)))
     loss = trainer.callback_metrics["train/loss"]
     assert torch.isfinite(loss)
     for n, p in module.model.named_parameters():
@@ -261,7 +253,7 @@ def test_training_steps_with_teacher_are_finite_and_train_the_predictors() -> No
     assert moved, "the prediction modules received no update"
     module.eval()
     with torch.no_grad():
-        assert torch.isfinite(module(_images(2))).all()
+        assert torch.isfinite(module(random_images(2))).all()
 
 
 # ------------------------------------------------------------------ FLOPs on DeiT-S
@@ -275,7 +267,7 @@ def deit_s():
 def test_measured_mhsa_flops_on_deit_s_follow_the_kept_tokens(deit_s, rho: float) -> None:
     flops = pytest.importorskip("bench_suite.flops")
     module = DynamicViT(copy.deepcopy(deit_s), keep_rate=rho).eval()
-    report = flops.count_flops(module.model, _images(1, chans=3, size=224))
+    report = flops.count_flops(module.model, random_images(1, chans=3, size=224))
     tokens = _expected_tokens(12, 196, (3, 6, 9), rho)
     closed_form = 2 * 384 * sum(n * n for n in tokens)  # Q K^T and A V: 2 N_l^2 D per layer
     assert report.mhsa_mflops * 1e6 == pytest.approx(closed_form, rel=1e-9)

@@ -14,11 +14,7 @@ from bench_suite.registry import get_method
 from bench_suite.flops import token_pruning_paper_flops
 from methods.evit import (EViT, EViTAttention, EViTBlock, apply_evit,
                           evit_reorganise, evit_token_schedule)
-
-
-def _images(profile: str, b: int = 3, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 1, 28, 28, generator=g)
+from tests.conftest import random_images
 
 
 def _expected_schedule(n: int, depth: int, stages: tuple[int, ...], rho: float) -> list[int]:
@@ -51,7 +47,7 @@ def test_keep_one_is_exactly_the_full_model(profile: str, keep_rate: float) -> N
     full = create_backbone(profile, drop_rate=0.0, drop_path_rate=0.0)
     evit = apply_evit(copy.deepcopy(full), keep_rate)
     assert all(isinstance(evit.blocks[i], EViTBlock) for i in evit.evit_stages)
-    x = _images(profile)
+    x = random_images(3)
     for train in (False, True):
         full.train(train)
         evit.train(train)
@@ -68,10 +64,10 @@ def test_token_counts_follow_the_schedule(profile: str, rho: float) -> None:
     apply_evit(model, rho)
     expected = _expected_schedule(n, depth, pruning_stages(depth), rho)
     assert expected[-1] < n  # the test prunes something
-    assert _tokens_out(model, _images(profile, b=2)) == expected
+    assert _tokens_out(model, random_images(2)) == expected
     # the closed-form schedule helper agrees (tokens *seen* by each block = output of the previous)
     assert evit_token_schedule(n, depth, rho) == [n] + expected[:-1]
-    assert model.evit_stages == pruning_stages(depth) and model.evit_keep_rate == rho
+    assert model.evit_stages == pruning_stages(depth) and all(model.blocks[s].keep_rate == rho for s in model.evit_stages)
 
 
 def test_deit_s_measured_tokens_match_reference_mhsa_flops() -> None:
@@ -156,9 +152,9 @@ def test_training_step_reaches_every_parameter() -> None:
     teacher = create_backbone("tiny")
     module = get_method("evit").factory(create_backbone("tiny"), keep_rate=0.5, teacher=teacher,
                                         distill_tokens=0.5)
-    assert isinstance(module, EViT) and module.model.evit_keep_rate == 0.5
+    assert isinstance(module, EViT) and module.model.blocks[module.model.evit_stages[0]].keep_rate == 0.5
     module.train()
-    x, y = _images("tiny", b=4), torch.tensor([0, 1, 2, 3])
+    x, y = random_images(4), torch.tensor([0, 1, 2, 3])
     terms = module.losses(module.forward_train(x), module.forward_teacher(x), (x, y))
     assert set(terms) == {"ce", "kl"}  # no EViT loss; token MSE skipped (token counts differ)
     opt = module.configure_optimizers()["optimizer"]

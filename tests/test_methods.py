@@ -12,17 +12,9 @@ import torch
 from bench_suite.backbones import create_backbone
 from bench_suite.flops import count_flops
 from bench_suite.registry import get_method, list_methods
+from tests.conftest import random_images, tiny_vit
 
 METHODS = list_methods()
-
-
-def _tiny(seed: int = 0):
-    torch.manual_seed(seed)
-    return create_backbone("tiny", num_classes=10)
-
-
-def _images(n: int = 4) -> torch.Tensor:
-    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
 
 def _rate(name: str) -> float:
@@ -31,10 +23,10 @@ def _rate(name: str) -> float:
 
 @pytest.mark.parametrize("name", METHODS)
 def test_forward_backward_no_nan(name):
-    teacher = _tiny().eval()
+    teacher = tiny_vit().eval()
     module = get_method(name).factory(copy.deepcopy(teacher).train(), keep_rate=_rate(name), teacher=teacher)
     module.train()
-    x, y = _images(), torch.arange(4) % 10
+    x, y = random_images(4, seed=1), torch.arange(4) % 10
     terms = module.losses(module.forward_train(x), module.forward_teacher(x), (x, y))
     loss = torch.stack(list(terms.values())).sum()
     assert torch.isfinite(loss)
@@ -50,20 +42,20 @@ def test_forward_backward_no_nan(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_keep_rate_one_equals_full_attention(name):
-    full = _tiny().eval()
+    full = tiny_vit().eval()
     factory = get_method(name).factory
     module = factory(copy.deepcopy(full), teacher=None, **factory.noop_settings()).eval()
-    x = _images()
+    x = random_images(4, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(module(x), full(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_flops_are_counted_and_reduced_by_keep_rate(name):
-    x = _images(2)
-    dense = count_flops(_tiny(), x)
+    x = random_images(2, seed=1)
+    dense = count_flops(tiny_vit(), x)
     factory = get_method(name).factory
-    module = factory(_tiny(), **factory.noop_settings()).eval()
+    module = factory(tiny_vit(), **factory.noop_settings()).eval()
     at_one = count_flops(module.model, x)
     assert at_one.mhsa_mflops >= dense.mhsa_mflops * 0.999  # keep 1.0 computes at least the dense attention
     assert at_one.total_gflops >= dense.total_gflops * 0.999
@@ -72,17 +64,17 @@ def test_flops_are_counted_and_reduced_by_keep_rate(name):
 @pytest.mark.parametrize("name", METHODS)
 def test_lightning_checkpoint_round_trip(name, tmp_path):
     spec = get_method(name)
-    teacher = _tiny().eval()
+    teacher = tiny_vit().eval()
     module = spec.factory(copy.deepcopy(teacher).train(), keep_rate=_rate(name), teacher=teacher)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
-    data = torch.utils.data.TensorDataset(_images(8), torch.arange(8) % 10)
+    data = torch.utils.data.TensorDataset(random_images(8, seed=1), torch.arange(8) % 10)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
-    loaded = spec.factory.load_from_checkpoint(path, backbone=_tiny(seed=5), teacher=None, map_location="cpu")
+    loaded = spec.factory.load_from_checkpoint(path, backbone=tiny_vit(seed=5), teacher=None, map_location="cpu")
     assert loaded.hparams.keep_rate == _rate(name)
-    x = _images()
+    x = random_images(4, seed=1)
     module.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), module(x))
@@ -92,4 +84,4 @@ def test_lightning_checkpoint_round_trip(name, tmp_path):
 @pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan")])
 def test_invalid_keep_rate_rejected(name, bad):
     with pytest.raises(ValueError, match="keep rate"):
-        get_method(name).factory(_tiny(), keep_rate=bad)
+        get_method(name).factory(tiny_vit(), keep_rate=bad)

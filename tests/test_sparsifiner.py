@@ -13,6 +13,7 @@ from methods.adapter import merge_heads, split_heads
 from methods.sparse_attention import attention_budget
 from methods.sparsif_evit import SparsifEViT
 from methods.sparsifiner import Sparsifiner, SparsifinerAttention
+from tests.conftest import random_images, tiny_vit
 
 
 def have_fashion_mnist() -> bool:
@@ -29,15 +30,6 @@ def have_fashion_mnist() -> bool:
 N, D, H, DEPTH, NDOWN = 17, 16, 2, 4, 8  # the tiny profile: 16 patches + CLS, head dim 16, 2 heads, 4 blocks
 
 
-def _images(b=3, seed=0):
-    return torch.randn(b, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-
-
-def _backbone(seed=0):
-    torch.manual_seed(seed)
-    return create_backbone("tiny", num_classes=10)
-
-
 def test_registered_with_keep_rates_and_typed_defaults():
     from bench_suite.registry import get_method
 
@@ -51,8 +43,8 @@ def test_registered_with_keep_rates_and_typed_defaults():
 
 
 def test_keep_rate_one_equals_full_attention():
-    base = _backbone().eval()
-    x = _images()
+    base = tiny_vit().eval()
+    x = random_images(3)
     with torch.no_grad():
         ref = base(x)
         m = Sparsifiner(copy.deepcopy(base), keep_rate=1.0).eval()
@@ -66,8 +58,8 @@ def test_keep_rate_one_equals_full_attention():
 def test_sparsif_evit_at_attention_keep_one_equals_evit():
     from methods.evit import EViT
 
-    base = _backbone().eval()
-    x = _images()
+    base = tiny_vit().eval()
+    x = random_images(3)
     with torch.no_grad():
         ref = EViT(copy.deepcopy(base), keep_rate=0.5).eval()(x)
         m = SparsifEViT(copy.deepcopy(base), keep_rate=1.0, token_keep_rate=0.5).eval()
@@ -76,11 +68,11 @@ def test_sparsif_evit_at_attention_keep_one_equals_evit():
 
 
 def test_every_query_row_has_exactly_b_connections():
-    m = Sparsifiner(_backbone(), keep_rate=0.25).eval()
+    m = Sparsifiner(tiny_vit(), keep_rate=0.25).eval()
     for a in m.model.blocks:
         a.attn.record = True
     with torch.no_grad():
-        m(_images())
+        m(random_images(3))
     b = attention_budget(0.25, N)
     for blk in m.model.blocks:
         mask = blk.attn.last["records"]["mask"]  # [B, H, N, N]
@@ -98,7 +90,7 @@ def test_every_query_row_has_exactly_b_connections():
 
 def test_sparse_path_matches_dense_masked_reference_in_the_model():
     """The gathered sparse attention equals masked_fill(-inf) dense attention with the same mask, in a model."""
-    m = Sparsifiner(_backbone(), keep_rate=0.25).eval()
+    m = Sparsifiner(tiny_vit(), keep_rate=0.25).eval()
     attn = m.model.blocks[0].attn
     attn.record = True
     x = torch.randn(2, N, 32)
@@ -132,10 +124,10 @@ def test_kernel_and_torch_impls_agree_in_a_training_step(method):
 
     if not kernel_available():  # pragma: no cover - a machine without a compiler
         pytest.skip("the C++ kernel cannot be built here")
-    teacher = _backbone(seed=1).eval()
-    mods = {impl: method(_backbone(), keep_rate=0.25, teacher=copy.deepcopy(teacher), attention_impl=impl)
+    teacher = tiny_vit(seed=1).eval()
+    mods = {impl: method(tiny_vit(), keep_rate=0.25, teacher=copy.deepcopy(teacher), attention_impl=impl)
             for impl in ("auto", "torch")}
-    x, y = _images(4), torch.arange(4)
+    x, y = random_images(4), torch.arange(4)
     losses, grads = {}, {}
     for impl, m in mods.items():
         m.set_phase(2)
@@ -170,7 +162,7 @@ def _hand_made(m: Sparsifiner):
 def test_mhsa_flops_equal_closed_form_from_nonzeros(keep_rate, tau):
     from bench_suite.flops import count_flops
 
-    m = Sparsifiner(_backbone(), keep_rate=keep_rate, tau=tau).eval()
+    m = Sparsifiner(tiny_vit(), keep_rate=keep_rate, tau=tau).eval()
     row_nnz = _hand_made(m)
     b = attention_budget(keep_rate, N)
     coef_nonzero = 1.0 / NDOWN > tau  # uniform coefficients: all kept or all pruned
@@ -180,19 +172,19 @@ def test_mhsa_flops_equal_closed_form_from_nonzeros(keep_rate, tau):
         sparse_sparse = H * (N - 1) * nnz if coef_nonzero else 0  # sum over nonzero coefs of nnz(W_up row)
         attention = H * 2 * D * (N + (N - 1) * b)  # q k at nnz(M) and A V; CLS row full
         per_layer.append(lowrank + sparse_sparse + attention)
-    report = count_flops(m.model, _images(4))
+    report = count_flops(m.model, random_images(4))
     assert report.per_layer_mhsa_mflops == pytest.approx([v / 1e6 for v in per_layer], abs=1e-9)
     assert report.mhsa_mflops == pytest.approx(sum(per_layer) / 1e6, abs=1e-9)
-    m(_images(2))
+    m(random_images(2))
     assert m.sparsity_report()["coef_sparsity"] == (0.0 if coef_nonzero else 1.0)
 
 
 def test_sparsif_evit_counts_fewer_flops_and_tracks_positions():
     from bench_suite.flops import count_flops
 
-    x = _images(4)
-    sp = Sparsifiner(_backbone(), keep_rate=0.25).eval()
-    se = SparsifEViT(_backbone(), keep_rate=0.25, token_keep_rate=0.5).eval()
+    x = random_images(4)
+    sp = Sparsifiner(tiny_vit(), keep_rate=0.25).eval()
+    se = SparsifEViT(tiny_vit(), keep_rate=0.25, token_keep_rate=0.5).eval()
     f_sp, f_se = count_flops(sp.model, x), count_flops(se.model, x)
     assert f_se.per_layer_mhsa_mflops[0] == pytest.approx(f_sp.per_layer_mhsa_mflops[0])  # same 17 tokens
     assert f_se.mhsa_mflops < f_sp.mhsa_mflops
@@ -237,7 +229,7 @@ def _bn_stem_backbone(seed=0):
 
 @pytest.mark.parametrize("method,with_teacher", [(Sparsifiner, True), (SparsifEViT, False)])
 def test_phase1_trains_only_the_predictor_and_phase2_only_the_backbone(method, with_teacher):
-    make = _bn_stem_backbone if with_teacher else _backbone
+    make = _bn_stem_backbone if with_teacher else tiny_vit
     teacher = make(seed=1) if with_teacher else None
     m = method(make(), keep_rate=0.25, teacher=teacher, phase1_steps=2, lr=1e-2)
     snaps = _Snapshots()
@@ -268,11 +260,11 @@ def test_phase1_trains_only_the_predictor_and_phase2_only_the_backbone(method, w
 
 
 def test_phase1_loss_is_attention_distillation_against_teacher_maps():
-    teacher = _backbone(seed=1).eval()
-    m = Sparsifiner(_backbone(), keep_rate=0.25, teacher=teacher)
+    teacher = tiny_vit(seed=1).eval()
+    m = Sparsifiner(tiny_vit(), keep_rate=0.25, teacher=teacher)
     m.set_phase(1)
     m.train()
-    x = _images(2)
+    x = random_images(2)
     out, t_out = m.forward_train(x), m.forward_teacher(x)
     assert len(t_out["attn"]) == DEPTH and t_out["attn"][0].shape == (2, H, N, N)
     terms = m.losses(out, t_out, (x, torch.zeros(2, dtype=torch.long)))
@@ -288,11 +280,11 @@ def test_phase1_loss_is_attention_distillation_against_teacher_maps():
 def test_sparsif_evit_distils_attention_in_pruned_layers_through_positions():
     from methods.sparse_attention import map_attention_to_tokens
 
-    teacher = _backbone(seed=1).eval()
-    m = SparsifEViT(_backbone(), keep_rate=0.25, token_keep_rate=0.5, teacher=teacher, phase1_full_attention=False)
+    teacher = tiny_vit(seed=1).eval()
+    m = SparsifEViT(tiny_vit(), keep_rate=0.25, token_keep_rate=0.5, teacher=teacher, phase1_full_attention=False)
     m.set_phase(1)
     m.train()
-    x = _images(2)
+    x = random_images(2)
     out, t_out = m.forward_train(x), m.forward_teacher(x)
     last = m.model.blocks[-1].attn.last
     assert last["scores"].shape == (2, H, 6, 7)  # pruned: 7 tokens in the last layer
@@ -323,7 +315,7 @@ def test_visualize_loads_checkpoint_and_writes_pngs(tmp_path, method, name):
     from bench_suite.checkpoints import load_trained
 
     # the runner trains with a teacher, whose weights end up in the checkpoint too
-    trained, path = _checkpoint(tmp_path, method, teacher=_backbone(seed=1) if method is SparsifEViT else None)
+    trained, path = _checkpoint(tmp_path, method, teacher=tiny_vit(seed=1) if method is SparsifEViT else None)
     loaded = load_trained(name, path, "tiny")
     for k, v in trained.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[k], v)
@@ -344,11 +336,11 @@ def test_visualize_user_errors(tmp_path, capsys):
 
 def test_invalid_settings_raise():
     with pytest.raises(ValueError):
-        Sparsifiner(_backbone(), keep_rate=0.0)
+        Sparsifiner(tiny_vit(), keep_rate=0.0)
     with pytest.raises(ValueError):
-        Sparsifiner(_backbone(), keep_rate=0.25, attn_distill_phase1=0.0)
+        Sparsifiner(tiny_vit(), keep_rate=0.25, attn_distill_phase1=0.0)
     with pytest.raises(ValueError):
-        SparsifEViT(_backbone(), keep_rate=0.25, token_keep_rate=1.5)
+        SparsifEViT(tiny_vit(), keep_rate=0.25, token_keep_rate=1.5)
     with pytest.raises(ValueError, match="attention dropout"):
         Sparsifiner(create_backbone("tiny", attn_drop_rate=0.1), keep_rate=0.25)
-    assert isinstance(Sparsifiner(_backbone(), keep_rate=0.5).model.blocks[0].attn, SparsifinerAttention)
+    assert isinstance(Sparsifiner(tiny_vit(), keep_rate=0.5).model.blocks[0].attn, SparsifinerAttention)

@@ -1,6 +1,6 @@
 """Sparse (top-B) attention kernels: fused C++ CPU kernels and pure-PyTorch fallbacks.
 
-The operation is the forward of Sparsifiner's sparse MHSA (Wei et al., CVPR 2023, eq. 4-6): each query
+The operation is the sparse MHSA of Wei et al. (CVPR 2023, eq. 4-6): each query
 row ``i`` attends only to its ``Bk`` selected keys ``idx[..., i, :]`` (the connectivity mask ``M`` of eq. 3
 as key indices, distinct per row)::
 
@@ -32,13 +32,13 @@ is needed. While ``torch.jit`` traces (FLOP counting) a call is recorded as the 
 ``bench_suite::sparse_attention``, which :mod:`bench_suite.flops` counts as ``2 * Nq * Bk * d`` MACs per
 ``[B, H]`` pair, whichever implementation runs inside.
 
-Sparsifiner's connectivity mask (eq. 3), ``idx = top-B(A~_down @ W_up)`` per query row, has a fused
+The paper's connectivity mask (eq. 3), ``idx = top-B(A~_down @ W_up)`` per query row, has a fused
 kernel too: :func:`connectivity_topk` (``impl="cpp"``) accumulates each row's scores over the nonzero
 coefficients only and selects the top ``B`` (threshold search with a radix-select fallback), never
 materialising the ``[B, H, Nq, Nk]`` score tensor; ``impl="torch"`` is ``torch.topk(coef @ w_up, B)``.
 
 The connectivity top-B has no gradient (the mask is detached, as in the paper's official code); while
-autograd records, Sparsifiner computes the scores densely anyway, since the attention distillation loss
+autograd records, the method computes the scores densely anyway, since the attention distillation loss
 needs them.
 
 The kernels are compiled just in time on first use and cached (see :mod:`bench_suite.kernels.loader`);
@@ -303,7 +303,7 @@ def connectivity_topk_cpp(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -
 
 
 def connectivity_topk(coef: torch.Tensor, w_up: torch.Tensor, budget: int, impl: str = "auto") -> torch.Tensor:
-    """Top-``budget`` key indices of ``coef @ w_up`` per query row (Sparsifiner eq. 3), by ``impl``
+    """Top-``budget`` key indices of ``coef @ w_up`` per query row (Wei et al. eq. 3), by ``impl``
     (``"cpp"``, ``"torch"``, or ``"auto"``: the kernel for CPU float32 when it can be built)."""
     if impl == "torch":
         return connectivity_topk_torch(coef, w_up, budget)
@@ -317,14 +317,14 @@ def connectivity_topk(coef: torch.Tensor, w_up: torch.Tensor, budget: int, impl:
 
 
 def _cpp_topk_impl(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> torch.Tensor:
-    """Sparsifiner's ``"cpp"`` connectivity top-k: the kernel for CPU float32, else ``torch.topk``."""
+    """The ``"cpp"`` connectivity top-k: the kernel for CPU float32, else ``torch.topk``."""
     if coef.device.type == "cpu" and coef.dtype == torch.float32 and w_up.dtype == torch.float32:
         return connectivity_topk_cpp(coef, w_up, budget)
     return connectivity_topk_torch(coef, w_up, budget)
 
 
 def _auto_topk_impl(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> torch.Tensor:
-    """Sparsifiner's ``"auto"`` connectivity top-k: the kernel for CPU float32 when it can be built."""
+    """The ``"auto"`` connectivity top-k: the kernel for CPU float32 when it can be built."""
     return connectivity_topk(coef, w_up, budget, impl="auto")
 
 
