@@ -16,6 +16,7 @@ runner, the report, the speed benchmark and the tables name no method:
 * ``reference``: the dense baseline (the teacher's evaluation and the speed ratios refer to it);
 * ``in_default_run``: part of the sweep ``run`` does when no ``--methods`` is given;
 * ``plot_color`` / ``plot_marker``: its colour and marker in every plot;
+  (these three only where the class itself declares them: a subclass does not inherit them)
 * hooks of :class:`methods.base.BenchModule` (paper FLOP rule, timing set-up, attention maps).
 """
 from __future__ import annotations
@@ -99,8 +100,12 @@ class MethodSpec:
     description: str = ""
     source: str = "builtin"
 
-    def _declared(self, name: str, default: Any) -> Any:
-        return getattr(self.factory, name, default)
+    def _declared(self, name: str, default: Any, inherited: bool = True) -> Any:
+        """A declaration of the factory; ``inherited=False``: only one its own class makes (a subclass of
+        the dense reference is not the reference, and does not take its colour)."""
+        if inherited or not inspect.isclass(self.factory):
+            return getattr(self.factory, name, default)
+        return vars(self.factory).get(name, default)
 
     @property
     def reported_metrics(self) -> tuple[Metric, ...]:
@@ -115,17 +120,17 @@ class MethodSpec:
     @property
     def reference(self) -> bool:
         """Whether this is the dense baseline every ratio and the teacher's evaluation refer to."""
-        return bool(self._declared("reference", False))
+        return bool(self._declared("reference", False, inherited=False))
 
     @property
     def in_default_run(self) -> bool:
         """Whether ``run`` sweeps it when no ``--methods`` is given."""
-        return bool(self._declared("in_default_run", False))
+        return bool(self._declared("in_default_run", False, inherited=False))
 
     @property
     def plot_style(self) -> tuple[str | None, str | None]:
         """``(colour, marker)`` the method declares for plots (``plot_color``, ``plot_marker``; None: assigned)."""
-        return self._declared("plot_color", None), self._declared("plot_marker", None)
+        return self._declared("plot_color", None, inherited=False), self._declared("plot_marker", None, inherited=False)
 
     def accepts(self, setting: str) -> bool:
         """Whether the factory takes the keyword ``setting`` (a typed ``__init__`` argument, base classes

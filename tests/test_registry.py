@@ -76,3 +76,17 @@ def test_entry_point_plugins(tmp_path, registry_snapshot, monkeypatch):
     msgs = [str(w.message) for w in caught]
     assert any("'broken'" in m and "missing dep xyz" in m for m in msgs), msgs
     sys.modules.pop("good_plugin_mod", None)
+
+
+def test_reference_default_run_and_plot_style_are_not_inherited(registry_snapshot):
+    from bench_suite.registry import default_methods, get_method, reference_method
+    from methods.full import FullAttention
+
+    @register_method("full_variant", keep_rates=(1.0,))
+    class FullVariant(FullAttention):
+        pass
+
+    spec = get_method("full_variant")
+    assert not spec.reference and not spec.in_default_run and spec.plot_style == (None, None)
+    assert reference_method().name == "full" and "full_variant" not in [s.name for s in default_methods()]
+    assert get_method("sparsif_evit").ddp_find_unused_parameters  # inherited declarations still apply
