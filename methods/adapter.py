@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-from torch import nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
 
 __all__ = ["split_heads", "merge_heads", "swap_class", "blocks_of", "attentions_of", "attention_probs",
-           "attention_inputs"]
+           "attention_inputs", "check_timm_block"]
 
 
 def split_heads(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,6 +40,17 @@ def merge_heads(attn: Attention, out: torch.Tensor) -> torch.Tensor:
 def attention_probs(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Dense attention probabilities ``softmax(q k^T / sqrt(d))`` as ``[B, H, N, N]`` (Vaswani et al. eq. 1)."""
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def check_timm_block(block: nn.Module, index: int) -> Block:
+    """``block`` if it is a timm ``Block`` whose ``attn`` is a timm ``Attention`` (what every method patches).
+
+    Raises:
+        TypeError: naming the block otherwise.
+    """
+    if not isinstance(block, Block) or not isinstance(getattr(block, "attn", None), Attention):
+        raise TypeError(f"block {index} ({type(block).__name__}) is not a timm Block with a timm Attention")
+    return block
 
 
 def swap_class(module: nn.Module, cls: type, **attrs: Any) -> nn.Module:

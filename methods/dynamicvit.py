@@ -53,7 +53,7 @@ from torch import nn
 
 from bench_suite.backbones import pruning_stages
 from bench_suite.registry import Metric, register_method
-from methods.adapter import merge_heads, split_heads, swap_class
+from methods.adapter import check_timm_block, merge_heads, split_heads, swap_class
 from methods.base import BenchModule, ForwardOutput, check_keep_rate
 
 __all__ = [
@@ -307,8 +307,7 @@ def apply_dynamicvit(model: nn.Module, keep_rate: float, stages: Sequence[int] |
                           num_prefix=int(model.num_prefix_tokens), active=keep_rate < 1.0)
     dim = int(model.embed_dim)
     for i, blk in enumerate(model.blocks):
-        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
-            raise TypeError(f"block {i} ({type(blk).__name__}) is not a timm Block with a timm Attention")
+        check_timm_block(blk, i)
         blk._modules.pop("predictor", None)  # a re-patch starts from fresh prediction modules
         stage = stages.index(i) if i in stages else None
         extra = {"predictor": PredictorLG(dim).to(blk.norm1.weight)} if stage is not None else {}

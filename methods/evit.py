@@ -41,7 +41,13 @@ from torch import nn
 
 from bench_suite.backbones import keep_count, num_tokens, pruning_stages
 from bench_suite.registry import Metric, register_method
-from methods.adapter import attention_probs, merge_heads, split_heads, swap_class
+from methods.adapter import (
+    attention_probs,
+    check_timm_block,
+    merge_heads,
+    split_heads,
+    swap_class,
+)
 from methods.base import BenchModule, check_keep_rate
 
 __all__ = [
@@ -245,8 +251,7 @@ def apply_evit(model: nn.Module, keep_rate: float, stages: Sequence[int] | None 
     _unpatch(model)
     for i in stages:
         blk = model.blocks[i]
-        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
-            raise TypeError(f"block {i} ({type(blk).__name__}) is not a timm Block with a timm Attention")
+        check_timm_block(blk, i)
         swap_class(blk.attn, EViTAttention, _evit_base_cls=type(blk.attn), store_cls_attn=True, cls_attn=None)
         swap_class(blk, EViTBlock, _evit_base_cls=type(blk), keep_rate=keep_rate, fuse_token=True,
                    evit_tokens_out=None, evit_keep_idx=None)

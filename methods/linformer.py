@@ -40,7 +40,13 @@ from torch import nn
 
 from bench_suite.backbones import keep_count, num_tokens
 from bench_suite.registry import Metric, register_method
-from methods.adapter import attention_inputs, merge_heads, split_heads, swap_class
+from methods.adapter import (
+    attention_inputs,
+    check_timm_block,
+    merge_heads,
+    split_heads,
+    swap_class,
+)
 from methods.base import BenchModule
 
 __all__ = ["Linformer", "LinformerAttention", "apply_linformer", "init_projection"]
@@ -118,14 +124,12 @@ def apply_linformer(model: nn.Module, k: int, share_kv: bool = False, proj_init:
 
     Raises:
         ValueError: unless ``1 <= k <= N``, or for an unknown ``proj_init``.
-        TypeError: if a block's attention is not a timm ``Attention``.
+        TypeError: if a block is not a timm ``Block`` with a timm ``Attention``.
     """
     n = num_tokens(model)
     init_projection(k, n, proj_init)  # validates k and the init before anything is patched
     for i, blk in enumerate(model.blocks):
-        attn = blk.attn
-        if not isinstance(attn, Attention):
-            raise TypeError(f"block {i}: {type(attn).__name__} is not a timm Attention")
+        attn = check_timm_block(blk, i).attn
         like = attn.qkv.weight
         e = nn.Parameter(init_projection(k, n, proj_init).to(like))
         f = e if share_kv else nn.Parameter(init_projection(k, n, proj_init).to(like))

@@ -62,13 +62,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from bench_suite.backbones import num_tokens
 from bench_suite.kernels import get_sparse_attention_impl
 from bench_suite.registry import Metric, register_method
-from methods.adapter import attention_probs, attentions_of, merge_heads, split_heads, swap_class
+from methods.adapter import (
+    attention_probs,
+    attentions_of,
+    check_timm_block,
+    merge_heads,
+    split_heads,
+    swap_class,
+)
 from methods.base import BenchModule, ForwardOutput, check_keep_rate
 from methods.sparse_attention import (
     ConnectivityPredictor,
@@ -153,8 +159,7 @@ class SparsifinerAttention(Attention):
 
 def _check_vit(model: nn.Module, cls_full_row: bool) -> None:
     for i, blk in enumerate(model.blocks):
-        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
-            raise TypeError(f"block {i} ({type(blk).__name__}) is not a timm Block with a timm Attention")
+        check_timm_block(blk, i)
         if getattr(blk.attn, "gate", None) is not None:
             raise NotImplementedError("gated timm attention is not supported by Sparsifiner")
         if blk.attn.attn_drop.p > 0:
