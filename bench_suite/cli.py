@@ -7,22 +7,24 @@ status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from jsonargparse import ActionConfigFile
 from jsonargparse import ArgumentParser as _JsonArgumentParser
 
+from bench_suite import signals
 from bench_suite.backbones import PROFILES
-from bench_suite.distributed import start_processes, world_info
+from bench_suite.distributed import SUPPORTED_STRATEGIES, start_processes, world_info
 from bench_suite.errors import UserError
 from bench_suite.locks import ConfigLock
-from bench_suite.paper.data import run_plan
+from bench_suite.options import KeepRate, NonNegativeInt, OpenUnitInterval, PositiveInt, parse_devices
+from bench_suite.paper.data import TABLES, run_plan
 from bench_suite.paper.run import make_tables
 from bench_suite.paper.visualize import FIGURE3_METHOD, visualize
-from bench_suite.pareto import pareto_table, summary_text
+from bench_suite.pareto import X_AXES, pareto_table, summary_text
 from bench_suite.plan import make_datamodule, setup_data, train_settings
 from bench_suite.registry import method_specs
 from bench_suite.report import write_report
@@ -31,6 +33,7 @@ from bench_suite.speed import run_command as run_speed_command
 from bench_suite.store import STORE_FILENAME, ResultsStore
 from bench_suite.teacher import ASSETS_DIR, install_shipped, train_teacher
 from bench_suite.training import quiet_lightning_info
+from datamodules import DATAMODULES
 
 __all__ = ["main", "build_parser"]
 
@@ -58,17 +61,19 @@ def _common(p: ArgumentParser, *, profile: str | None = "mini", data: str = "rea
     if data == "filter":
         p.add_argument("--data", type=str | None, default=None, help="only rows of this dataset")
     elif data == "read":
-        p.add_argument("--data", type=str, default="fashion_mnist", help="dataset: fashion_mnist or imagenet")
+        p.add_argument("--data", type=str, default="fashion_mnist", help="dataset: " + " or ".join(sorted(DATAMODULES)))
         p.add_argument("--data-dir", type=str | None, default=None, help="folder holding the dataset")
     p.add_argument("--output", type=str, default=output, help="results folder (store, tables, plots)")
     if seed:
-        p.add_argument("--seed", type=int, default=0, help="global seed (weights, data order, random inputs)")
+        p.add_argument("--seed", type=NonNegativeInt, default=0, help="global seed (weights, data order, random inputs)")
     if processes:
         p.add_argument("--devices", type=str, default="1", help="Lightning devices ('auto', N, or a list)")
-        p.add_argument("--num-nodes", type=int, default=1, help="Lightning num_nodes")
-        p.add_argument("--strategy", type=str, default="auto", help="Lightning strategy, e.g. ddp")
-        p.add_argument("--accelerator", type=str, default="auto", help="Lightning accelerator: cpu, gpu, auto")
-        p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+        p.add_argument("--num-nodes", type=PositiveInt, default=1, help="Lightning num_nodes")
+        p.add_argument("--strategy", type=str, default="auto", choices=list(SUPPORTED_STRATEGIES),
+                       help="Lightning strategy: " + ", ".join(SUPPORTED_STRATEGIES))
+        p.add_argument("--accelerator", type=str, default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"],
+                       help="Lightning accelerator: auto, cpu, gpu, cuda, mps")
+        p.add_argument("--num-workers", type=NonNegativeInt, default=0, help="DataLoader worker processes")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -86,21 +91,22 @@ def build_parser() -> ArgumentParser:
                        help="comma-separated method names (default: the methods of the default run, see 'list')")
     p_run.add_argument("--keep-rates", type=str | None, default=None,
                        help="comma-separated keep rates (default: each method's own grid)")
-    p_run.add_argument("--epochs", type=int | None, default=None, help="fine-tuning epochs (default: profile's)")
-    p_run.add_argument("--train-subset", type=int | None, default=None,
+    p_run.add_argument("--epochs", type=NonNegativeInt | None, default=None,
+                       help="fine-tuning epochs (default: profile's; 0: evaluate only)")
+    p_run.add_argument("--train-subset", type=NonNegativeInt | None, default=None,
                        help="train on this many images (default: profile's; 0 = all)")
-    p_run.add_argument("--batch-size", type=int | None, default=None, help="images per batch")
+    p_run.add_argument("--batch-size", type=PositiveInt | None, default=None, help="images per batch (default: profile's)")
     p_run.add_argument("--teacher", type=str | None, default=None, help="teacher checkpoint to use")
     p_run.add_argument("--force", action="store_true", help="re-run configurations already in the store")
-    p_run.add_argument("--checkpoint-every", type=int | None, default=None,
+    p_run.add_argument("--checkpoint-every", type=NonNegativeInt | None, default=None,
                        help="save the resumable checkpoint every N optimiser steps (default 50; 0: epoch ends only)")
     p_run.add_argument("--no-augment", action="store_true",
                        help="fine-tune without random crop/flip (the teacher keeps its recipe's augmentation)")
     p_run.add_argument("--hparams", type=str | None, default=None,
                        help='JSON object of method settings, {"<method>": {"<setting>": value}} (see list); '
                             'a changed setting is a new configuration')
-    p_run.add_argument("--x", type=str, default="mhsa_mflops", help="x axis of the Pareto plot")
-    p_run.add_argument("--table", type=int | None, default=None,
+    p_run.add_argument("--x", type=str, default="mhsa_mflops", choices=list(X_AXES), help="x axis of the Pareto plot")
+    p_run.add_argument("--table", type=int | None, default=None, choices=[None, *TABLES],
                        help="run exactly the configurations of the paper's table N (1-4) on --profile "
                             "(replaces --methods/--keep-rates)")
     _common(p_run, seed=True, processes=True)
@@ -113,7 +119,7 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("teacher", p_teacher, help="(re-)create the full-attention teacher")
 
     p_report = ArgumentParser(description="Rewrite the Pareto table and plot from the results store.")
-    p_report.add_argument("--x", type=str, default="mhsa_mflops", help="x axis of the Pareto plot")
+    p_report.add_argument("--x", type=str, default="mhsa_mflops", choices=list(X_AXES), help="x axis of the Pareto plot")
     _common(p_report, profile=None, data="filter")
     sub.add_subcommand("report", p_report, help="rewrite tables and plots from the store")
 
@@ -121,7 +127,7 @@ def build_parser() -> ArgumentParser:
         "Regenerate the paper's Tables 1-4 (Wei et al., CVPR 2023) beside the paper's numbers: MHSA FLOPs counted now at paper "
         "scale (DeiT-S, LV-ViT-S, DeiT-T-384; random weights), top-1 from the results store of --profile/--data. "
         "Writes <output>/tables/table<N>.{md,csv,tex}, Figures 3-7 and <output>/report.html, report.md."))
-    p_tables.add_argument("--table", type=int | None, default=None, help="only table N (1-4); default: all and the report page")
+    p_tables.add_argument("--table", type=int | None, default=None, choices=[None, *TABLES], help="only table N (1-4); default: all and the report page")
     _common(p_tables)  # --profile/--data: whose stored top-1 results are shown
     p_tables.add_argument("--no-figures", action="store_true", help="skip Figures 3-7")
     sub.add_subcommand("tables", p_tables, help="the paper's Tables 1-4 and Figures 3-7, beside the paper's numbers")
@@ -130,11 +136,11 @@ def build_parser() -> ArgumentParser:
                                        "(the paper's Fig. 3: connectivity mask, sparse and full attention) as PNG "
                                        "in <output>/figures.")
     p_vis.add_argument("--method", type=str, default=FIGURE3_METHOD, help="a registered method (see 'list')")
-    p_vis.add_argument("--keep-rate", type=float, default=0.25, help="keep rate of the configuration")
+    p_vis.add_argument("--keep-rate", type=KeepRate, default=0.25, help="keep rate of the configuration")
     p_vis.add_argument("--checkpoint", type=str | None, default=None,
                        help="Lightning checkpoint (default: the runner's one for this configuration)")
-    p_vis.add_argument("--images", type=int, default=4, help="number of test images")
-    p_vis.add_argument("--query", type=int | None, default=None, help="query patch index (default: centre)")
+    p_vis.add_argument("--images", type=PositiveInt, default=4, help="number of test images")
+    p_vis.add_argument("--query", type=NonNegativeInt | None, default=None, help="query patch index (default: centre)")
     _common(p_vis)
     sub.add_subcommand("visualize", p_vis, help="plot a trained model's attention maps (the paper's Fig. 3)")
 
@@ -147,11 +153,11 @@ def build_parser() -> ArgumentParser:
                          help="comma-separated method names (default: all registered)")
     p_speed.add_argument("--keep-rates", type=str | None, default=None,
                          help="comma-separated keep rates (default: each method's grid; core/kernel 0.25,0.1,0.05)")
-    p_speed.add_argument("--batch-size", type=int, default=8, help="images (sequences) per timed batch")
-    p_speed.add_argument("--threads", type=int | None, default=None,
+    p_speed.add_argument("--batch-size", type=PositiveInt, default=8, help="images (sequences) per timed batch")
+    p_speed.add_argument("--threads", type=PositiveInt | None, default=None,
                          help="intra-op threads, fixed and recorded (default: torch's, usually all cores)")
-    p_speed.add_argument("--repeats", type=int, default=10, help="timed rounds (candidates interleaved)")
-    p_speed.add_argument("--warmup", type=int, default=3, help="untimed runs per candidate first")
+    p_speed.add_argument("--repeats", type=PositiveInt, default=10, help="timed rounds (candidates interleaved)")
+    p_speed.add_argument("--warmup", type=NonNegativeInt, default=3, help="untimed runs per candidate first")
     p_speed.add_argument("--impl", type=str, default="cpp",
                          help="sparse attention implementation(s) of methods that have one: cpp, torch or cpp,torch")
     p_speed.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -161,28 +167,19 @@ def build_parser() -> ArgumentParser:
     p_speed.add_argument("--train", action="store_true",
                          help="--kernel: also time forward + backward (training) against dense SDPA and the gather path")
     p_speed.add_argument("--build", action="store_true", help="compile the C++ kernel (or find it cached) and exit")
-    p_speed.add_argument("--n", type=int | None, default=None, help="--core: tokens N (default: the profile's)")
-    p_speed.add_argument("--heads", type=int | None, default=None,
+    p_speed.add_argument("--n", type=PositiveInt | None, default=None, help="--core: tokens N (default: the profile's)")
+    p_speed.add_argument("--heads", type=PositiveInt | None, default=None,
                          help="--core/--kernel: heads (default: the profile's / DeiT-T's 3)")
-    p_speed.add_argument("--head-dim", type=int | None, default=None,
+    p_speed.add_argument("--head-dim", type=PositiveInt | None, default=None,
                          help="--core/--kernel: head dim (default: the profile's / DeiT-T's 64)")
     p_speed.add_argument("--kernel-n", type=str, default="197,577,2305", help="--kernel: comma-separated N values")
     p_speed.add_argument("--hparams", type=str | None, default=None,
                          help='JSON object of method settings, as for run: {"<method>": {"<setting>": value}}')
-    p_speed.add_argument("--coef-density", type=float | None, default=None,
+    p_speed.add_argument("--coef-density", type=OpenUnitInterval | None, default=None,
                          help="emulate a trained predictor's density of sparse coefficients (paper: 0.13) with "
                               "random weights (methods that have such coefficients)")
     sub.add_subcommand("speed", p_speed, help="wall-clock latency/throughput/memory; sparse kernel vs dense")
     return parser
-
-
-def _devices(text: str) -> Any:
-    text = str(text).strip()
-    if text.isdigit() or (text.startswith("-") and text[1:].isdigit()):
-        return int(text)
-    if "," in text:
-        return [int(t) for t in text.split(",") if t.strip()]
-    return text
 
 
 def _cmd_list(cfg: Any) -> None:
@@ -271,31 +268,61 @@ COMMANDS = {"list": _cmd_list, "run": _cmd_run, "teacher": _cmd_teacher, "report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m bench_suite``; returns the exit status."""
-    # fvcore scripts a function with torch.jit at import; its deprecation warning is not the user's business
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    """Entry point of ``python -m bench_suite``; returns the exit status: 0, 1 (some configuration failed),
+    2 (an error the user can fix, one line), 130 / 143 (stopped by SIGINT / SIGTERM, see
+    :mod:`bench_suite.signals`)."""
+    signals.install()
+    try:
+        return _main(argv)
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and signals.received() is None:
+            raise  # a real exit, not a stop
+        print(signals.stop_message(getattr(e, "progress", "")), file=sys.stderr)
+        return signals.exit_code()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         cfg = parser.parse_args(list(argv) if argv is not None else None)
     except argparse.ArgumentError as e:
-        print(f"bench_suite: error: {_one_line(e)} (see python -m bench_suite --help)", file=sys.stderr)
+        args = list(argv) if argv is not None else sys.argv[1:]
+        print(f"bench_suite: error: {_option_error(e, args)} (see python -m bench_suite --help)", file=sys.stderr)
         return 2
     command = cfg.command
     sub_cfg = cfg[command]
     if command in ("run", "teacher"):
         quiet_lightning_info()
-    if "devices" in sub_cfg:
-        sub_cfg.devices = _devices(sub_cfg.devices)
     try:
+        if "devices" in sub_cfg:
+            sub_cfg.devices = parse_devices(sub_cfg.devices)
         status = COMMANDS[command](sub_cfg)
     except UserError as e:
         print(f"bench_suite: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("bench_suite: interrupted; finished configurations are in the store, re-run to resume",
-              file=sys.stderr)
-        return 130
     return int(status or 0)
+
+
+_TYPE_PHRASES = {"NonNegativeInt": "a whole number >= 0", "PositiveInt": "a whole number >= 1",
+                 "KeepRate": "a number in (0, 1]", "OpenUnitInterval": "a number in (0, 1)"}
+
+
+def _option_error(e: BaseException, argv: Sequence[str]) -> str:
+    """A parser error as one short line: ``--epochs must be a whole number >= 0, got '-1'`` for a value the
+    option's type refuses (jsonargparse's own message otherwise, on one line)."""
+    text = str(e)
+    key = re.search(r'Parser key "([\w.]+)"', text)
+    kind = next((phrase for name, phrase in _TYPE_PHRASES.items() if name in text), None)
+    if key is None or kind is None:
+        return _one_line(e)
+    option = "--" + key.group(1).rsplit(".", 1)[-1].replace("_", "-")
+    given = None
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            given = argv[i + 1]
+        elif arg.startswith(option + "="):
+            given = arg.split("=", 1)[1]
+    return f"{option} must be {kind}" + ("" if given is None else f", got {given!r}")
 
 
 def _one_line(e: BaseException) -> str:

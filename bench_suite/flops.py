@@ -65,7 +65,7 @@ __all__ = [
     "UncountedOpError",
     "Handle",
     "FLOP_HANDLES",
-    "MATMUL_LIKE_PATTERNS",
+    "FREE_OPS",
     "register_flop_handle",
     "count_flops",
     "attention_module_names",
@@ -76,6 +76,7 @@ __all__ = [
     "matmul_flop_handle",
     "addmm_like_flop_handle",
     "einsum_flop_handle",
+    "inner_flop_handle",
     "einsum_macs",
     "dense_mhsa_flops",
     "token_pruning_paper_flops",
@@ -84,11 +85,32 @@ __all__ = [
 Handle = Callable[[list, list], Any]
 """An fvcore op handle: ``(inputs: list[torch._C.Value], outputs: list[torch._C.Value]) -> FLOPs``."""
 
-MATMUL_LIKE_PATTERNS: tuple[str, ...] = (
-    "matmul", "mm", "bmm", "mv", "dot", "einsum", "scaled_dot_product", "attention", "linear", "conv",
-    "addmm", "baddbmm", "_sparse", "sparse",
-)
-"""Substrings of an op name (after ``namespace::``) that mark an op able to hide multiply-accumulates."""
+FREE_OPS: frozenset[str] = frozenset({
+    # element-wise arithmetic, comparisons and activations (the paper counts multiply-accumulates only)
+    *(f"aten::{op}{suffix}" for op in (
+        "add", "sub", "mul", "div", "neg", "abs", "pow", "sqrt", "rsqrt", "exp", "log", "log1p", "expm1",
+        "reciprocal", "square", "clamp", "clamp_min", "clamp_max", "where", "masked_fill", "masked_fill_",
+        "sigmoid", "tanh", "relu", "gelu", "silu", "hardtanh", "erf", "sign", "round", "floor", "ceil",
+        "trunc", "lerp", "nan_to_num", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
+        "logical_not", "bitwise_and", "bitwise_or", "fill", "zero", "copy", "rsub", "add_", "mul_", "div_")
+      for suffix in ("", "_")),
+    # normalisation of attention rows, reductions and selections (free by the paper's convention)
+    "aten::softmax", "aten::log_softmax", "aten::_softmax", "aten::sum", "aten::mean", "aten::amax",
+    "aten::amin", "aten::max", "aten::min", "aten::argmax", "aten::argmin", "aten::cumsum", "aten::any",
+    "aten::all", "aten::sort", "aten::argsort", "aten::topk", "aten::kthvalue",
+    # indexing, scattering and tensor creation
+    "aten::scatter", "aten::scatter_", "aten::scatter_add", "aten::scatter_add_", "aten::gather",
+    "aten::index_select", "aten::index_add", "aten::index_add_", "aten::take_along_dim", "aten::one_hot",
+    "aten::eye", "aten::ones", "aten::ones_like", "aten::new_ones", "aten::zeros", "aten::zeros_like",
+    "aten::empty_like", "aten::full", "aten::full_like", "aten::arange", "aten::linspace", "aten::rand",
+    "aten::randn", "aten::rand_like", "aten::randn_like", "aten::bernoulli", "aten::bernoulli_",
+    "aten::repeat", "aten::repeat_interleave", "aten::expand_as", "aten::flip", "aten::tril", "aten::triu",
+    "aten::alias", "aten::clone", "aten::dropout", "aten::feature_dropout",
+})
+"""Ops known to do no multiply-accumulate: counted as free without a word. fvcore ignores shape ops
+(``view``, ``cat``, ``permute``, ...) itself. Every other op that the trace holds and no handle counts makes
+:func:`count_flops` fail with :class:`UncountedOpError` naming it: an allowlist, not a blocklist, so a new
+op (``torch.cdist`` in a plugin, say) is never silently counted as zero."""
 
 
 class UncountedOpError(RuntimeError):
@@ -260,6 +282,16 @@ def einsum_macs(equation: str, shapes: Sequence[Sequence[int]]) -> int:
     return int(total)
 
 
+def inner_flop_handle(inputs: list, outputs: list) -> int:
+    """``aten::inner``: ``torch.inner(a [..., d], b [..., d])`` -> ``[*a.shape[:-1], *b.shape[:-1]]``, one MAC per
+    output element and reduced index: ``prod(a.shape[:-1]) * prod(b.shape[:-1]) * d`` (a scalar operand
+    makes it an element-wise product: 0)."""
+    a, b = _shape(inputs[0], "aten::inner", "a"), _shape(inputs[1], "aten::inner", "b")
+    if not a or not b:
+        return 0
+    return math.prod(a[:-1]) * math.prod(b[:-1]) * int(a[-1])
+
+
 def einsum_flop_handle(inputs: list, outputs: list) -> int:
     """``aten::einsum(equation, operands, path)``: exact MACs by :func:`einsum_macs` (fvcore's handle
     rounds numpy's estimate to 4 significant digits outside two special equations)."""
@@ -400,6 +432,7 @@ FLOP_HANDLES: dict[str, Handle] = {
     **{op: _for_op(addmm_like_flop_handle, op) for op in _ADDMM_OPS},
     **{op: _for_op(sdpa_flop_handle, op) for op in _SDPA_OPS},
     "aten::einsum": einsum_flop_handle,
+    "aten::inner": inner_flop_handle,
     "aten::linear": _guard_shapes("aten::linear", linear_flop_jit),
     "aten::_convolution": _guard_shapes("aten::_convolution", conv_flop_jit),
     _MARKER: measured_macs_flop_handle,
@@ -433,24 +466,16 @@ def register_flop_handle(op_name: str, handle: Handle) -> Handle | None:
     return previous
 
 
-def _hides_macs(op: str) -> bool:
-    """Can this uncounted op hide multiply-accumulates? (matmul-like names, custom ops, autograd Functions)"""
-    namespace, _, name = op.partition("::")
-    if op.startswith("prim::PythonOp") or op.startswith("prim::CallFunction"):
-        return True  # opaque to the tracer
-    if namespace not in ("aten", "prim"):
-        return True  # a custom op: only its own handle knows its cost
-    return any(p in name for p in MATMUL_LIKE_PATTERNS)
-
-
 def _check_counted(unsupported: Mapping[str, int]) -> None:
-    bad = {op: int(n) for op, n in unsupported.items() if _hides_macs(op)}
+    """Every traced op is counted by a handle, ignored by fvcore as a shape op, or in :data:`FREE_OPS`."""
+    bad = {op: int(n) for op, n in unsupported.items() if op not in FREE_OPS}
     if bad:
         listing = ", ".join(f"{op} (x{n})" for op, n in sorted(bad.items()))
         raise UncountedOpError(
-            f"uncounted ops that may hide multiply-accumulates: {listing}. Register a handle with "
-            f"bench_suite.flops.register_flop_handle (or pass handles= to count_flops); for sparse "
-            f"products, report the real MACs with mark_macs and register zero_flop_handle.", bad)
+            f"ops that no FLOP handle counts and that are not known to be free: {listing}. Register a handle "
+            f"with bench_suite.flops.register_flop_handle (or pass handles= to count_flops; zero_flop_handle "
+            f"for an op that does no multiply-accumulate); for sparse products, report the real MACs with "
+            f"mark_macs and register zero_flop_handle.", bad)
 
 
 # --------------------------------------------------------------------------- counting a model

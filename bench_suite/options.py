@@ -1,5 +1,7 @@
-"""Parsing of the options several subcommands share, in one format each: keep-rate lists, comma lists and
-``--hparams`` (a JSON object from method name to that method's settings, for ``run`` and ``speed`` alike)."""
+"""The one validation layer of the command line: the option types every subcommand declares (so that a bad
+number is refused by the parser, before anything runs) and the parsers of the options that are text: keep-rate
+lists, comma lists and ``--hparams`` (a JSON object from method name to that method's settings, for ``run`` and
+``speed`` alike). Every function raises :class:`bench_suite.errors.UserError` with one line."""
 from __future__ import annotations
 
 import json
@@ -8,7 +10,14 @@ from typing import Any, Callable
 
 from bench_suite.errors import UserError
 
-__all__ = ["parse_keep_rates", "parse_hparams", "parse_list"]
+from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt, restricted_number_type
+
+__all__ = ["PositiveInt", "NonNegativeInt", "OpenUnitInterval", "KeepRate", "parse_keep_rates", "parse_hparams",
+           "parse_list", "parse_devices"]
+
+KeepRate = restricted_number_type("KeepRate", float, [(">", 0.0), ("<=", 1.0)], join="and",
+                                  docstring="a keep rate in (0, 1]")
+"""Option type of a keep rate: a number in (0, 1] (NaN and infinities are refused)."""
 
 
 def parse_keep_rates(text: str | None) -> list[float] | None:
@@ -41,13 +50,18 @@ def parse_hparams(text: str | None, methods: Any) -> dict[str, dict[str, Any]]:
         methods: the names of the methods of this run.
 
     Raises:
-        UserError: for invalid JSON, a method that is not in this run, or settings that are not an object.
-            (A setting the method does not take is refused by :func:`resolve_plan`.)
+        UserError: for invalid JSON (``NaN`` and ``Infinity`` included), a method that is not in this run, or
+            settings that are not an object. (A setting the method does not take, or of the wrong type, is
+            refused by :func:`canonical_settings`.)
     """
     if text is None or str(text).strip() == "":
         return {}
+
+    def no_constant(name: str) -> Any:
+        raise UserError(f"--hparams: {name} is not a number a setting can take (finite numbers only)")
+
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=no_constant)
     except json.JSONDecodeError as e:
         raise UserError(f"--hparams is not valid JSON ({e.msg} at character {e.pos}): {text!r}") from None
     if not isinstance(obj, dict):
@@ -75,3 +89,70 @@ def parse_list(text: str | None, kind: Callable[[str], Any], what: str) -> list[
         return [kind(t.strip()) for t in str(text).split(",") if t.strip()]
     except ValueError:
         raise UserError(f"{what}: cannot parse {text!r}") from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def canonical_settings(method: str, overrides: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """One spelling of a method's settings, so that equal configurations get one key: a number takes the
+    type of the setting's default (``1`` for a float setting is ``1.0``, ``2.0`` for an integer setting is
+    ``2``), a list is a tuple where the default is one, and a setting equal to its default is left out (it is
+    the default configuration, not a new one). Sorted by name.
+
+    Args:
+        method: the method's name (for messages).
+        overrides: the settings given (``--hparams``, a table plan).
+        defaults: the method's defaults (:meth:`bench_suite.registry.MethodSpec.defaults`).
+
+    Raises:
+        UserError: for a setting the method does not take, a non-finite number, or a value whose type does
+            not fit the default's (a number where the default is a number, a boolean where it is one).
+    """
+    out: dict[str, Any] = {}
+    for name in sorted(overrides):
+        value = overrides[name]
+        if name not in defaults:
+            raise UserError(f"{method}: {name} is not a setting of the method (settings: {', '.join(defaults)})")
+        default = defaults[name]
+        if _number(value) and not math.isfinite(value):
+            raise UserError(f"{method}: {name} must be a finite number, got {value!r}")
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UserError(f"{method}: {name} must be true or false, got {value!r}")
+        if _number(default) and not _number(value):
+            raise UserError(f"{method}: {name} must be a number, got {value!r}")
+        if isinstance(default, float) and _number(value):
+            value = float(value)
+        elif isinstance(default, int) and not isinstance(default, bool) and _number(value):
+            if float(value) != int(value):
+                raise UserError(f"{method}: {name} must be a whole number, got {value!r}")
+            value = int(value)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if value == default and type(value) is type(default):
+            continue
+        out[name] = value
+    return out
+
+
+def parse_devices(text: str) -> Any:
+    """Lightning's ``devices`` from ``--devices``: ``"auto"``, a count (``-1``: all), or a comma list of ids.
+
+    Raises:
+        UserError: for anything else (zero, a negative count other than -1, a word).
+    """
+    text = str(text).strip()
+    if text == "auto":
+        return text
+    try:
+        if "," in text:
+            ids = [int(t) for t in text.split(",") if t.strip()]
+            if ids and all(i >= 0 for i in ids):
+                return ids
+        elif int(text) >= 1 or int(text) == -1:
+            return int(text)
+    except ValueError:
+        pass
+    raise UserError(f"--devices must be 'auto', a positive count, -1 (all) or a comma list of device ids, got "
+                    f"{text!r}")

@@ -13,6 +13,7 @@ from typing import Any
 
 from bench_suite.backbones import create_backbone, get_profile, num_tokens
 from bench_suite.errors import UserError
+from bench_suite.options import canonical_settings
 from bench_suite.registry import MethodSpec, get_method
 from bench_suite.store import canonical_json
 from bench_suite.training import TrainSettings
@@ -70,11 +71,14 @@ class RunOptions:
 def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
     """Normalise plan entries ``(method, keep_rate)`` or ``(method, keep_rate, overrides)`` into
     ``(spec, keep_rate, overrides)``; ``method`` is a name or a :class:`MethodSpec`, ``overrides`` a dict of
-    hyperparameters for the method's factory (e.g. a second keep rate). Repeats are dropped.
+    hyperparameters for the method's factory (e.g. a second keep rate), in their one canonical spelling
+    (:func:`bench_suite.options.canonical_settings`: settings equal to the default left out, numbers of the
+    default's type), so that equal configurations get one key. Repeats are dropped.
 
     Raises:
         UnknownMethodError: for an unknown method name.
-        UserError: for a keep rate outside (0, 1] or an override the method's factory does not take.
+        UserError: for a keep rate outside (0, 1], an override the method's factory does not take, or one
+            of the wrong type.
     """
     out, seen = [], set()
     for entry in plan:
@@ -83,13 +87,10 @@ def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
         method, rate = entry[0], float(entry[1])
         overrides = dict(entry[2] or {}) if len(entry) == 3 else {}
         spec = method if isinstance(method, MethodSpec) else get_method(str(method))
-        if not 0.0 < rate <= 1.0:
+        if not 0.0 < rate <= 1.0 or rate != rate:
             raise UserError(f"plan entry {spec.name}: keep rate {rate:g} is outside (0, 1]")
-        settings = set(spec.defaults()) - {"keep_rate"}
-        unknown = sorted(set(overrides) - settings)
-        if unknown:
-            raise UserError(f"plan entry {spec.name}: {', '.join(unknown)} is not a setting of the method "
-                              f"(settings: {', '.join(k for k in spec.defaults() if k != 'keep_rate')})")
+        defaults = {k: v for k, v in spec.defaults().items() if k != "keep_rate"}
+        overrides = canonical_settings(spec.name, overrides, defaults)
         ident = (spec.name, rate, canonical_json(overrides))
         if ident not in seen:
             seen.add(ident)

@@ -1,4 +1,10 @@
-"""The benchmark runner: teacher, fine-tuning, evaluation, FLOPs, speed, results store, tables.
+"""The benchmark sweep of ``run``: teacher, fine-tuning, evaluation, FLOPs, speed, one row per configuration.
+
+Its parts live beside it: :mod:`bench_suite.plan` (options, the plan of configurations, validation),
+:mod:`bench_suite.distributed` (DDP processes), :mod:`bench_suite.locks` (who trains what),
+:mod:`bench_suite.teacher` (the teacher), :mod:`bench_suite.training` (one fit, resumable) and
+:mod:`bench_suite.report` (tables and plots afterwards). It names no method: what a method measures
+(its declared metrics and units) and needs (its DDP strategy) comes through the registry.
 
 The protocol, for each (method, keep rate):
 
@@ -32,6 +38,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from bench_suite import signals
 from bench_suite.distributed import (broadcast, ddp_strategy_for, die_with_launcher, is_rank_zero_process,
                                      processes_external, start_processes)
 from bench_suite.errors import UserError
@@ -197,9 +204,15 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
         jobs.append(_Job(tag, spec, rate, overrides, config, config_key(config)))
 
     sweep = _Sweep(cfg, opts, settings, store, dm, teacher, rank, world, say)
-    deferred = [job for job in jobs if not sweep.run(job, wait=False)]
-    for job in deferred:
-        sweep.run(job, wait=True)
+    try:
+        deferred = [job for job in jobs if not sweep.run(job, wait=False)]
+        for job in deferred:
+            sweep.run(job, wait=True)
+    except (KeyboardInterrupt, SystemExit) as e:  # a signal (Lightning turns it into sys.exit(1) inside a fit)
+        if isinstance(e, SystemExit) and signals.received() is None:
+            raise
+        raise signals.Interrupted(f"{len(sweep.written)} of {len(jobs)} configuration(s) written by this run "
+                                  f"({sweep.skipped} already in the store)") from None
     if sweep.failures:
         say(f"{sweep.failures} configuration(s) failed; their rows have status 'failed' and the error; "
             f"re-running the same command retries them")
@@ -243,6 +256,7 @@ class _Sweep:
         self.started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         self.written: list[dict[str, Any]] = []
         self.failures = 0
+        self.skipped = 0
 
     # ---------------------------------------------------------------- claiming
     def _finished(self, key: str) -> bool:
@@ -281,6 +295,7 @@ class _Sweep:
             time.sleep(self.POLL_SECONDS)
         if state == "done":
             how = "finished by another process" if told or wait else "already in the store"
+            self.skipped += 1
             self.say(f"{job.tag}: {how} ({job.key}), skipped")
             return True
         try:

@@ -276,7 +276,7 @@ def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> l
                 plan.append((spec, float(r), impl))
     gen = torch.Generator().manual_seed(opts.seed)
     images = torch.randn(opts.batch_size, profile.in_chans, profile.img_size, profile.img_size, generator=gen)
-    models, labels, extras, taus = {}, {}, {}, {}
+    models, labels, extras, prepared = {}, {}, {}, {}
     for spec, r, impl in plan:
         torch.manual_seed(opts.seed)
         extra = dict(hparams.get(spec.name, {}))
@@ -285,7 +285,7 @@ def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> l
         module = spec.factory(create_backbone(profile, num_classes=10), keep_rate=r, **extra)
         label = f"{spec.name}@{r:g}" + (f"/{impl}" if impl else "")
         if opts.coef_density is not None:
-            taus[label] = module.prepare_timing(images, coef_density=opts.coef_density)
+            prepared[label] = module.prepare_timing(images, coef_density=opts.coef_density)
         models[label] = module.eval()
         labels[label] = (spec, r, impl)
         extras[label] = {k: v for k, v in extra.items() if k != "attention_impl"}
@@ -307,7 +307,7 @@ def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> l
                   "attention_impl": impl, "img_size": profile.img_size,
                   "hparams": {**spec.defaults(), "keep_rate": rate, **extras[label],
                               **({"attention_impl": impl} if impl else {})}}
-        config.update(taus.get(label) or {})  # what the method's prepare_timing set (e.g. emulated thresholds)
+        config.update(prepared.get(label) or {})  # what the method's prepare_timing set (e.g. emulated thresholds)
         metrics: dict[str, Any] = {k: r[k] for k in ("latency_ms_median", "latency_ms_p90", "latency_ms_min",
                                                      "img_per_s")}
         metrics["latency_ratio_to_full"] = None if full_ms is None else r["latency_ms_median"] / full_ms

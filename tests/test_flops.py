@@ -245,6 +245,24 @@ def test_free_ops_count_zero_without_error():
     assert mhsa_flops_per_image(fn, torch.randn(1, 2, 3, 4)) == 0
 
 
+def test_inner_is_counted_by_its_closed_form():
+    # torch.inner(a [B, 1, N, d], b [M, d]) -> [B, 1, N, M]: B * N * M * d MACs, per image N * M * d
+    w = torch.randn(5, 4)
+    assert mhsa_flops_per_image(lambda t: torch.inner(t, w), torch.randn(2, 1, 7, 4)) == 7 * 5 * 4
+
+
+@pytest.mark.parametrize("fn, op", [
+    (lambda t: torch.cdist(t, t), "aten::cdist"),
+    (lambda t: F.cosine_similarity(t, t, dim=-1), "aten::cosine_similarity"),
+    (lambda t: torch.linalg.matrix_power(t, 2), "aten::linalg_matrix_power"),
+])
+def test_an_op_not_known_to_be_free_fails_loudly_naming_it(fn, op):
+    """The counter is an allowlist: an op that is neither counted by a handle nor known to be free fails."""
+    with pytest.raises(UncountedOpError, match=op.replace(".", r"\.")) as info:
+        mhsa_flops_per_image(fn, torch.randn(2, 1, 4, 4))
+    assert op in info.value.ops
+
+
 def test_register_flop_handle_validates():
     with pytest.raises(ValueError):
         register_flop_handle("no_namespace", zero_flop_handle)

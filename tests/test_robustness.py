@@ -46,10 +46,10 @@ def _one_line_error(code: int, err: str, *needles: str) -> None:
     (["--methods", "evit", "--keep-rates", "nan"], ["outside (0, 1]"]),
     (["--methods", "linformer", "--keep-rates", "1e-9"], ["keeps 1.7e-08 of the 17 tokens", "1/17"]),
     (["--methods", "evit", "--profile", "huge"], ["unknown profile 'huge'", "tiny"]),
-    (["--methods", "evit", "--strategy", "ddp_spawn"], ["--strategy ddp_spawn is not supported"]),
+    (["--methods", "evit", "--strategy", "ddp_spawn"], ["--strategy: invalid choice: 'ddp_spawn'"]),
     (["--methods", "evit", "--devices", "2", "--strategy", "ddp", "--batch-size", "33"],
      ["--batch-size 33 is not divisible by the 2 processes"]),
-    (["--methods", "evit", "--epochs", "-1"], ["--epochs must be >= 0"]),
+    (["--methods", "evit", "--epochs", "-1"], ["--epochs must be a whole number >= 0, got '-1'"]),
     (["--methods", "evit", "--bogus-option", "1"], ["unrecognized arguments: --bogus-option"]),
     (["--methods", "evit", "--hparams", "{evit: 1"], ["--hparams is not valid JSON"]),
     (["--methods", "evit", "--hparams", '{"linformer": {"k": 4}}'], ["names method 'linformer'", "not in this run"]),
@@ -82,7 +82,7 @@ def test_table_plans_leave_out_keep_rates_the_profile_cannot_have():
 @pytest.mark.parametrize("text, needle", [
     ("methods: [full\nkeep_rates: 0.5\n", "Problems parsing config"),       # YAML syntax error
     ("methos: full\n", "does not accept option 'methos'"),                  # misspelt key
-    ('{"methods": "full", "epochs": "three"}', 'Parser key "epochs"'),     # wrong type (JSON)
+    ('{"methods": "full", "epochs": "three"}', '--epochs must be a whole number'),     # wrong type (JSON)
     ("- full\n- evit\n", "config"),                                          # not a mapping
 ])
 def test_malformed_config_file(tmp_path, capsys, text, needle):
