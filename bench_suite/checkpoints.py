@@ -36,7 +36,7 @@ def find_checkpoints(output: str | Path, method: str, profile: str, dataset: str
     db = Path(output) / STORE_FILENAME
     if not db.is_file():
         return []
-    with ResultsStore(db) as store:
+    with ResultsStore(db, create=False) as store:
         rows = store.rows(method=method, profile=profile, dataset=dataset, status="ok")
     out = []
     for _, r in rows.sort_values("created", ascending=False).iterrows() if len(rows) else ():

@@ -25,7 +25,7 @@ from bench_suite.paper.data import TABLES, run_plan
 from bench_suite.paper.run import make_tables
 from bench_suite.paper.visualize import FIGURE3_METHOD, visualize
 from bench_suite.pareto import X_AXES, pareto_table, summary_text
-from bench_suite.plan import make_datamodule, setup_data, train_settings
+from bench_suite.plan import check_output, make_datamodule, setup_data, train_settings
 from bench_suite.registry import method_specs
 from bench_suite.report import write_report
 from bench_suite.runner import run_benchmark
@@ -201,6 +201,7 @@ def _cmd_teacher(cfg: Any) -> None:
                         "'run' sweeps use the cached teacher, or train it in one process first)")
     dm = make_datamodule(cfg, train_subset=None)
     setup_data(cfg, dm)
+    check_output(Path(cfg.output))
     path = train_teacher(cfg.profile, dm, cfg.seed, cfg.output, train_settings(cfg, epochs=0),
                          command="python -m bench_suite " + " ".join(sys.argv[1:] or ["teacher"]))
     print(f"teacher written to {path}")
@@ -281,7 +282,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return signals.exit_code()
 
 
+def _empty_config(argv: Sequence[str]) -> str | None:
+    """The first ``--config FILE`` of ``argv`` that is an empty (or blank) file, if any."""
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else \
+            (arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path and Path(path).is_file() and not Path(path).read_text(encoding="utf-8", errors="replace").strip():
+            return path
+    return None
+
+
 def _main(argv: Sequence[str] | None) -> int:
+    args = list(argv) if argv is not None else sys.argv[1:]
+    empty = _empty_config(args)
+    if empty is not None:
+        print(f"bench_suite: error: --config {empty} is empty; write the options as YAML/JSON keys "
+              f"(e.g. 'epochs: 1') or leave --config out", file=sys.stderr)
+        return 2
     parser = build_parser()
     try:
         cfg = parser.parse_args(list(argv) if argv is not None else None)

@@ -6,6 +6,7 @@ Everything here raises :class:`bench_suite.errors.UserError` (or a subclass) wit
 from __future__ import annotations
 
 import copy
+import math
 import os
 import socket
 from pathlib import Path
@@ -13,14 +14,15 @@ from typing import Any
 
 from bench_suite.backbones import create_backbone, get_profile, num_tokens
 from bench_suite.errors import UserError
+from bench_suite.kernels import load_kernel
 from bench_suite.options import canonical_settings
 from bench_suite.registry import MethodSpec, get_method
 from bench_suite.store import canonical_json
 from bench_suite.training import TrainSettings
 from datamodules import create_datamodule
 
-__all__ = ["RunOptions", "make_datamodule", "train_settings", "resolve_plan", "validate_plan", "setup_data",
-           "check_output"]
+__all__ = ["RunOptions", "make_datamodule", "train_settings", "resolve_plan", "validate_plan", "train_config",
+           "setup_data", "check_output"]
 
 
 def make_datamodule(cfg: Any, train_subset: int | None = None, batch_size: int | None = None):
@@ -42,6 +44,15 @@ def train_settings(cfg: Any, epochs: int) -> TrainSettings:
 
 
 def check_output(output: Path) -> None:
+    """Make sure ``output`` is a folder this process can write (created if missing, a probe file written and
+    removed).
+
+    Raises:
+        UserError: naming the folder and the reason.
+    """
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} is a file, not a folder")
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe = output / f".write_test-{socket.gethostname()}-{os.getpid()}"
@@ -98,6 +109,18 @@ def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
     return out
 
 
+def train_config(spec: MethodSpec, rate: float, overrides: dict[str, Any], base: dict[str, Any],
+                 epochs: int) -> dict[str, Any]:
+    """The stored configuration of one fine-tuning row; its :func:`bench_suite.store.config_key` is the row's
+    key. ``overrides`` must be canonical (:func:`resolve_plan`): then every spelling of one configuration gives
+    one key. ``base`` holds what the sweep shares (profile, data and its fingerprint, seed, teacher)."""
+    config = {"kind": "train", "method": spec.name, "keep_rate": float(rate), **base, "epochs": int(epochs),
+              "hparams": spec.defaults() | overrides | {"keep_rate": float(rate)}}
+    if overrides:  # the settings that differ from the method's defaults label the row in tables and plots
+        config["overrides"] = dict(overrides)
+    return config
+
+
 def setup_data(cfg: Any, dm) -> None:
     """Load the data now (before anything is trained or written) and check it is what the user named.
 
@@ -140,6 +163,8 @@ def validate_plan(plan: list[tuple[MethodSpec, float, dict[str, Any]]], profile,
 
     Raises:
         UserError: naming the configuration and what is wrong.
+        KernelBuildError: a configuration asks for the compiled kernels (``attention_impl="cpp"``) and they
+            cannot be built here.
     """
     reference = create_backbone(profile, num_classes=num_classes)
     n = num_tokens(reference)
@@ -151,7 +176,8 @@ def validate_plan(plan: list[tuple[MethodSpec, float, dict[str, Any]]], profile,
             if skip_infeasible:
                 log(f"{why}: left out")
                 continue
-            raise UserError(f"{why}; the smallest keep rate here is 1/{n} = {1 / n:.4g}")
+            smallest = math.ceil(1e4 / n) / 1e4  # rounded up, so that it keeps one token itself
+            raise UserError(f"{why}; the smallest keep rate here is 1/{n} (e.g. {smallest:g})")
         kept.append((spec, rate, overrides))
         try:
             spec.factory(copy.deepcopy(reference), keep_rate=rate, teacher=None, **overrides)
@@ -161,4 +187,6 @@ def validate_plan(plan: list[tuple[MethodSpec, float, dict[str, Any]]], profile,
                               + f" cannot be built on profile {profile.name!r}: {str(e).splitlines()[0]}") from None
     if not kept:
         raise UserError(f"no configuration of the plan fits profile {profile.name!r} ({n} tokens)")
+    if any((spec.defaults() | overrides).get("attention_impl") == "cpp" for spec, _, overrides in kept):
+        load_kernel()  # an explicit "cpp" must be buildable now (KernelBuildError, one line), not after training
     return kept

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bench_suite.errors import ReportError
 from bench_suite.pareto import check_x, method_label, pareto_table, write_table
+from bench_suite.plan import check_output
 from bench_suite.plots import method_palette, plot_pareto
 from bench_suite.store import STORE_FILENAME, ResultsStore
 
@@ -49,7 +50,7 @@ def write_report(output: str | Path, x: str = "mhsa_mflops", profile: str | None
     db = out / STORE_FILENAME
     if not db.is_file():
         raise ReportError(f"no results store at {db}; run 'python -m bench_suite run --output {out}' first")
-    with ResultsStore(db) as store:
+    with ResultsStore(db, create=False) as store:
         rows = store.rows(profile=profile, dataset=dataset)
     rows = rows[rows["config"].map(_is_accuracy_row)] if len(rows) else rows
     ok = rows[rows["status"] == "ok"]
@@ -58,6 +59,7 @@ def write_report(output: str | Path, x: str = "mhsa_mflops", profile: str | None
         raise ReportError(f"no finished results in {db} ({which}): {len(rows)} row(s), none with status 'ok'")
     labels = {method_label(m, c): m for m, c in zip(ok["method"], ok["config"])}
     palette = method_palette(labels)
+    check_output(out)
     paths: list[Path] = []
     for (prof, data), group in rows.groupby(["profile", "dataset"], sort=True):
         if not (group["status"] == "ok").any():

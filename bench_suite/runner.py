@@ -46,8 +46,8 @@ from bench_suite.flops import count_flops
 from bench_suite.locks import ConfigLock
 from bench_suite.measure import measure_latency, peak_memory_mib
 from bench_suite.options import parse_hparams, parse_keep_rates
-from bench_suite.plan import (RunOptions, check_output, make_datamodule, resolve_plan, setup_data, train_settings,
-                              validate_plan)
+from bench_suite.plan import (RunOptions, check_output, make_datamodule, resolve_plan, setup_data, train_config,
+                              train_settings, validate_plan)
 from bench_suite.registry import MethodSpec, declared_metrics, default_methods, parse_methods, reference_method
 from bench_suite.store import STORE_FILENAME, ResultsStore, config_key
 from bench_suite.teacher import load_given_teacher, resolve_teacher_locked
@@ -186,20 +186,17 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
         f"{opts.epochs} epoch(s) on {opts.train_subset or 'all'} training images, seed {opts.seed}"
         + (f", {world} processes ({settings.strategy})" if world > 1 else ""))
     say(f"teacher: {tinfo['source']} {tinfo['path']} (sha256 {tinfo['sha256'][:12]})")
+    if "resized" in data:
+        say(f"data: {data['dataset']} images resized {data['resized']} for profile {opts.profile.name}")
 
     # ---------------------------------------------------------------- 4. the sweep
     jobs: list[_Job] = []
-    teacher_cfg = {"kind": "teacher-eval", "profile": opts.profile.name, "data": data, "teacher": tinfo["sha256"],
-                   "seed": opts.seed}
+    base = {"profile": opts.profile.name, "data": data, "data_files": dm.fingerprint(), "seed": opts.seed,
+            "teacher": tinfo["sha256"]}
+    teacher_cfg = {"kind": "teacher-eval", **base}
     jobs.append(_Job("teacher", "teacher", 1.0, {}, teacher_cfg, config_key(teacher_cfg)))
     for i, (spec, rate, overrides) in enumerate(plan, 1):
-        config = {
-            "kind": "train", "method": spec.name, "keep_rate": rate, "profile": opts.profile.name, "data": data,
-            "seed": opts.seed, "epochs": opts.epochs, "hparams": spec.defaults() | overrides | {"keep_rate": rate},
-            "teacher": tinfo["sha256"],
-        }
-        if overrides:  # the settings that differ from the method's defaults label the row in tables and plots
-            config["overrides"] = dict(overrides)
+        config = train_config(spec, rate, overrides, base, epochs=opts.epochs)
         tag = f"[{i}/{len(plan)}] {spec.name} keep {rate:g}" + "".join(f", {k}={v!r}" for k, v in overrides.items())
         jobs.append(_Job(tag, spec, rate, overrides, config, config_key(config)))
 

@@ -47,6 +47,7 @@ from bench_suite.kernel_bench import (DEFAULT_KERNEL_KEEP_RATES, DEFAULT_KERNEL_
 from bench_suite.kernels import build_info, load_kernel, sparse_attention
 from bench_suite.measure import measure_callables, measure_models, peak_memory_callable_mib, peak_memory_mib
 from bench_suite.options import parse_hparams, parse_list
+from bench_suite.plan import check_output
 from bench_suite.registry import declared_metrics, get_method, method_specs, parse_methods, reference_method
 from bench_suite.store import ResultsStore, config_key
 from bench_suite.versions import versions
@@ -378,6 +379,54 @@ def run_speed(opts: SpeedOptions, core: bool = False, kernel: bool = False,
     return out
 
 
+def available_memory_bytes() -> int | None:
+    """Memory available to new allocations (``MemAvailable`` of ``/proc/meminfo``; ``None`` if unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def core_memory_bytes(n: int, heads: int, head_dim: int, batch: int, keep_rates: Sequence[float]) -> int:
+    """Bytes the core/kernel benchmark holds at ``N = n`` (float32 ``q, k, v`` and the dense output, the int64
+    key indices of every keep rate, and one ``[N, N]`` block of random scores drawn to pick them)."""
+    tensors = 4 * batch * heads * n * head_dim * 4
+    indices = sum(8 * batch * heads * n * keep_count(float(r), n) for r in keep_rates)
+    return tensors + indices + 4 * n * n
+
+
+def check_memory(opts: SpeedOptions, core: bool, kernel: bool) -> None:
+    """Refuse, before allocating, a core or kernel benchmark whose tensors would not fit in the available
+    memory (with a margin of 20%).
+
+    Raises:
+        UserError: naming the size, the estimate and what is available.
+    """
+    free = available_memory_bytes()
+    if free is None or not (core or kernel):
+        return
+    rates = opts.keep_rates or list(DEFAULT_KERNEL_KEEP_RATES)
+    sizes = []
+    if kernel:
+        heads, head_dim = opts.heads or HEAD_PRESETS["deit_t"][0], opts.head_dim or HEAD_PRESETS["deit_t"][1]
+        sizes += [("--kernel-n", n, heads, head_dim) for n in opts.kernel_n]
+    if core and opts.n is not None:
+        sizes.append(("--n", opts.n, opts.heads or HEAD_PRESETS["deit_s"][0], opts.head_dim or 64))  # at most DeiT-S heads
+    for option, n, heads, head_dim in sizes:
+        need = core_memory_bytes(n, heads, head_dim, opts.batch_size, rates)
+        if need > 0.8 * free:
+            raise UserError(f"{option} {n} needs about {need / 2**30:.1f} GiB ({heads} heads x {head_dim}, batch "
+                            f"{opts.batch_size}), more than the {free / 2**30:.1f} GiB available; choose a smaller "
+                            f"N, batch or fewer keep rates")
+
+
 def run_command(cfg: Any) -> dict[str, Any]:
     """``python -m bench_suite speed``: check the subcommand's options, then run (:func:`run_speed`).
 
@@ -410,4 +459,6 @@ def run_command(cfg: Any) -> dict[str, Any]:
         raise UserError(str(e)) from None
     if cfg.core or not cfg.kernel:
         get_profile(opts.profile)  # UnknownProfileError before anything runs
+    check_memory(opts, core=cfg.core, kernel=cfg.kernel)
+    check_output(opts.output)
     return run_speed(opts, core=cfg.core, kernel=cfg.kernel, train=bool(getattr(cfg, "train", False)))

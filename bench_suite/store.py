@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from bench_suite.errors import StoreCorruptError
+from bench_suite.errors import ReportError, StoreCorruptError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -176,21 +176,30 @@ class ResultsStore:
     Args:
         path: the database file (usually ``<output>/results.sqlite``) or the results folder itself
             (then :data:`STORE_FILENAME` inside it is used). Missing parent folders are created.
+        create: make a new store where there is none (the runner); ``False`` for readers (``report``,
+            ``tables``, ``visualize``), which then never write a schema into a missing or empty file.
 
     Raises:
         StoreCorruptError: if the file exists but is not a SQLite database, is damaged, or is a SQLite
-            database of something else. The file is never modified in that case.
+            database of something else (a zero-byte file too, for a reader). The file is never modified in
+            that case.
+        ReportError: for a reader (``create=False``) when there is no store at ``path``.
 
     Use it as a context manager or call :meth:`close`. One instance per process (the connection is not
     shared across ``fork``); any number of processes may open the same file at once.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], create: bool = True):
         p = Path(path)
         if p.is_dir():
             p = p / STORE_FILENAME
         self.path = p
         self._conn: sqlite3.Connection | None = None
+        if not create:
+            if not p.exists():
+                raise ReportError(f"no results store at {p}; run 'python -m bench_suite run --output {p.parent}' first")
+            if p.is_file() and p.stat().st_size == 0:
+                raise self._corrupt("an empty file")
         self._check_header()
         p.parent.mkdir(parents=True, exist_ok=True)
         try:

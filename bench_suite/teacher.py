@@ -81,6 +81,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise TeacherError(f"teacher {path} is a folder; --teacher takes a checkpoint file (a teacher.ckpt)")
     if not path.is_file():
         raise TeacherError(f"teacher checkpoint {path} does not exist")
     try:

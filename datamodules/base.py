@@ -34,11 +34,18 @@ class SplitDataModule(pl.LightningDataModule):
     paths: dict[str, Path] | None = None
     """The files the data was read from (``None`` where the datamodule reads a folder tree)."""
     _ready: bool = False
+    _fingerprint: str | None = None
 
     def describe(self) -> dict[str, object]:
         """The settings that define the data a result was measured on (stored with each row; part of the
         configuration key): at least ``dataset`` (= :attr:`name`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement describe()")
+
+    def fingerprint(self) -> str | None:
+        """A short hash of the data files this datamodule reads (``None`` if it cannot tell): stored with every
+        run and part of its configuration key, so that other data at the same ``--data-dir`` is never taken
+        for data already measured."""
+        return None
 
     def load(self) -> None:
         """Read the data and fill the three splits (called once by :meth:`setup`).

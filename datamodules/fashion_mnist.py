@@ -14,6 +14,7 @@ on the official 10k test set.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -120,12 +121,16 @@ def load_split(paths: dict[str, Path], split: str) -> tuple[torch.Tensor, torch.
     """
     images = read_idx(paths[f"{split}_images"])
     labels = read_idx(paths[f"{split}_labels"])
+    for what, arr in (("images", images), ("labels", labels)):
+        if arr.dtype != np.uint8:
+            raise DataError(f"{paths[f'{split}_{what}']} holds {arr.dtype} data; Fashion-MNIST {what} are unsigned "
+                            f"bytes (IDX type 0x08)")
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(
             f"{paths[f'{split}_images']} and {paths[f'{split}_labels']} do not match: "
             f"images {images.shape}, labels {labels.shape}"
         )
-    if labels.size and labels.max() > 9:
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DataError(f"{paths[f'{split}_labels']} holds labels outside 0..9")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
@@ -208,9 +213,24 @@ class FashionMNISTDataModule(SplitDataModule):
 
     def describe(self) -> dict[str, object]:
         """The settings that define the data a result was measured on (stored with each row)."""
-        return {"dataset": self.name, "img_size": self.img_size, "in_chans": self.in_chans,
-                "val_size": self.val_size, "train_subset": self.train_subset, "augment": self.augment,
-                "split_seed": self.split_seed, "batch_size": self.batch_size}
+        out = {"dataset": self.name, "img_size": self.img_size, "in_chans": self.in_chans,
+               "val_size": self.val_size, "train_subset": self.train_subset, "augment": self.augment,
+               "split_seed": self.split_seed, "batch_size": self.batch_size}
+        if self.img_size != 28:  # said, and part of the key: the 28x28 images are resized for the profile
+            out["resized"] = f"28x28 -> {self.img_size}x{self.img_size} (bilinear)"
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex digits) of the four IDX files read (see :meth:`SplitDataModule.fingerprint`)."""
+        if self._fingerprint is None:
+            self.setup()
+            h = hashlib.sha256()
+            for key in sorted(self.paths):
+                with open(self.paths[key], "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def prepare_data(self) -> None:
         locate(self.data_dir, self.download)

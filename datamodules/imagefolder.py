@@ -1,6 +1,7 @@
 """ImageNet-style folders (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``) as a LightningDataModule."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -42,6 +43,18 @@ class ImageFolderDataModule(SplitDataModule):
         return {"dataset": self.name, "data_dir": str(self.data_dir), "img_size": self.img_size,
                 "val_size": self.val_size, "train_subset": self.train_subset, "augment": self.augment,
                 "split_seed": self.split_seed, "batch_size": self.batch_size}
+
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex digits) of every file's path (relative to ``data_dir``) and size under
+        ``train/`` and ``val/`` (contents are not read: ImageNet is 150 GB)."""
+        if self._fingerprint is None:
+            root = self._check()
+            h = hashlib.sha256()
+            for sub in ("train", "val"):
+                for path in sorted(p for p in (root / sub).rglob("*") if p.is_file()):
+                    h.update(f"{path.relative_to(root)}\t{path.stat().st_size}\n".encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def _check(self) -> Path:
         if not self.data_dir:

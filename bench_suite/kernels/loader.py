@@ -153,7 +153,15 @@ def _build_and_load(verbose: bool) -> None:
                                "(impl='torch' works without it)") from None
     flags = _flags(cxx)
     name = _extension_name(flags)
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    try:  # the extensions folder (TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) may be unwritable
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(build_dir, os.W_OK | os.X_OK) and not (build_dir / f"{name}.so").exists():
+            raise PermissionError(f"{build_dir} is not writable")
+    except OSError as e:
+        raise KernelBuildError(f"the torch extensions folder cannot be used to build the sparse attention kernel "
+                               f"({e}); set TORCH_EXTENSIONS_DIR to a writable folder (impl='torch' works "
+                               f"without it)") from None
     if not (build_dir / f"{name}.so").exists():
         print(f"bench_suite: compiling the sparse attention kernel (once; cached in {build_dir}) ...",
               file=sys.stderr, flush=True)

@@ -88,7 +88,7 @@ def figure4_suite(output: str | Path, profile: str, dataset: str, out_dir: str |
     hint = f"python -m bench_suite run --table 2 --profile {profile} --data {dataset} --output {output}"
     if not db.is_file():
         return FigureResult(name, title, missing=f"no results store at {db}; run `{hint}` (and --table 1, 3, 4)")
-    with ResultsStore(db) as store:
+    with ResultsStore(db, create=False) as store:
         rows = store.rows(profile=profile, dataset=dataset)
     try:
         paths = plot_pareto(rows, "mhsa_mflops", out_dir, name, title=f"Suite: {profile} on {dataset}")

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from bench_suite.backbones import get_profile
+from bench_suite.plan import check_output
+from bench_suite.store import STORE_FILENAME, ResultsStore
 from bench_suite.paper.counts import CountJob, FlopCount, fast_impl, flops_images
 from bench_suite.paper.data import (
     DATA_FILE,
@@ -74,6 +76,10 @@ def make_tables(output: str | Path = "results", tables: int | Iterable[int] | No
     start = time.perf_counter()
     numbers = check_tables(tables)
     get_profile(profile)
+    db = Path(output) / STORE_FILENAME
+    if db.exists():  # a corrupt store is refused now, not after minutes of counting
+        ResultsStore(db, create=False).close()
+    check_output(Path(output) / "tables")
     paper = load_paper_results(data_file)
     paper = paper[paper["table"].isin(numbers)]
     out_dir = Path(output) / "tables"

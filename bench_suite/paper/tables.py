@@ -91,7 +91,7 @@ def suite_top1(output: str | Path, profile: str, dataset: str,
     db = Path(output) / STORE_FILENAME
     rows = pd.DataFrame()
     if db.is_file():
-        with ResultsStore(db) as store:
+        with ResultsStore(db, create=False) as store:
             rows = store.rows(profile=profile, dataset=dataset, status="ok")
     out = {}
     for cfg in configs:

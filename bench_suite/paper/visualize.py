@@ -28,6 +28,7 @@ import torch
 from bench_suite.backbones import get_profile
 from bench_suite.checkpoints import find_checkpoints, load_trained
 from bench_suite.errors import UserError
+from bench_suite.plan import check_output
 from datamodules import create_datamodule
 
 __all__ = ["FIGURE3_METHOD", "map_names", "query_maps", "plot_maps", "visualize"]
@@ -159,6 +160,8 @@ def visualize(method: str = FIGURE3_METHOD, keep_rate: float = 0.25, output: str
     query = _grid_centre(gh, gw) if query is None else int(query)
     if not 0 <= query < n_patches:
         raise UserError(f"--query must be a patch index in [0, {n_patches}) for the {gh}x{gw} grid, got {query}")
+    out_dir = Path(output) / "figures"
+    check_output(out_dir)
     dm = create_datamodule(data, data_dir=data_dir, img_size=prof.img_size, in_chans=prof.in_chans, batch_size=images)
     x, y = dm.sample_batch(images, split="test")
     layers = module.attention_maps(x)
