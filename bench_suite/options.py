@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import types
+import typing
 from typing import Any, Callable
 
 from bench_suite.errors import UserError
@@ -95,7 +97,17 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def canonical_settings(method: str, overrides: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+def _allowed(hint: Any) -> set[type]:
+    """The plain types a type annotation admits (``int | None`` -> ``{int, NoneType}``)."""
+    args = typing.get_args(hint)
+    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return set().union(*(_allowed(a) for a in args))
+    origin = typing.get_origin(hint)
+    return {origin or hint} if isinstance(origin or hint, type) else set()
+
+
+def canonical_settings(method: str, overrides: dict[str, Any], defaults: dict[str, Any],
+                       hints: dict[str, Any] | None = None) -> dict[str, Any]:
     """One spelling of a method's settings, so that equal configurations get one key: a number takes the
     type of the setting's default (``1`` for a float setting is ``1.0``, ``2.0`` for an integer setting is
     ``2``), a list is a tuple where the default is one, and a setting equal to its default is left out (it is
@@ -105,6 +117,8 @@ def canonical_settings(method: str, overrides: dict[str, Any], defaults: dict[st
         method: the method's name (for messages).
         overrides: the settings given (``--hparams``, a table plan).
         defaults: the method's defaults (:meth:`bench_suite.registry.MethodSpec.defaults`).
+        hints: the settings' type annotations (:meth:`~bench_suite.registry.MethodSpec.setting_types`): where
+            the default is ``None``, an ``int`` setting takes ``4.0`` as ``4`` and a ``float`` one ``4`` as ``4.0``.
 
     Raises:
         UserError: for a setting the method does not take, a non-finite number, or a value whose type does
@@ -116,6 +130,9 @@ def canonical_settings(method: str, overrides: dict[str, Any], defaults: dict[st
         if name not in defaults:
             raise UserError(f"{method}: {name} is not a setting of the method (settings: {', '.join(defaults)})")
         default = defaults[name]
+        allowed = _allowed((hints or {}).get(name))
+        if default is None and _number(value) and allowed & {int, float}:
+            default = 0.0 if float in allowed else 0  # only the type matters below
         if _number(value) and not math.isfinite(value):
             raise UserError(f"{method}: {name} must be a finite number, got {value!r}")
         if isinstance(default, bool) and not isinstance(value, bool):
@@ -130,7 +147,7 @@ def canonical_settings(method: str, overrides: dict[str, Any], defaults: dict[st
             value = int(value)
         elif isinstance(default, tuple) and isinstance(value, list):
             value = tuple(value)
-        if value == default and type(value) is type(default):
+        if value == defaults[name] and type(value) is type(defaults[name]):
             continue
         out[name] = value
     return out

@@ -22,7 +22,7 @@ from bench_suite.training import TrainSettings
 from datamodules import create_datamodule
 
 __all__ = ["RunOptions", "make_datamodule", "train_settings", "resolve_plan", "validate_plan", "train_config",
-           "setup_data", "check_output"]
+           "setup_data", "check_data_dir", "check_output"]
 
 
 def make_datamodule(cfg: Any, train_subset: int | None = None, batch_size: int | None = None):
@@ -101,7 +101,7 @@ def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
         if not 0.0 < rate <= 1.0 or rate != rate:
             raise UserError(f"plan entry {spec.name}: keep rate {rate:g} is outside (0, 1]")
         defaults = {k: v for k, v in spec.defaults().items() if k != "keep_rate"}
-        overrides = canonical_settings(spec.name, overrides, defaults)
+        overrides = canonical_settings(spec.name, overrides, defaults, spec.setting_types())
         ident = (spec.name, rate, canonical_json(overrides))
         if ident not in seen:
             seen.add(ident)
@@ -121,6 +121,23 @@ def train_config(spec: MethodSpec, rate: float, overrides: dict[str, Any], base:
     return config
 
 
+def check_data_dir(data_dir: str | Path | None) -> None:
+    """A given ``--data-dir`` must be an existing, non-empty folder (``None``: the dataset's default places).
+
+    Raises:
+        UserError: naming the folder and what is wrong with it.
+    """
+    if data_dir is None:
+        return
+    d = Path(data_dir)
+    if not d.exists():
+        raise UserError(f"data folder {d} does not exist")
+    if not d.is_dir():
+        raise UserError(f"data folder {d} is not a folder")
+    if not any(d.iterdir()):
+        raise UserError(f"data folder {d} is empty")
+
+
 def setup_data(cfg: Any, dm) -> None:
     """Load the data now (before anything is trained or written) and check it is what the user named.
 
@@ -129,14 +146,7 @@ def setup_data(cfg: Any, dm) -> None:
             while another copy would silently be used instead.
         DataError: for corrupt or incomplete files (from the datamodule).
     """
-    if cfg.data_dir is not None:
-        d = Path(cfg.data_dir)
-        if not d.exists():
-            raise UserError(f"data folder {d} does not exist")
-        if not d.is_dir():
-            raise UserError(f"data folder {d} is not a folder")
-        if not any(d.iterdir()):
-            raise UserError(f"data folder {d} is empty")
+    check_data_dir(cfg.data_dir)
     dm.setup()
     paths = getattr(dm, "paths", None)
     if cfg.data_dir is not None and isinstance(paths, dict):

@@ -22,6 +22,7 @@ runner, the report, the speed benchmark and the tables name no method:
 from __future__ import annotations
 
 import inspect
+import typing
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -151,6 +152,19 @@ class MethodSpec:
             if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(target).parameters.values()):
                 break
         return chain
+
+    def setting_types(self) -> dict[str, Any]:
+        """Setting name -> its type annotation (``typing.get_type_hints`` of the ``__init__`` chain; settings
+        whose annotation cannot be resolved are left out)."""
+        out: dict[str, Any] = {}
+        for target in self._init_chain():
+            try:
+                hints = typing.get_type_hints(target)
+            except Exception:  # noqa: BLE001 - an unresolvable annotation: that method's settings go untyped
+                continue
+            for name, hint in hints.items():
+                out.setdefault(name, hint)
+        return out
 
     def defaults(self) -> dict[str, Any]:
         """Default hyperparameters, read from the factory's typed signature (the config), following

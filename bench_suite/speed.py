@@ -46,7 +46,7 @@ from bench_suite.kernel_bench import (DEFAULT_KERNEL_KEEP_RATES, DEFAULT_KERNEL_
                                       spot_check, write_kernel_csv)
 from bench_suite.kernels import build_info, load_kernel, sparse_attention
 from bench_suite.measure import measure_callables, measure_models, peak_memory_callable_mib, peak_memory_mib
-from bench_suite.options import parse_hparams, parse_list
+from bench_suite.options import canonical_settings, parse_hparams, parse_list
 from bench_suite.plan import check_output
 from bench_suite.registry import declared_metrics, get_method, method_specs, parse_methods, reference_method
 from bench_suite.store import ResultsStore, config_key
@@ -262,12 +262,8 @@ def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> l
     profile = get_profile(opts.profile)
     specs = parse_methods(opts.methods) if opts.methods else method_specs()
     threads = _threads(opts)
-    hparams = dict(opts.hparams or {})
-    for name, values in hparams.items():
-        spec = get_method(name)
-        unused = sorted(k for k in values if not spec.accepts(k))
-        if unused:
-            raise UserError(f"--hparams: {name} has no setting {', '.join(unused)}")
+    hparams = {name: canonical_settings(name, values, get_method(name).defaults(), get_method(name).setting_types())
+               for name, values in (opts.hparams or {}).items()}
     plan = []
     for spec in specs:
         rates = [1.0] if tuple(spec.keep_rates) == (1.0,) else (opts.keep_rates or list(spec.keep_rates))
@@ -446,7 +442,10 @@ def run_command(cfg: Any) -> dict[str, Any]:
     if rates is not None and any(not 0.0 < r <= 1.0 or math.isnan(r) for r in rates):
         raise UserError(f"--keep-rates must lie in (0, 1], got {cfg.keep_rates}")
     methods = parse_list(cfg.methods, str, "--methods")
-    names = [s.name for s in (parse_methods(methods) if methods else method_specs())]
+    if methods == []:
+        raise UserError(f"--methods {cfg.methods!r} names no method")
+    specs = parse_methods(methods) if methods else method_specs()
+    names = [s.name for s in specs]
     try:
         opts = SpeedOptions(profile=cfg.profile, methods=methods, keep_rates=rates,
                             batch_size=cfg.batch_size, threads=cfg.threads, repeats=cfg.repeats, warmup=cfg.warmup,
@@ -457,6 +456,8 @@ def run_command(cfg: Any) -> dict[str, Any]:
                             hparams=parse_hparams(cfg.hparams, names), coef_density=cfg.coef_density)
     except ValueError as e:
         raise UserError(str(e)) from None
+    for spec in specs:  # settings a method does not take, or of the wrong type: refused before anything runs
+        canonical_settings(spec.name, opts.hparams.get(spec.name, {}), spec.defaults(), spec.setting_types())
     if cfg.core or not cfg.kernel:
         get_profile(opts.profile)  # UnknownProfileError before anything runs
     check_memory(opts, core=cfg.core, kernel=cfg.kernel)

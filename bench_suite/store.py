@@ -378,7 +378,10 @@ class ResultsStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created, key"
-        decoded = [_decode(rec) for rec in self.conn.execute(sql, params).fetchall()]
+        try:
+            decoded = [_decode(rec) for rec in self.conn.execute(sql, params).fetchall()]
+        except (json.JSONDecodeError, TypeError) as e:
+            raise self._corrupt(f"a stored row holds malformed JSON: {e}") from None
         return _flatten(decoded)
 
 

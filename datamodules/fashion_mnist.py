@@ -123,7 +123,7 @@ def load_split(paths: dict[str, Path], split: str) -> tuple[torch.Tensor, torch.
     labels = read_idx(paths[f"{split}_labels"])
     for what, arr in (("images", images), ("labels", labels)):
         if arr.dtype != np.uint8:
-            raise DataError(f"{paths[f'{split}_{what}']} holds {arr.dtype} data; Fashion-MNIST {what} are unsigned "
+            raise DataError(f"{paths[f'{split}_{what}']} holds {arr.dtype.name} data; Fashion-MNIST {what} are unsigned "
                             f"bytes (IDX type 0x08)")
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(

@@ -202,7 +202,7 @@ def test_coef_density_emulation_and_hparams(tmp_path: Path, kernel: None) -> Non
 def test_hparams_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["speed", "--profile", "tiny", "--methods", "full", "--hparams", '{"full": {"n_down": 8}}',
                  "--output", str(tmp_path)]) == 2
-    assert "full has no setting n_down" in capsys.readouterr().err
+    assert "full: n_down is not a setting of the method" in capsys.readouterr().err
     assert main(["speed", "--profile", "tiny", "--methods", "full", "--hparams", '{"n_down": 8}',
                  "--output", str(tmp_path)]) == 2  # the format of run: method name first
     assert "names method 'n_down', which is not in this run" in capsys.readouterr().err

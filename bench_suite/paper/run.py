@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from bench_suite.backbones import get_profile
-from bench_suite.plan import check_output
-from bench_suite.store import STORE_FILENAME, ResultsStore
+from bench_suite.errors import DataError
 from bench_suite.paper.counts import CountJob, FlopCount, fast_impl, flops_images
 from bench_suite.paper.data import (
     DATA_FILE,
@@ -25,7 +24,10 @@ from bench_suite.paper.tables import (
     suite_top1,
     write_paper_table,
 )
+from bench_suite.plan import check_data_dir, check_output
+from bench_suite.store import STORE_FILENAME, ResultsStore
 from bench_suite.versions import versions
+from datamodules import DATAMODULES
 
 __all__ = ["TablesRun", "make_tables"]
 
@@ -76,6 +78,9 @@ def make_tables(output: str | Path = "results", tables: int | Iterable[int] | No
     start = time.perf_counter()
     numbers = check_tables(tables)
     get_profile(profile)
+    if data not in DATAMODULES:
+        raise DataError(f"unknown dataset {data!r}; known datasets: {', '.join(DATAMODULES)}")
+    check_data_dir(data_dir)
     db = Path(output) / STORE_FILENAME
     if db.exists():  # a corrupt store is refused now, not after minutes of counting
         ResultsStore(db, create=False).close()

@@ -29,6 +29,7 @@ from bench_suite.backbones import get_profile
 from bench_suite.checkpoints import find_checkpoints, load_trained
 from bench_suite.errors import UserError
 from bench_suite.plan import check_output
+from bench_suite.registry import get_method
 from datamodules import create_datamodule
 
 __all__ = ["FIGURE3_METHOD", "map_names", "query_maps", "plot_maps", "visualize"]
@@ -141,6 +142,7 @@ def visualize(method: str = FIGURE3_METHOD, keep_rate: float = 0.25, output: str
     Raises:
         UserError: for a missing checkpoint, a keep rate or query out of range, or data not found.
     """
+    get_method(method)  # UnknownMethodError first, naming the known methods
     if images < 1:
         raise UserError(f"--images must be at least 1, got {images}")
     prof = get_profile(profile)
