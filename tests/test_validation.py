@@ -295,3 +295,15 @@ def test_json_constant_words_are_refused():
         with pytest.raises(UserError, match="finite numbers only"):
             parse_hparams(text, ["evit"])
     assert parse_hparams(json.dumps({"evit": {"lr": 1e-3}}), ["evit"]) == {"evit": {"lr": 1e-3}}
+
+
+def test_tables_refuse_a_corrupt_store_before_counting(tmp_path, capsys):
+    import time
+
+    (tmp_path / "results.sqlite").write_bytes(b"this is not SQLite")
+    start = time.perf_counter()
+    assert main(["tables", "--output", str(tmp_path)]) == 2
+    assert time.perf_counter() - start < 10  # refused at once, not after the paper-scale counts
+    err = capsys.readouterr().err
+    assert "not a readable bench_suite results database" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "tables").exists()
