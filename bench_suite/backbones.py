@@ -30,6 +30,8 @@ __all__ = [
     "UnknownProfileError",
     "get_profile",
     "create_backbone",
+    "backbone_spec",
+    "backbone_from_spec",
     "pruning_stages",
 ]
 
@@ -216,7 +218,39 @@ def create_backbone(profile: str | Profile, num_classes: int = 10, **kwargs: Any
     """
     p = get_profile(profile) if isinstance(profile, str) else profile
     args = {**p.model_kwargs, "num_classes": num_classes, "img_size": p.img_size, "in_chans": p.in_chans, **kwargs}
-    return timm.create_model(p.model, pretrained=False, **args)
+    model = timm.create_model(p.model, pretrained=False, **args)
+    model.bench_suite_profile = p.name  # read by backbone_spec (checkpoints rebuild their backbone from it)
+    return model
+
+
+def backbone_spec(model: VisionTransformer) -> dict[str, Any]:
+    """What rebuilds ``model``'s architecture (stored in every method checkpoint): its profile (the one it
+    was created from, or one whose timm architecture, resolution and channels match), the timm architecture,
+    classes, resolution and channels. Weights are not part of it."""
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    img = model.patch_embed.img_size
+    img_size = int(img[0] if isinstance(img, (tuple, list)) else img)
+    in_chans = int(getattr(model.patch_embed, "in_chans", None) or
+                   next(m for m in model.patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels)
+    profile = getattr(model, "bench_suite_profile", None) or next(
+        (p.name for p in PROFILES.values() if p.model == arch and p.img_size == img_size and p.in_chans == in_chans),
+        None)
+    return {"profile": profile, "model": arch, "num_classes": int(model.num_classes), "img_size": img_size,
+            "in_chans": in_chans}
+
+
+def backbone_from_spec(spec: dict[str, Any]) -> VisionTransformer:
+    """A fresh (randomly initialised) backbone of the architecture :func:`backbone_spec` described.
+
+    Raises:
+        ValueError: for a spec without a profile or a timm architecture.
+    """
+    if spec.get("profile") in PROFILES:
+        return create_backbone(spec["profile"], num_classes=int(spec["num_classes"]))
+    if not spec.get("model"):
+        raise ValueError(f"cannot rebuild a backbone from {spec!r}: no profile and no timm architecture")
+    return timm.create_model(spec["model"], pretrained=False, num_classes=int(spec["num_classes"]),
+                             img_size=int(spec["img_size"]), in_chans=int(spec["in_chans"]))
 
 
 def pruning_stages(depth: int, num_stages: int = 3) -> tuple[int, ...]:

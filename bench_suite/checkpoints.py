@@ -1,8 +1,9 @@
 """The one finder and loader of the runner's trained checkpoints.
 
 The runner writes each configuration's resumable Lightning checkpoint to
-``<output>/runs/<key>/checkpoints/last.ckpt``, where ``<key>`` is the configuration key of its row in the
-results store; checkpoints hold the student only (the frozen teacher is cached apart).
+``<output>/runs/<method>-<keep rate>-<key>/checkpoints/last.ckpt``, where ``<key>`` is the configuration key
+of its row in the results store; checkpoints hold the student only (the frozen teacher is cached apart) and
+the backbone's architecture, so ``Method.load_from_checkpoint(path)`` works on them.
 """
 from __future__ import annotations
 
@@ -16,12 +17,21 @@ from bench_suite.errors import UserError
 from bench_suite.registry import get_method
 from bench_suite.store import STORE_FILENAME, ResultsStore
 
-__all__ = ["checkpoint_path", "find_checkpoints", "load_trained"]
+__all__ = ["run_dir", "checkpoint_path", "find_checkpoints", "load_trained"]
 
 
-def checkpoint_path(output: str | Path, key: str) -> Path:
-    """``<output>/runs/<key>/checkpoints/last.ckpt``, the runner's checkpoint of the configuration ``key``."""
-    return Path(output) / "runs" / str(key) / "checkpoints" / "last.ckpt"
+def run_dir(output: str | Path, method: str, keep_rate: float, key: str) -> Path:
+    """``<output>/runs/<method>-<keep rate>-<key>``: the folder of one configuration's training (checkpoints,
+    logs), readable by name and unique by its configuration key."""
+    return Path(output) / "runs" / f"{method}-{float(keep_rate):g}-{key}"
+
+
+def checkpoint_path(output: str | Path, key: str, method: str, keep_rate: float) -> Path:
+    """The runner's final checkpoint of the configuration ``key``: ``<run_dir>/checkpoints/last.ckpt``
+    (``<output>/runs/<key>/...`` for runs made before the folders carried the method and keep rate)."""
+    path = run_dir(output, method, keep_rate, key) / "checkpoints" / "last.ckpt"
+    old = Path(output) / "runs" / str(key) / "checkpoints" / "last.ckpt"
+    return path if path.exists() or not old.exists() else old
 
 
 def find_checkpoints(output: str | Path, method: str, profile: str, dataset: str,
@@ -42,7 +52,7 @@ def find_checkpoints(output: str | Path, method: str, profile: str, dataset: str
     for _, r in rows.sort_values("created", ascending=False).iterrows() if len(rows) else ():
         if keep_rate is not None and abs(float(r["keep_rate"]) - float(keep_rate)) > 1e-9:
             continue
-        path = checkpoint_path(output, r["key"])
+        path = checkpoint_path(output, r["key"], r["method"], r["keep_rate"])
         if path.is_file():
             out.append((float(r["keep_rate"]), str(r["key"]), path))
     return out

@@ -74,7 +74,9 @@ def _common(p: ArgumentParser, *, profile: str | None = "mini", data: str = "rea
         p.add_argument("--accelerator", type=str, default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"],
                        help="Lightning accelerator: auto, cpu, gpu, cuda, mps")
         p.add_argument("--num-workers", type=NonNegativeInt, default=0, help="DataLoader worker processes")
-        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        p.add_argument("--no-progress", action="store_true", help="hide progress (bars on a terminal, lines otherwise)")
+        p.add_argument("--logger", type=str, default="csv",
+                       help="training logs under runs/<run>/logs: csv, tensorboard or csv,tensorboard")
 
 
 def build_parser() -> ArgumentParser:

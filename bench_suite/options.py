@@ -15,7 +15,7 @@ from bench_suite.errors import UserError
 from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt, restricted_number_type
 
 __all__ = ["PositiveInt", "NonNegativeInt", "OpenUnitInterval", "KeepRate", "parse_keep_rates", "parse_hparams",
-           "parse_list", "parse_devices"]
+           "parse_list", "parse_devices", "parse_loggers"]
 
 KeepRate = restricted_number_type("KeepRate", float, [(">", 0.0), ("<=", 1.0)], join="and",
                                   docstring="a keep rate in (0, 1]")
@@ -151,6 +151,19 @@ def canonical_settings(method: str, overrides: dict[str, Any], defaults: dict[st
             continue
         out[name] = value
     return out
+
+
+def parse_loggers(text: str | None) -> tuple[str, ...]:
+    """``--logger csv,tensorboard`` -> ``("csv", "tensorboard")`` (``csv`` when empty is not allowed).
+
+    Raises:
+        UserError: for an empty list or a logger that is not ``csv`` or ``tensorboard``.
+    """
+    names = tuple(dict.fromkeys(n.strip() for n in str(text or "").split(",") if n.strip()))
+    bad = [n for n in names if n not in ("csv", "tensorboard")]
+    if bad or not names:
+        raise UserError(f"--logger takes csv and/or tensorboard (comma-separated), got {text!r}")
+    return names
 
 
 def parse_devices(text: str) -> Any:

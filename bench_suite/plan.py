@@ -15,7 +15,7 @@ from typing import Any
 from bench_suite.backbones import create_backbone, get_profile, num_tokens
 from bench_suite.errors import UserError
 from bench_suite.kernels import load_kernel
-from bench_suite.options import canonical_settings
+from bench_suite.options import canonical_settings, parse_loggers
 from bench_suite.registry import MethodSpec, get_method
 from bench_suite.store import canonical_json
 from bench_suite.training import TrainSettings
@@ -39,6 +39,7 @@ def train_settings(cfg: Any, epochs: int) -> TrainSettings:
     every = getattr(cfg, "checkpoint_every", None)
     return TrainSettings(epochs=epochs, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
                          accelerator=cfg.accelerator, progress=not cfg.no_progress, seed=int(cfg.seed),
+                         loggers=parse_loggers(getattr(cfg, "logger", "csv")),
                          checkpoint_every_n_steps=TrainSettings.checkpoint_every_n_steps if every is None
                          else (int(every) or None))
 

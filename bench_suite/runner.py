@@ -39,6 +39,7 @@ import pytorch_lightning as pl
 import torch
 
 from bench_suite import signals
+from bench_suite.checkpoints import run_dir as checkpoint_run_dir
 from bench_suite.distributed import (broadcast, ddp_strategy_for, die_with_launcher, is_rank_zero_process,
                                      processes_external, start_processes)
 from bench_suite.errors import UserError
@@ -304,7 +305,7 @@ class _Sweep:
     # ---------------------------------------------------------------- training
     def _execute(self, job: _Job) -> None:
         opts, key = self.opts, job.key
-        run_dir = opts.output / "runs" / key
+        run_dir = checkpoint_run_dir(opts.output, job.method, job.rate, key)
         config = {**job.config, "run_dir": str(run_dir), "processes": self.world}
         row = _base_row(job.method, job.rate, opts, config, key)
         start = time.perf_counter()

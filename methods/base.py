@@ -24,9 +24,13 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from bench_suite.backbones import backbone_from_spec, backbone_spec
 from methods.adapter import attention_inputs, attention_probs, split_heads
 
-__all__ = ["BenchModule", "ForwardOutput", "check_keep_rate"]
+__all__ = ["BenchModule", "ForwardOutput", "check_keep_rate", "BACKBONE_KEY"]
+
+BACKBONE_KEY = "bench_suite_backbone"
+"""Checkpoint entry with the backbone's architecture (see :meth:`BenchModule.load_from_checkpoint`)."""
 
 
 def check_keep_rate(keep_rate: float) -> float:
@@ -165,7 +169,7 @@ class BenchModule(pl.LightningModule):
         x, _ = batch
         terms = self.losses(self.forward_train(x), self.forward_teacher(x), batch)
         loss = torch.stack(list(terms.values())).sum()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
         for k, v in terms.items():
             self.log(f"train/{k}", v, batch_size=len(x))
         return loss
@@ -182,8 +186,32 @@ class BenchModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints hold the student only: the frozen teacher is cached separately (by its hash)."""
+        """Checkpoints hold the student only (the frozen teacher is cached separately, by its hash) and the
+        backbone's architecture (:func:`bench_suite.backbones.backbone_spec`), so that
+        ``Method.load_from_checkpoint(path)`` rebuilds it."""
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint[BACKBONE_KEY] = backbone_spec(self.model)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, **kwargs: Any) -> "BenchModule":
+        """Lightning's ``load_from_checkpoint``; without ``backbone=`` the backbone is rebuilt from the
+        architecture the checkpoint stores (random weights, then the checkpoint's), and ``teacher`` defaults
+        to ``None``: ``EViT.load_from_checkpoint("last.ckpt")`` just works.
+
+        Raises:
+            ValueError: for a checkpoint that does not say its backbone (made before bench_suite stored it):
+                pass ``backbone=`` then.
+        """
+        if kwargs.get("backbone") is None:
+            ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+            spec = ckpt.get(BACKBONE_KEY) if isinstance(ckpt, dict) else None
+            if spec is None:
+                raise ValueError(f"{checkpoint_path} does not record its backbone; pass backbone=")
+            kwargs["backbone"] = backbone_from_spec(spec)
+        kwargs.setdefault("teacher", None)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming with a teacher: fill the teacher entries from the teacher given to ``__init__``."""

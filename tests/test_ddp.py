@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench_suite.checkpoints import run_dir
 from bench_suite.distributed import ddp_strategy_for
 from bench_suite.registry import get_method
 from tests.conftest import have_fashion_mnist
@@ -64,7 +65,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, tiny_teacher):
             # the same training trajectory: the two runs' weights differ by well under 2% of how far training
             # moved them from the teacher (AdamW turns summation-order noise in near-zero gradients into
             # lr-sized steps on a few entries, so entry-wise equality is not expected)
-            one_w, two_w = (torch.load(tmp_path / d / "runs" / a.key / "checkpoints" / "last.ckpt",
+            one_w, two_w = (torch.load(run_dir(tmp_path / d, a.method, a.keep_rate, a.key) / "checkpoints" / "last.ckpt",
                                        weights_only=False)["state_dict"] for d in ("one", "two"))
             start = {f"model.{k}": v for k, v in teacher_weights.items()}
             shared = [k for k in one_w if k in start]

@@ -78,6 +78,11 @@ def test_lightning_checkpoint_round_trip(name, tmp_path):
     module.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), module(x))
+    # the Lightning way: the checkpoint rebuilds its own backbone
+    again = spec.factory.load_from_checkpoint(path, map_location="cpu").eval()
+    assert type(again) is type(module) and again.teacher is None
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), module(x))
 
 
 @pytest.mark.parametrize("name", METHODS)

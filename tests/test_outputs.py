@@ -1,0 +1,78 @@
+"""What a paper author takes as it is: training logs (selectable loggers, the loss logged however short the
+run, plain-line progress in a log file), checkpoints that reload the Lightning way, named run folders."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from bench_suite.backbones import create_backbone
+from bench_suite.training import LineProgress, TrainSettings, fit_and_test
+from datamodules import FashionMNISTDataModule
+from datamodules.fashion_mnist import synthetic_idx_dir
+
+
+def test_both_loggers_and_the_loss_of_a_two_step_run_and_plain_progress(tmp_path, capsys):
+    from bench_suite.registry import reference_method
+
+    dm = FashionMNISTDataModule(data_dir=str(synthetic_idx_dir(tmp_path / "data", n_train=96, n_test=16)),
+                                img_size=28, batch_size=32, val_size=32, download=False)
+    module = reference_method().factory(create_backbone("tiny"), distill_logits=0.0)
+    settings = TrainSettings(epochs=1, accelerator="cpu", progress=True, loggers=("csv", "tensorboard"),
+                             checkpoint_every_n_steps=None)
+    metrics = fit_and_test(module, dm, tmp_path / "run", settings)
+    assert metrics["global_step"] == 2  # 64 training images, batch 32: fewer steps than log_every_n_steps
+    with open(tmp_path / "run" / "logs" / "metrics.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("train/loss_epoch") for r in rows)  # the training loss is logged however short the run
+    assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))  # TensorBoard, through Lightning
+    out = capsys.readouterr().out
+    assert "epoch 0: 2/2 steps (100%)" in out and "train/loss" in out
+    assert "\r" not in out  # plain lines, no progress-bar frames, when the output is not a terminal
+
+
+def test_line_progress_prints_about_ten_lines_an_epoch():
+    class _Trainer:
+        num_training_batches = 79
+        global_rank = 0
+        current_epoch = 0
+        callback_metrics: dict = {}
+
+    bar = LineProgress()
+    bar.on_train_epoch_start(_Trainer(), None)
+    printed = []
+    import builtins
+
+    real = builtins.print
+    builtins.print = lambda *a, **k: printed.append(a[0])
+    try:
+        for i in range(79):
+            bar.on_train_batch_end(_Trainer(), None, None, None, i)
+    finally:
+        builtins.print = real
+    assert 9 <= len(printed) <= 11 and printed[-1].startswith("epoch 0: 79/79 steps (100%)")
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard"])
+def test_logger_names_are_validated(logger):
+    from bench_suite.errors import UserError
+    from bench_suite.options import parse_loggers
+
+    assert parse_loggers(logger) == (logger,)
+    assert parse_loggers(f"{logger},csv") == tuple(dict.fromkeys((logger, "csv")))
+    with pytest.raises(UserError, match="csv and/or tensorboard"):
+        parse_loggers(f"{logger},wandb")
+
+
+def test_run_folders_are_named_by_method_keep_rate_and_key(tmp_path):
+    from bench_suite.checkpoints import checkpoint_path, run_dir
+
+    assert run_dir(tmp_path, "evit", 0.5, "abc123").name == "evit-0.5-abc123"
+    old = tmp_path / "runs" / "abc123" / "checkpoints" / "last.ckpt"  # a folder made before the names
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"x")
+    assert checkpoint_path(tmp_path, "abc123", "evit", 0.5) == old
+    new = run_dir(tmp_path, "evit", 0.5, "abc123") / "checkpoints" / "last.ckpt"
+    new.parent.mkdir(parents=True)
+    new.write_bytes(b"x")
+    assert checkpoint_path(tmp_path, "abc123", "evit", 0.5) == new
