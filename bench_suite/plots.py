@@ -1,4 +1,4 @@
-"""The Pareto plot: top-1 (%) against compute, one colour and marker per method, the frontier.
+"""The Pareto plot: top-1 (%) against compute, one curve per method, reference lines, the frontier.
 
 Colours and markers are declared by the methods (``plot_color``, ``plot_marker``; see
 :mod:`bench_suite.registry`) so they are the same in every plot; other methods and variants follow from
@@ -14,9 +14,9 @@ import pandas as pd
 
 from bench_suite.errors import ReportError
 from bench_suite.pareto import Y_COLUMN, Y_LABEL, check_x, pareto_front, pareto_table
-from bench_suite.registry import get_method, list_methods
+from bench_suite.registry import get_method, list_methods, method_specs
 
-__all__ = ["method_palette", "pareto_figure", "plot_pareto"]
+__all__ = ["LAYOUTS", "REFERENCE_ROWS", "method_palette", "pareto_figure", "plot_pareto"]
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*")
 
@@ -55,20 +55,47 @@ def _method_markers(methods: Sequence[str], palette: Mapping[str, Any]) -> dict[
     return {m: _declared_style(m)[1] or free[(order.index(m) if m in order else 0) % len(free)] for m in methods}
 
 
+REFERENCE_ROWS = ("teacher",)
+"""Rows drawn as horizontal reference lines, not as methods: the teacher, and the dense reference method
+(``reference = True``, fine-tuned like the others)."""
+
+LAYOUTS = {"column": (3.5, 3.3), "wide": (7.0, 3.3)}
+"""Figure sizes in inches: one column of a two-column paper (legend below) and the full text width (legend
+at the right)."""
+
+
+def _display(label: str) -> str:
+    """A method label (``linformer (proj_init=pool)``) with the method's declared display name."""
+    base, sep, rest = label.partition(" (")
+    name = get_method(base).display_name if base in list_methods() else base
+    return name + (sep + rest if sep else "")
+
+
+def _aggregate(pts: pd.DataFrame, x: str) -> pd.DataFrame:
+    """One point per (method, keep rate): mean x, mean top-1, its standard deviation and n (several seeds)."""
+    g = pts.groupby(["method", "keep_rate"], sort=False)
+    out = g.agg(x=(x, "mean"), y=(Y_COLUMN, "mean"), sd=(Y_COLUMN, "std"), n=(Y_COLUMN, "size")).reset_index()
+    return out.rename(columns={"x": x, "y": Y_COLUMN}).fillna({"sd": 0.0})
+
+
 def pareto_figure(df: pd.DataFrame, x: str = "mhsa_mflops", title: str | None = None,
-                  palette: Mapping[str, Any] | None = None):
-    """The Pareto scatter as a matplotlib ``Figure`` (Agg canvas): top-1 (%) against ``x``, one colour
-    and marker per method, each point labelled with its keep rate, the frontier as a dashed step line
-    with its points ringed.
+                  palette: Mapping[str, Any] | None = None, layout: str = "column"):
+    """The Pareto plot as a matplotlib ``Figure`` (Agg canvas): top-1 (%) against ``x``, one curve per method
+    through its keep rates (markers at the measured points, labelled with their keep rates, error bars of one
+    standard deviation where several seeds were run), the teacher and the dense reference method as
+    horizontal reference lines, and the Pareto frontier of the methods as a dashed step line with its points
+    ringed.
 
     Args:
         df: store rows or a :func:`pareto_table` of one (profile, dataset) group.
         x: one of :data:`X_AXES`.
         title: axes title.
-        palette: method -> colour; default :func:`method_palette` of the methods present.
+        palette: method label -> colour; default :func:`method_palette` of the methods present.
+        layout: ``"column"`` (3.5 in wide, legend below) or ``"wide"`` (7 in, legend at the right).
 
     Raises:
-        ReportError (a ValueError): for an unknown ``x`` (allowed ones listed), or see :func:`pareto_table`.
+        ReportError (a ValueError): for an unknown ``x`` (allowed ones listed) or layout, or see
+            :func:`pareto_table`.
     """
     import seaborn as sns
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -76,74 +103,97 @@ def pareto_figure(df: pd.DataFrame, x: str = "mhsa_mflops", title: str | None = 
     from matplotlib.lines import Line2D
 
     axis = check_x(x)
+    if layout not in LAYOUTS:
+        raise ReportError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
     table = df if "pareto" in df.columns and x in df.columns and "status" not in df.columns \
         else pareto_table(df, x)
     pts = table[table[x].notna() & table[Y_COLUMN].notna()].copy()
     pts["method"] = pts["method"].astype(str)
+    reference = next((s.name for s in method_specs() if s.reference), None)
+    is_ref = pts["method"].isin([*REFERENCE_ROWS, *([reference] if reference else [])])
+    refs, pts = pts[is_ref], _aggregate(pts[~is_ref], x)
     methods = sorted(pts["method"].unique())
     palette = dict(palette) if palette is not None else method_palette(methods)
     missing = [m for m in methods if m not in palette]
     if missing:
         raise ReportError(f"palette has no colour for method(s) {missing}")
-    hue_order = [m for m in palette if m in methods]
+    order = [m for m in palette if m in methods]
+    markers = _method_markers(order, palette)
     front = pareto_front(pts, x, Y_COLUMN, axis.lower_is_better)
 
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
-        fig = Figure(figsize=(6.6, 3.6), layout="constrained")
+        fig = Figure(figsize=LAYOUTS[layout], layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        if pts.empty:
-            ax.text(0.5, 0.5, f"no configuration has both {x} and top-1", ha="center", va="center",
-                    transform=ax.transAxes)
-        else:
-            sns.scatterplot(data=pts, x=x, y=Y_COLUMN, hue="method", hue_order=hue_order,
-                            palette={m: palette[m] for m in hue_order}, style="method", style_order=hue_order,
-                            markers=_method_markers(hue_order, palette), s=55, edgecolor="white",
-                            linewidth=0.6, zorder=3, ax=ax)
+        handles, labels = [], []
+        for m in order:
+            curve = pts[pts["method"] == m].sort_values(x)
+            colour = palette[m]
+            line = ax.errorbar(curve[x], curve[Y_COLUMN], yerr=curve["sd"].where(curve["n"] > 1, 0.0), color=colour,
+                               marker=markers[m], markersize=5, markeredgecolor="white", markeredgewidth=0.6,
+                               linewidth=1.2, capsize=2, elinewidth=0.8, zorder=3)
+            handles.append(line.lines[0])
+            labels.append(_display(m) + (f" (n={int(curve['n'].max())})" if curve["n"].max() > 1 else ""))
+        ref_styles = {"teacher": ("0.35", ":"), reference: ("0.15", "-.")}
+        for name, group in refs.groupby("method", sort=False):
+            colour, style = ref_styles.get(name, ("0.5", ":"))
+            top1 = float(group[Y_COLUMN].mean())
+            ax.axhline(top1, color=colour, linestyle=style, linewidth=1.0, zorder=1)
+            handles.append(Line2D([], [], color=colour, linestyle=style))
+            what = "teacher" if name == "teacher" else f"{_display(name)}, fine-tuned"
+            labels.append(f"{what}: {top1:.2f}%")
+        if not pts.empty:
             fp = pts[front].sort_values(x)
             ax.step(fp[x], fp[Y_COLUMN], where="post" if axis.lower_is_better else "pre", color="0.3",
-                    linestyle="--", linewidth=1.0, zorder=2)
-            ax.scatter(fp[x], fp[Y_COLUMN], s=150, facecolors="none", edgecolors="0.15", linewidths=1.0,
-                       zorder=4)
-            handles, labels = ax.get_legend_handles_labels()
+                    linestyle="--", linewidth=0.9, zorder=2)
+            ax.scatter(fp[x], fp[Y_COLUMN], s=110, facecolors="none", edgecolors="0.15", linewidths=0.9, zorder=4)
             handles.append(Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="none",
-                                  markeredgecolor="0.15", markersize=8))
+                                  markeredgecolor="0.15", markersize=7))
             labels.append("Pareto frontier")
-            # outside the axes, right: never on top of a point, however many methods and variants
-            ax.legend(handles, labels, title="method (labels: keep rate)", fontsize=7, title_fontsize=7,
-                      loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=True)
-        ax.margins(x=0.08, y=0.1)  # room for the keep-rate labels and frontier rings
+        else:
+            ax.text(0.5, 0.5, f"no method has both {x} and top-1", ha="center", va="center", transform=ax.transAxes)
+        legend = dict(fontsize=6.5, title="labels at points: keep rate", title_fontsize=6.5, frameon=False)
+        if layout == "column":  # below the axes: the figure keeps one column's width
+            fig.legend(handles, labels, loc="outside lower center", ncols=2, **legend)
+        else:
+            fig.legend(handles, labels, loc="outside right upper", **legend)
+        ax.margins(x=0.1, y=0.12)  # room for the keep-rate labels and frontier rings
         ax.set_xlabel(axis.label)
         ax.set_ylabel(Y_LABEL)
         if title:
-            ax.set_title(title)
+            ax.set_title(title, fontsize=8)
         if not pts.empty:  # last: the layout (legend, labels, title) must be final to place them
             _label_points(fig, ax, pts, x, palette)
     return fig
 
 
-# Candidate keep-rate label places around a marker, tried in order: (x offset, y offset in points, alignment).
-_LABEL_PLACES = ((5, 3, "left"), (5, -10, "left"), (-5, 3, "right"), (-5, -10, "right"))
+# Candidate keep-rate label places around a marker, tried in order: (x offset, y offset in points, alignment),
+# first close to the marker, then farther out.
+_LABEL_PLACES = tuple((sx * d, dy * d / 4 + (-3 if dy < 0 else 0), "left" if sx > 0 else "right")
+                      for d in (4, 9, 15) for sx, dy in ((1, 3), (1, -10), (-1, 3), (-1, -10)))
+_ABOVE_BELOW = ((0, 7, "center"), (0, -14, "center"), (0, 13, "center"), (0, -20, "center"))
 
 
 def _label_points(fig: Any, ax: Any, pts: pd.DataFrame, x: str, palette: Mapping[str, Any]) -> None:
-    """Label every point with its keep rate, beside its marker: the first of :data:`_LABEL_PLACES` whose box
-    overlaps no marker and no label placed before (points in order of cost, then top-1), else the place with
-    the fewest overlaps. Works in display units after a layout pass, so it holds in the saved figure."""
+    """Label every point with its keep rate beside its marker: the first candidate place whose box overlaps
+    no marker, no label placed before and leaves the axes; else the place with the fewest overlaps. Works in
+    display units after a layout pass, so it holds in the saved figure (tested on the label boxes)."""
     from matplotlib.transforms import Bbox
 
     fig.canvas.draw()  # fixes the layout and axis limits, so data -> display positions are final
     renderer = fig.canvas.get_renderer()
-    half = 4.0 * fig.dpi / 72.0  # a marker's half width in pixels (s = 55 pt^2)
+    half = 3.5 * fig.dpi / 72.0  # a marker's half width in pixels (markersize 5)
+    frame = ax.get_window_extent(renderer)
     xy = ax.transData.transform(pts[[x, Y_COLUMN]].to_numpy(dtype=float))
     obstacles = [Bbox([[px - half, py - half], [px + half, py + half]]) for px, py in xy]
     for _, r in pts.sort_values([x, Y_COLUMN], kind="stable").iterrows():
         best = None
-        for dx, dy, ha in _LABEL_PLACES:
+        for dx, dy, ha in (*_LABEL_PLACES, *_ABOVE_BELOW):
             ann = ax.annotate(f"{r['keep_rate']:g}", (r[x], r[Y_COLUMN]), xytext=(dx, dy), textcoords="offset points",
-                              ha=ha, fontsize=7, color=palette[r["method"]], zorder=5)
+                              ha=ha, fontsize=6, color=palette[r["method"]], zorder=5)
             box = ann.get_window_extent(renderer)
-            hits = sum(box.overlaps(o) for o in obstacles)
+            hits = sum(box.overlaps(o) for o in obstacles) + (0 if frame.contains(box.x0, box.y0)
+                                                             and frame.contains(box.x1, box.y1) else 1)
             if best is None or hits < best[0]:
                 if best is not None:
                     best[1].remove()
@@ -157,15 +207,19 @@ def _label_points(fig: Any, ax: Any, pts: pd.DataFrame, x: str, palette: Mapping
 
 def plot_pareto(df: pd.DataFrame, x: str = "mhsa_mflops", out_dir: str | Path = ".", stem: str = "pareto",
                 title: str | None = None, palette: Mapping[str, Any] | None = None) -> list[Path]:
-    """Save :func:`pareto_figure` as ``<out_dir>/<stem>.png`` (dpi 200) and ``.pdf``; returns both paths.
+    """Save :func:`pareto_figure` in both layouts: ``<out_dir>/<stem>.png`` / ``.pdf`` (one column) and
+    ``<stem>_wide.png`` / ``.pdf`` (text width); PNG at 300 dpi. Returns the four paths.
 
     Raises:
         ReportError (a ValueError): for an unknown ``x`` (allowed ones listed), or see :func:`pareto_table`.
     """
-    fig = pareto_figure(df, x=x, title=title, palette=palette)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    png, pdf = out / f"{stem}.png", out / f"{stem}.pdf"
-    fig.savefig(png, dpi=200, metadata={"Software": None})
-    fig.savefig(pdf, metadata={"CreationDate": None, "Creator": None, "Producer": None})
-    return [png, pdf]
+    paths = []
+    for layout, suffix in (("column", ""), ("wide", "_wide")):
+        fig = pareto_figure(df, x=x, title=title, palette=palette, layout=layout)
+        png, pdf = out / f"{stem}{suffix}.png", out / f"{stem}{suffix}.pdf"
+        fig.savefig(png, dpi=300, metadata={"Software": None})
+        fig.savefig(pdf, metadata={"CreationDate": None, "Creator": None, "Producer": None})
+        paths += [png, pdf]
+    return paths

@@ -15,7 +15,7 @@ runner, the report, the speed benchmark and the tables name no method:
 * ``ddp_find_unused_parameters``: whether DDP must look for parameters unused in a step;
 * ``reference``: the dense baseline (the teacher's evaluation and the speed ratios refer to it);
 * ``in_default_run``: part of the sweep ``run`` does when no ``--methods`` is given;
-* ``plot_color`` / ``plot_marker``: its colour and marker in every plot;
+* ``display_name``, ``plot_color`` / ``plot_marker``: its name, colour and marker in every plot;
   (these three only where the class itself declares them: a subclass does not inherit them)
 * hooks of :class:`methods.base.BenchModule` (paper FLOP rule, timing set-up, attention maps).
 """
@@ -127,6 +127,11 @@ class MethodSpec:
     def in_default_run(self) -> bool:
         """Whether ``run`` sweeps it when no ``--methods`` is given."""
         return bool(self._declared("in_default_run", False, inherited=False))
+
+    @property
+    def display_name(self) -> str:
+        """The name plots and tables show (class attribute ``display_name``, its own class only; else ``name``)."""
+        return str(self._declared("display_name", None, inherited=False) or self.name)
 
     @property
     def plot_style(self) -> tuple[str | None, str | None]:

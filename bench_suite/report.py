@@ -10,8 +10,15 @@ from bench_suite.pareto import check_x, method_label, pareto_table, write_table
 from bench_suite.plan import check_output
 from bench_suite.plots import method_palette, plot_pareto
 from bench_suite.store import STORE_FILENAME, ResultsStore
+from datamodules import DATAMODULES
 
-__all__ = ["ACCURACY_KINDS", "write_report"]
+__all__ = ["ACCURACY_KINDS", "plot_title", "write_report"]
+
+
+def plot_title(profile: str, dataset: str) -> str:
+    """``Profile mini on Fashion-MNIST``: the dataset by the name its datamodule declares."""
+    data = getattr(DATAMODULES.get(dataset), "display_name", "") or dataset
+    return f"Profile {profile} on {data}"
 
 
 def _safe(name: str) -> str:
@@ -67,5 +74,5 @@ def write_report(output: str | Path, x: str = "mhsa_mflops", profile: str | None
         table = pareto_table(group, x)
         stem = f"pareto_{_safe(prof)}_{_safe(data)}" + ("" if x == "mhsa_mflops" else f"_{x}")
         paths += write_table(table, out, stem)
-        paths += plot_pareto(table, x, out, stem, title=f"{prof} on {data}", palette=palette)
+        paths += plot_pareto(table, x, out, stem, title=plot_title(prof, data), palette=palette)
     return paths

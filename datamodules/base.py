@@ -24,6 +24,10 @@ class SplitDataModule(pl.LightningDataModule):
     """
 
     name: ClassVar[str]
+    display_name: ClassVar[str] = ""
+    """The dataset's name in titles and captions (e.g. ``Fashion-MNIST``)."""
+    class_names: ClassVar[tuple[str, ...]] = ()
+    """The classes' names in label order, where the dataset has them (figures say "Ankle boot", not "9")."""
     num_classes: int | None = None
     train_set: Dataset
     val_set: Dataset

@@ -191,6 +191,9 @@ class FashionMNISTDataModule(SplitDataModule):
 
     num_classes = 10
     name = "fashion_mnist"
+    display_name = "Fashion-MNIST"
+    class_names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ class ImageFolderDataModule(SplitDataModule):
     """
 
     name = "imagenet"
+    display_name = "ImageNet (ImageFolder)"
 
     def __init__(self, data_dir: str | None = None, img_size: int = 224, in_chans: int = 3, batch_size: int = 64,
                  val_size: int = 10000, train_subset: int | None = None, num_workers: int = 4,

@@ -341,6 +341,7 @@ class DynamicViT(BenchModule):
             negative loss weight / learning-rate scale.
     """
 
+    display_name = "DynamicViT"
     plot_color, plot_marker = "#d55e00", "D"
     reported_metrics = (
         Metric("mean_token_ratio", "fraction", description="mean over blocks of the tokens kept at inference / N"),

@@ -290,6 +290,7 @@ class EViT(BenchModule):
     """
 
     in_default_run = True
+    display_name = "EViT"
     plot_color, plot_marker = "#029e73", "^"
     reported_metrics = (
         Metric("tokens_in", "tokens", description="tokens entering the first block"),

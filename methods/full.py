@@ -20,6 +20,7 @@ class FullAttention(BenchModule):
 
     reference = True  # the dense baseline: the teacher's evaluation and the speed ratios refer to it
     in_default_run = True
+    display_name = "Full attention"
     plot_color, plot_marker = "#0173b2", "o"
 
     def __init__(self, backbone: nn.Module, keep_rate: float = 1.0, teacher: nn.Module | None = None,

@@ -160,6 +160,7 @@ class Linformer(BenchModule):
         ValueError: for a keep rate outside (0, 1], ``k`` outside ``[1, N]`` or an unknown ``proj_init``.
     """
 
+    display_name = "Linformer"
     plot_color, plot_marker = "#cc78bc", "v"
     reported_metrics = (
         Metric("k", "tokens", description="projected length of keys and values"),

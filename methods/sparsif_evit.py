@@ -122,6 +122,7 @@ class SparsifEViT(Sparsifiner):
         ValueError: for invalid keep rates or stages.
     """
 
+    display_name = "Sparsifiner + EViT"
     plot_color, plot_marker = "#ca9161", "P"
 
     def __init__(self, backbone: nn.Module, keep_rate: float = 0.25, teacher: nn.Module | None = None,

@@ -295,6 +295,7 @@ class Sparsifiner(BenchModule):
         ValueError: for invalid keep rates, phase settings or predictor settings.
     """
 
+    display_name = "Sparsifiner"
     plot_color, plot_marker = "#de8f05", "s"
     # phase 1 freezes the backbone, phase 2 the predictor: DDP must look for unused parameters
     ddp_find_unused_parameters = True

@@ -146,7 +146,8 @@ def test_pareto_table_errors(store_dir):
 def test_write_report_writes_md_csv_png_pdf(store_dir):
     paths = write_report(store_dir)
     names = sorted(p.name for p in paths)
-    assert names == sorted(f"pareto_{p}_fashion_mnist.{e}" for p in ("tiny", "mini") for e in ("md", "csv", "png", "pdf"))
+    assert names == sorted(f"pareto_{p}_fashion_mnist{w}.{e}" for p in ("tiny", "mini") for w, e in
+                           (("", "md"), ("", "csv"), ("", "png"), ("", "pdf"), ("_wide", "png"), ("_wide", "pdf")))
     for p in paths:
         assert p.is_file() and p.stat().st_size > 0 and p.parent == store_dir
 
@@ -169,14 +170,15 @@ def test_write_report_writes_md_csv_png_pdf(store_dir):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image as mpimg
     img = mpimg.imread(store_dir / "pareto_tiny_fashion_mnist.png")
-    assert img.shape[0] > 500 and img.shape[1] > 800  # 5.0 x 3.6 in at dpi 200
+    assert img.shape[0] > 900 and img.shape[1] > 1000  # one column, 3.5 x 3.3 in at dpi 300
     assert img[..., :3].std() > 0.05  # not a blank canvas
     assert (store_dir / "pareto_tiny_fashion_mnist.pdf").read_bytes()[:5] == b"%PDF-"
 
     # filters and another x axis give their own stems
     only = write_report(store_dir, x="latency_ms", profile="mini")
-    assert sorted(p.name for p in only) == sorted(f"pareto_mini_fashion_mnist_latency_ms.{e}"
-                                                   for e in ("md", "csv", "png", "pdf"))
+    assert sorted(p.name for p in only) == sorted(f"pareto_mini_fashion_mnist_latency_ms{w}.{e}" for w, e in
+                                                   (("", "md"), ("", "csv"), ("", "png"), ("", "pdf"),
+                                                    ("_wide", "png"), ("_wide", "pdf")))
 
 
 def test_write_report_errors(tmp_path, store_dir):
@@ -208,54 +210,84 @@ def test_markdown_hides_paper_column_when_identical_and_empty_columns(tmp_path):
 
 # ------------------------------------------------------------------ plot
 
-def _point_colours(fig, table):
-    """Map each plotted point (from the seaborn scatter collection) to its facecolour."""
+def _curves(fig):
+    """The method curves of a Pareto figure: (x data, y data, colour) of every line with markers."""
     ax = fig.axes[0]
-    scatter = ax.collections[0]
-    offsets = [tuple(np.round(o, 9)) for o in scatter.get_offsets()]
-    colours = [tuple(np.round(c, 6)) for c in scatter.get_facecolors()]
-    assert len(offsets) == len(table) and len(colours) == len(table)
-    return dict(zip(offsets, colours))
+    return [(np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float), to_rgba(ln.get_color()))
+            for ln in ax.lines if ln.get_marker() not in (None, "None", "", " ", "_", "|")]  # caps aside
 
 
-def test_plot_one_colour_per_method_and_frontier(store_dir):
+def _method_colours(fig, table):
+    """Method -> colour of the curve through exactly that method's points (by increasing cost)."""
+    out = {}
+    for m in table["method"].unique():
+        pts = table[table["method"] == m].sort_values("mhsa_mflops")
+        hits = [c for x, y, c in _curves(fig) if len(x) == len(pts) and np.allclose(x, pts["mhsa_mflops"])
+                and np.allclose(y, pts["top1"])]
+        if hits:
+            out[m] = hits[0]
+    return out
+
+
+def test_plot_one_curve_per_method_reference_lines_and_frontier(store_dir):
     table = pareto_table(rows_of(store_dir, profile="tiny"))
     fig = pareto_figure(table, title="t")
     ax = fig.axes[0]
-    by_point = _point_colours(fig, table)
-    method_colour = {}
-    for m, x, y in zip(table["method"], table["mhsa_mflops"], table["top1"]):
-        c = by_point[(round(x, 9), round(y, 9))]
-        assert method_colour.setdefault(m, c) == c  # the same colour for all points of a method
-    assert len(set(method_colour.values())) == table["method"].nunique() == 4  # distinct across methods
-
+    methods = table[table["method"] != "full"]  # the dense reference method is a reference line
+    colours = _method_colours(fig, methods)
+    assert set(colours) == set(methods["method"]) == {"evit", "sparsifiner", "dynamicvit"}  # one curve each
+    assert len(set(colours.values())) == 3
     palette = method_palette(table["method"].unique())
-    legend = ax.get_legend()
-    labels = [t.get_text() for t in legend.get_texts()]
-    assert labels == ["full", "sparsifiner", "evit", "dynamicvit", "Pareto frontier"]
-    for handle, label in zip(legend.legend_handles, labels[:-1]):
-        colour = handle.get_facecolor() if hasattr(handle, "get_facecolor") else handle.get_markerfacecolor()
-        colour = to_rgba(np.asarray(colour).reshape(-1)[:4])
-        assert np.allclose(colour[:3], to_rgba(palette[label])[:3], atol=1e-6)
-        assert np.allclose(method_colour[label][:3], to_rgba(palette[label])[:3], atol=1e-5)
+    for m, c in colours.items():
+        assert np.allclose(c[:3], to_rgba(palette[m])[:3], atol=1e-6)  # the method's declared colour
+    full_top1 = float(table.loc[table["method"] == "full", "top1"].iloc[0])
+    flat = [ln for ln in ax.lines if len(ln.get_ydata()) == 2 and np.allclose(ln.get_ydata(), full_top1)]
+    assert flat, "the fine-tuned dense reference is a horizontal line"
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["Sparsifiner", "EViT", "DynamicViT", f"Full attention, fine-tuned: {full_top1:.2f}%",
+                      "Pareto frontier"]  # display names the methods declare, in their palette order
 
-    # the frontier step line runs through exactly the frontier points, by increasing cost
+    # the frontier step line runs through exactly the frontier of the methods' points, by increasing cost
     steps = [ln for ln in ax.lines if ln.get_drawstyle().startswith("steps")]
     assert len(steps) == 1
-    front = table[table["pareto"] == "yes"].sort_values("mhsa_mflops")
+    front = methods[pareto_front(methods, "mhsa_mflops")].sort_values("mhsa_mflops")
     assert np.allclose(steps[0].get_xdata(), front["mhsa_mflops"]) and np.allclose(steps[0].get_ydata(), front["top1"])
-    # every point is labelled with its keep rate
-    texts = sorted(t.get_text() for t in ax.texts)
-    assert texts == sorted(f"{k:g}" for k in table["keep_rate"])
+    # every method point is labelled with its keep rate; readable axes
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{k:g}" for k in methods["keep_rate"])
     assert ax.get_xlabel() == X_AXES["mhsa_mflops"].label and ax.get_ylabel() == "Top-1 accuracy (%)"
+
+
+def test_layouts_single_column_legend_below_and_wide(store_dir):
+    table = pareto_table(rows_of(store_dir, profile="tiny"))
+    col, wide = pareto_figure(table, layout="column"), pareto_figure(table, layout="wide")
+    assert tuple(col.get_size_inches()) == (3.5, 3.3) and tuple(wide.get_size_inches()) == (7.0, 3.3)
+    r = col.canvas.get_renderer()
+    legend, axes = col.legends[0].get_window_extent(r), col.axes[0].get_window_extent(r)
+    assert legend.y1 <= axes.y0 + 1  # below the axes: the figure keeps one column's width
+    with pytest.raises(ValueError, match="layout"):
+        pareto_figure(table, layout="poster")
+
+
+def test_several_seeds_give_mean_points_with_error_bars(tmp_path):
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        for seed, top1 in enumerate((70.0, 72.0, 74.0)):
+            store.put(make_row("evit", 0.5, 0.02, top1, seed=seed))
+            store.put(make_row("evit", 0.7, 0.04, top1 + 4, seed=seed))
+        table = pareto_table(store.rows())
+    fig = pareto_figure(table)
+    [(x, y, _)] = _curves(fig)
+    assert np.allclose(x, [0.02, 0.04]) and np.allclose(y, [72.0, 76.0])  # the means
+    bars = [c for c in fig.axes[0].collections if type(c).__name__ == "LineCollection"]
+    spans = sorted(abs(seg[1][1] - seg[0][1]) for c in bars for seg in c.get_segments())
+    assert np.allclose(spans, [4.0, 4.0])  # +- one standard deviation (2.0) of the three seeds
+    assert "EViT (n=3)" in [t.get_text() for t in fig.legends[0].get_texts()]
 
 
 def test_palette_is_consistent_across_plots(store_dir, tmp_path):
     rows = rows_of(store_dir, profile="tiny")
     subset = pareto_table(rows[rows["method"].isin(["evit", "dynamicvit"])])
     full_tab = pareto_table(rows)
-    c_sub = {m: c for m, c in zip(subset["method"], _colours_by_row(pareto_figure(subset), subset))}
-    c_all = {m: c for m, c in zip(full_tab["method"], _colours_by_row(pareto_figure(full_tab), full_tab))}
+    c_sub, c_all = _method_colours(pareto_figure(subset), subset), _method_colours(pareto_figure(full_tab), full_tab)
     for m in ("evit", "dynamicvit"):
         assert np.allclose(c_sub[m], c_all[m])
     # an unknown method never reuses a built-in method's colour
@@ -263,14 +295,10 @@ def test_palette_is_consistent_across_plots(store_dir, tmp_path):
     assert all(not np.allclose(pal["my_method"], pal[k]) for k in ("full", "sparsifiner", "evit", "dynamicvit",
                                                                       "linformer"))
     paths = plot_pareto(rows, "total_gflops", tmp_path / "plots", "p", "title")
-    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in paths)
+    assert [p.name for p in paths] == ["p.png", "p.pdf", "p_wide.png", "p_wide.pdf"]
+    assert all(p.stat().st_size > 0 for p in paths)
     with pytest.raises(ValueError, match="allowed"):
         plot_pareto(rows, "flops", tmp_path, "p", "t")
-
-
-def _colours_by_row(fig, table):
-    by_point = _point_colours(fig, table)
-    return [by_point[(round(x, 9), round(y, 9))] for x, y in zip(table["mhsa_mflops"], table["top1"])]
 
 
 def test_summary_text(store_dir):
@@ -333,6 +361,7 @@ def test_keep_rate_labels_of_nearby_points_do_not_overlap(tmp_path):
     ax = fig.axes[0]
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    points = [p for p in points if p[0] != "full"]  # the dense reference is a line, not a labelled point
     assert len(boxes) == len(points)
     for i in range(len(boxes)):
         for j in range(i + 1, len(boxes)):
