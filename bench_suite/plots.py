@@ -65,7 +65,7 @@ at the right)."""
 
 
 def _display(label: str) -> str:
-    """A method label (``linformer (proj_init=pool)``) with the method's declared display name."""
+    """A method label (``<method> (proj_init=pool)``) with the method's declared display name."""
     base, sep, rest = label.partition(" (")
     name = get_method(base).display_name if base in list_methods() else base
     return name + (sep + rest if sep else "")
