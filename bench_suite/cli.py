@@ -20,7 +20,14 @@ from bench_suite.backbones import PROFILES
 from bench_suite.distributed import SUPPORTED_STRATEGIES, start_processes, world_info
 from bench_suite.errors import UserError
 from bench_suite.locks import ConfigLock
-from bench_suite.options import KeepRate, NonNegativeInt, OpenUnitInterval, PositiveInt, parse_devices
+from bench_suite.logs import quiet_lightning_info
+from bench_suite.options import (
+    KeepRate,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveInt,
+    parse_devices,
+)
 from bench_suite.paper.data import TABLES, run_plan
 from bench_suite.paper.run import make_tables
 from bench_suite.paper.visualize import FIGURE3_METHOD, visualize
@@ -32,7 +39,6 @@ from bench_suite.runner import run_benchmark
 from bench_suite.speed import run_command as run_speed_command
 from bench_suite.store import STORE_FILENAME, ResultsStore
 from bench_suite.teacher import ASSETS_DIR, install_shipped, train_teacher
-from bench_suite.training import quiet_lightning_info
 from datamodules import DATAMODULES
 
 __all__ = ["main", "build_parser"]

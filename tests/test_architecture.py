@@ -27,7 +27,8 @@ PACKAGES = ("bench_suite", "methods", "datamodules")
 # The framework's core: the runner and its parts, report, speed, store, training, measure, flops, cli,
 # registry, backbones (and the other framework modules beside them). The paper reproduction
 # (bench_suite/paper/) names the paper's methods by design; methods/ are the methods.
-CORE = ("runner", "plan", "distributed", "locks", "options", "teacher", "checkpoints", "report", "pareto", "plots",
+CORE = ("runner", "plan", "distributed", "locks", "options", "teacher", "checkpoints", "report", "pareto", "plots", "logs",
+        "signals",
         "speed", "kernel_bench", "store", "training", "measure", "flops", "cli", "registry", "backbones", "errors",
         "versions", "kernels/__init__", "kernels/loader", "__init__", "__main__")
 

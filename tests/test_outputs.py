@@ -7,7 +7,8 @@ import csv
 import pytest
 
 from bench_suite.backbones import create_backbone
-from bench_suite.training import LineProgress, TrainSettings, fit_and_test
+from bench_suite.logs import LineProgress
+from bench_suite.training import TrainSettings, fit_and_test
 from datamodules import FashionMNISTDataModule
 from datamodules.fashion_mnist import synthetic_idx_dir
 
