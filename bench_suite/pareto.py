@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from bench_suite.errors import ReportError
-from bench_suite.registry import Metric, declared_metrics
+from bench_suite.latex import latex_table
+from bench_suite.registry import Metric, declared_metrics, get_method, list_methods
 
 __all__ = [
     "ReportError",
@@ -36,6 +37,8 @@ __all__ = [
     "write_table",
     "format_table",
     "method_label",
+    "display_label",
+    "COMPACT_COLUMNS",
     "summary_text",
 ]
 
@@ -297,9 +300,16 @@ def _caption(table: pd.DataFrame, show_paper: bool) -> str:
     return "; ".join(parts) + "."
 
 
+COMPACT_COLUMNS = ("method", "keep_rate", "mhsa_mflops", "mhsa_mflops_paper", "top1", "pareto")
+"""The columns of the LaTeX Pareto table (it must fit a page): method, keep rate, MHSA FLOPs (measured, and
+the paper's rule where it differs), top-1, the methods' declared columns, Pareto. The CSV has them all."""
+
+
 def write_table(table: pd.DataFrame, out_dir: str | Path, stem: str, caption: str | None = None) -> list[Path]:
-    """Write ``<out_dir>/<stem>.md`` (paper-ready pipe table, units in headers, caption line) and
-    ``<out_dir>/<stem>.csv`` (the same columns under their machine names, full precision).
+    """Write ``<out_dir>/<stem>.md`` (paper-ready pipe table, units in headers, caption line),
+    ``<out_dir>/<stem>.csv`` (the same columns under their machine names, full precision) and
+    ``<out_dir>/<stem>.tex`` (booktabs, the compact :data:`COMPACT_COLUMNS` and the methods' declared
+    columns, display names of the methods).
 
     The Markdown shows the paper-rule MHSA column only where it differs from the measured one in at
     least one row, and leaves out metric columns with no value at all (the CSV keeps every column). ``caption`` overrides the caption built from ``table.attrs``. Returns both paths.
@@ -321,7 +331,23 @@ def write_table(table: pd.DataFrame, out_dir: str | Path, stem: str, caption: st
     align = ["left" if c in ("method", "pareto") else "right" for c in text.columns]
     body = tabulate(text.values.tolist(), headers=headers, tablefmt="pipe", colalign=align, disable_numparse=True)
     md_path.write_text(f"{body}\n\n{caption or _caption(table, show_paper)}\n", encoding="utf-8")
-    return [md_path, csv_path]
+    tex_path = out / f"{stem}.tex"
+    compact = [c for c in text.columns if c in COMPACT_COLUMNS or c in table.attrs.get("decimals", {})]
+    tex = text[compact].copy()
+    if "method" in tex.columns:
+        tex["method"] = [display_label(m) for m in tex["method"]]
+    tex.columns = [_header(table, c) for c in compact]
+    tex_path.write_text(latex_table(tex, caption or _caption(table, show_paper), f"tab:{stem}", left=1),
+                        encoding="utf-8")
+    return [md_path, csv_path, tex_path]
+
+
+def display_label(label: str) -> str:
+    """A method label (``<method> (setting=value)``) with the method's declared display name; the teacher
+    and unregistered methods keep theirs."""
+    base, sep, rest = str(label).partition(" (")
+    name = get_method(base).display_name if base in list_methods() else base
+    return name + (sep + rest if sep else "")
 
 
 def _header(table: pd.DataFrame, column: str) -> str:

@@ -13,7 +13,14 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from bench_suite.errors import ReportError
-from bench_suite.pareto import Y_COLUMN, Y_LABEL, check_x, pareto_front, pareto_table
+from bench_suite.pareto import (
+    Y_COLUMN,
+    Y_LABEL,
+    check_x,
+    display_label,
+    pareto_front,
+    pareto_table,
+)
 from bench_suite.registry import get_method, list_methods, method_specs
 
 __all__ = ["LAYOUTS", "REFERENCE_ROWS", "method_palette", "pareto_figure", "plot_pareto"]
@@ -62,13 +69,6 @@ REFERENCE_ROWS = ("teacher",)
 LAYOUTS = {"column": (3.5, 3.3), "wide": (7.0, 3.3)}
 """Figure sizes in inches: one column of a two-column paper (legend below) and the full text width (legend
 at the right)."""
-
-
-def _display(label: str) -> str:
-    """A method label (``<method> (proj_init=pool)``) with the method's declared display name."""
-    base, sep, rest = label.partition(" (")
-    name = get_method(base).display_name if base in list_methods() else base
-    return name + (sep + rest if sep else "")
 
 
 def _aggregate(pts: pd.DataFrame, x: str) -> pd.DataFrame:
@@ -133,14 +133,14 @@ def pareto_figure(df: pd.DataFrame, x: str = "mhsa_mflops", title: str | None = 
                                marker=markers[m], markersize=5, markeredgecolor="white", markeredgewidth=0.6,
                                linewidth=1.2, capsize=2, elinewidth=0.8, zorder=3)
             handles.append(line.lines[0])
-            labels.append(_display(m) + (f" (n={int(curve['n'].max())})" if curve["n"].max() > 1 else ""))
+            labels.append(display_label(m) + (f" (n={int(curve['n'].max())})" if curve["n"].max() > 1 else ""))
         ref_styles = {"teacher": ("0.35", ":"), reference: ("0.15", "-.")}
         for name, group in refs.groupby("method", sort=False):
             colour, style = ref_styles.get(name, ("0.5", ":"))
             top1 = float(group[Y_COLUMN].mean())
             ax.axhline(top1, color=colour, linestyle=style, linewidth=1.0, zorder=1)
             handles.append(Line2D([], [], color=colour, linestyle=style))
-            what = "teacher" if name == "teacher" else f"{_display(name)}, fine-tuned"
+            what = "teacher" if name == "teacher" else f"{display_label(name)}, fine-tuned"
             labels.append(f"{what}: {top1:.2f}%")
         if not pts.empty:
             fp = pts[front].sort_values(x)

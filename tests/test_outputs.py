@@ -77,3 +77,53 @@ def test_run_folders_are_named_by_method_keep_rate_and_key(tmp_path):
     new.parent.mkdir(parents=True)
     new.write_bytes(b"x")
     assert checkpoint_path(tmp_path, "abc123", "evit", 0.5) == new
+
+
+def _check_latex(tex: str, columns: int) -> None:
+    """The structure a LaTeX document needs of the table (and what it must not have)."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    assert tex.count(r"\begin{table}") == 1 and tex.count(r"\end{table}") == 1
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert tex.count(rule) == 1, rule
+    caption = re.search(r"\\caption\{(.*)\}", tex).group(1)
+    assert not caption.startswith("Table")  # LaTeX prints "Table N:" itself
+    assert re.search(r"\\label\{tab:[^}]+\}", tex)
+    spec = re.search(r"\\begin\{tabular\}\{([lr]+)\}", tex).group(1)
+    assert len(spec) == columns
+    body = tex[tex.index(r"\toprule"):tex.index(r"\bottomrule")]
+    rows = [ln for ln in body.splitlines() if ln.endswith(r"\\")]
+    assert rows and all(ln.replace(r"\&", "").count("&") == columns - 1 for ln in rows)  # every row fills the table
+    assert not re.search(r"(?<!\\)[_%#]", caption)  # specials escaped
+    if shutil.which("pdflatex"):  # the real check, where LaTeX is installed
+        with tempfile.TemporaryDirectory() as d:
+            doc = Path(d) / "t.tex"
+            doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n" + tex
+                           + "\\end{document}\n")
+            run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=d,
+                                 capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stdout[-2000:]
+
+
+def test_pareto_latex_table_is_booktabs_and_compact(tmp_path):
+    import pandas as pd
+
+    from bench_suite.pareto import pareto_table, write_table
+
+    rows = pd.DataFrame({"method": ["teacher", "sparsifiner", "sparsifiner", "linformer"],
+                         "keep_rate": [1.0, 0.5, 0.25, 0.25], "mhsa_mflops": [7.68, 5.5, 3.7, 4.0],
+                         "total_gflops": [0.1, 0.09, 0.08, 0.08], "top1": [90.6, 90.4, 90.2, 82.0],
+                         "img_per_s": [500.0, 400.0, 450.0, 480.0], "coef_sparsity": [None, 0.3, 0.29, None],
+                         "profile": "mini", "dataset": "fashion_mnist"})
+    table = pareto_table(rows)
+    md, csv_path, tex = write_table(table, tmp_path, "pareto_mini_fashion_mnist")
+    text = tex.read_text()
+    header = [ln for ln in text.splitlines() if "Method" in ln][0]
+    assert "Throughput" not in header and "GFLOPs" not in header  # compact: the page, not the CSV
+    assert "Coef. sparsity (\\%)" in header and "Top-1 (\\%)" in header
+    assert "Sparsifiner" in text and "sparsifiner" not in text.split("\\midrule")[1]  # display names
+    _check_latex(text, columns=header.count("&") + 1)
+    assert "img_per_s" in csv_path.read_text().splitlines()[0]  # the full set stays in the CSV

@@ -147,7 +147,8 @@ def test_write_report_writes_md_csv_png_pdf(store_dir):
     paths = write_report(store_dir)
     names = sorted(p.name for p in paths)
     assert names == sorted(f"pareto_{p}_fashion_mnist{w}.{e}" for p in ("tiny", "mini") for w, e in
-                           (("", "md"), ("", "csv"), ("", "png"), ("", "pdf"), ("_wide", "png"), ("_wide", "pdf")))
+                           (("", "md"), ("", "csv"), ("", "tex"), ("", "png"), ("", "pdf"), ("_wide", "png"),
+                            ("_wide", "pdf")))
     for p in paths:
         assert p.is_file() and p.stat().st_size > 0 and p.parent == store_dir
 
@@ -177,7 +178,7 @@ def test_write_report_writes_md_csv_png_pdf(store_dir):
     # filters and another x axis give their own stems
     only = write_report(store_dir, x="latency_ms", profile="mini")
     assert sorted(p.name for p in only) == sorted(f"pareto_mini_fashion_mnist_latency_ms{w}.{e}" for w, e in
-                                                   (("", "md"), ("", "csv"), ("", "png"), ("", "pdf"),
+                                                   (("", "md"), ("", "csv"), ("", "tex"), ("", "png"), ("", "pdf"),
                                                     ("_wide", "png"), ("_wide", "pdf")))
 
 
@@ -201,7 +202,7 @@ def test_markdown_hides_paper_column_when_identical_and_empty_columns(tmp_path):
                           "mhsa_mflops_paper": [357.66, 193.09], "total_gflops": [np.nan, np.nan],
                           "top1": [79.8, 79.5], "pareto": ["yes", "yes"]})
     table.attrs = {"profile": "deit_s", "dataset": "imagenet", "x": "mhsa_mflops", "git": "abc", "n_failed": 0}
-    md_path, csv_path = write_table(table, tmp_path, "t")
+    md_path, csv_path, _ = write_table(table, tmp_path, "t")
     md = md_path.read_text()
     assert "paper rule" not in md.splitlines()[0] and "GFLOPs" not in md.splitlines()[0]
     assert "357.7" in md and "193.1" in md

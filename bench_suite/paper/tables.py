@@ -45,6 +45,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from bench_suite.latex import latex_table
 from bench_suite.paper.counts import FlopCount
 from bench_suite.paper.data import PAPER_NUMBERS, TABLE_TITLES, SuiteConfig
 
@@ -386,14 +387,6 @@ def _markdown(display: pd.DataFrame) -> str:
                     disable_numparse=True)
 
 
-def _latex(display: pd.DataFrame, caption: str, number: int) -> str:
-    text = display.to_latex(index=False, escape=True, caption=caption, label=f"tab:sparsifiner-table{number}",
-                            column_format="l" * 2 + "r" * (len(display.columns) - 2), position="t")
-    for uni, tex in (("Δ", r"$\Delta$"), ("–", "--"), ("^", r"\^{}")):
-        text = text.replace(uni, tex)
-    return text
-
-
 def write_paper_table(result: TableResult, out_dir: str | Path, profile: str, dataset: str) -> list[Path]:
     """Write ``table<N>.md`` (caption, notes, commands for missing results), ``table<N>.csv`` (all
     columns, machine names, full precision) and ``table<N>.tex`` (booktabs) into ``out_dir``."""
@@ -411,6 +404,7 @@ def write_paper_table(result: TableResult, out_dir: str | Path, profile: str, da
     paths[0].write_text("\n".join(md) + "\n", encoding="utf-8")
     result.frame.to_csv(paths[1], index=False)
     caption = result.caption + (" Notes: " + " ".join(result.notes) if result.notes else "")
-    paths[2].write_text(_latex(display, caption, result.number), encoding="utf-8")
+    paths[2].write_text(latex_table(display, caption, f"tab:sparsifiner-table{result.number}", left=2),
+                        encoding="utf-8")
     result.paths = paths
     return paths
