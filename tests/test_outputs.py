@@ -127,3 +127,20 @@ def test_pareto_latex_table_is_booktabs_and_compact(tmp_path):
     assert "Sparsifiner" in text and "sparsifiner" not in text.split("\\midrule")[1]  # display names
     _check_latex(text, columns=header.count("&") + 1)
     assert "img_per_s" in csv_path.read_text().splitlines()[0]  # the full set stays in the CSV
+
+
+def test_heatmaps_have_colour_bars_and_class_names():
+    import torch
+
+    from bench_suite.paper.visualize import class_label, maps_figure
+    from datamodules import FashionMNISTDataModule
+
+    assert class_label(9, FashionMNISTDataModule.class_names) == "Ankle boot" and class_label(3, ()) == "label 3"
+    n, heads, grid = 5, 2, (2, 2)
+    probs = torch.softmax(torch.randn(1, heads, n, n), -1)
+    layers = [{"mask": probs > 0.2, "sparse": probs, "full": probs, "positions": None, "n": n, "budget": 2}
+              for _ in range(3)]
+    fig = maps_figure(torch.rand(1, 8, 8), layers, 0, 1, grid, "t")
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 3  # one colour scale per layer row
+    assert all(bar.get_ylabel() == "attention" for bar in bars)

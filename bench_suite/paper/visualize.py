@@ -32,7 +32,7 @@ from bench_suite.plan import check_output
 from bench_suite.registry import get_method
 from datamodules import create_datamodule
 
-__all__ = ["FIGURE3_METHOD", "map_names", "query_maps", "plot_maps", "visualize"]
+__all__ = ["FIGURE3_METHOD", "map_names", "query_maps", "class_label", "maps_figure", "plot_maps", "visualize"]
 
 
 
@@ -53,6 +53,8 @@ def query_maps(layer: dict[str, Any], image: int, query_token: int, n_patches: i
     query token was pruned in this layer."""
     pos = layer["positions"]
     n = layer["n"]
+    if pos is None and n != n_patches + 1:  # tokens were removed and the method does not say which: no map
+        return None
     if pos is None:
         row, key_pos = query_token, torch.arange(n)
     else:
@@ -74,22 +76,37 @@ def query_maps(layer: dict[str, Any], image: int, query_token: int, n_patches: i
     return maps
 
 
+def class_label(label: int, class_names: tuple[str, ...]) -> str:
+    """The class's name where the dataset declares names (``Ankle boot``), else ``label 9``."""
+    return class_names[label] if 0 <= label < len(class_names) else f"label {label}"
+
+
 def plot_maps(image: torch.Tensor, layers: list[dict[str, Any]], image_index: int, query: int,
               grid: tuple[int, int], path: Path, title: str) -> Path:
-    """Draw one image's figure: the input with the query patch, then per layer (rows) and head every map of
-    the query (columns: e.g. connectivity mask, sparse and full attention), and save it as PNG."""
-    import matplotlib
+    """Save :func:`maps_figure` as PNG at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    maps_figure(image, layers, image_index, query, grid, title).savefig(path, dpi=80)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def maps_figure(image: torch.Tensor, layers: list[dict[str, Any]], image_index: int, query: int,
+                grid: tuple[int, int], title: str) -> Any:
+    """One image's figure (a matplotlib ``Figure``): the input with the query patch, then per layer (rows)
+    and head every map of the query (columns: e.g. connectivity mask, sparse and full attention). A mask is
+    drawn black (kept) on white; the attention maps of a row share one colour scale, shown by the row's
+    colour bar (probability; Linformer's ``P F`` can be negative)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     gh, gw = grid
     names = map_names(layers[0])
     heads, per = layers[0][names[0]].shape[1], len(names)
     n_layers = len(layers)
-    fig, axes = plt.subplots(n_layers, 1 + per * heads, figsize=(1.25 * (1 + per * heads), 1.3 * n_layers + 0.8),
-                             squeeze=False)
+    fig = Figure(figsize=(1.25 * (1 + per * heads) + 0.8, 1.3 * n_layers + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_layers, 1 + per * heads, squeeze=False)
     img = image.float().mean(0)
     img = (img - img.min()) / (img.max() - img.min() + 1e-12)
     ph, pw = img.shape[0] / gh, img.shape[1] / gw
@@ -101,25 +118,35 @@ def plot_maps(image: torch.Tensor, layers: list[dict[str, Any]], image_index: in
         budget = f"B={layer['budget']}/{layer['n']}" if "budget" in layer else f"N={layer['n']}"
         ax.set_ylabel(f"layer {li}\n{budget}", fontsize=7)
         maps = query_maps(layer, image_index, query + 1, gh * gw)
+        values = [maps[n].numpy() for n in names if n != "mask"] if maps is not None else []
+        finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(1)
+        vmin, vmax = min(0.0, float(finite.min(initial=0.0))), max(float(finite.max(initial=0.0)), 1e-6)
+        shown = None
         for h in range(heads):
             for j, name in enumerate(names):
                 ax = axes[li, 1 + per * h + j]
                 if maps is None:
-                    ax.text(0.5, 0.5, "query\npruned", ha="center", va="center", fontsize=6, transform=ax.transAxes)
+                    why = "query\npruned" if layer["positions"] is not None else "tokens\nrearranged"
+                    ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=6, transform=ax.transAxes)
+                elif name == "mask":
+                    ax.imshow(maps[name][h].reshape(gh, gw).numpy(), cmap="Greys", vmin=0, vmax=1,
+                              interpolation="nearest")
                 else:
-                    ax.imshow(maps[name][h].reshape(gh, gw).numpy(), cmap="viridis", interpolation="nearest")
+                    shown = ax.imshow(maps[name][h].reshape(gh, gw).numpy(), cmap="viridis", vmin=vmin, vmax=vmax,
+                                      interpolation="nearest")
+                if maps is not None:
                     ax.add_patch(Rectangle((qx - 0.5, qy - 0.5), 1, 1, fill=False, edgecolor="yellow", linewidth=1))
                 if li == 0:
                     ax.set_title(f"h{h} {name}", fontsize=7)
+        if shown is not None:
+            bar = fig.colorbar(shown, ax=list(axes[li, 1:]), fraction=0.02, pad=0.01)
+            bar.ax.tick_params(labelsize=5)
+            bar.set_label("attention", fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def visualize(method: str = FIGURE3_METHOD, keep_rate: float = 0.25, output: str | Path = "results",
@@ -167,11 +194,13 @@ def visualize(method: str = FIGURE3_METHOD, keep_rate: float = 0.25, output: str
     dm = create_datamodule(data, data_dir=data_dir, img_size=prof.img_size, in_chans=prof.in_chans, batch_size=images)
     x, y = dm.sample_batch(images, split="test")
     layers = module.attention_maps(x)
+    class_names = tuple(getattr(dm, "class_names", ()) or ())
     out_dir = Path(output) / "figures"
     written = []
     for i in range(len(x)):
         name = f"visualize_{method}_keep{keep_rate:g}_img{i}_q{query}.png"
-        title = (f"{method}, keep rate {keep_rate:g}, test image {i} (label {int(y[i])}), query patch "
+        label = class_label(int(y[i]), class_names)
+        title = (f"{method}, keep rate {keep_rate:g}, test image {i} ({label}), query patch "
                  f"{query}: {' | '.join(map_names(layers[0]))} per head")
         written.append(plot_maps(x[i], layers, i, query, (gh, gw), out_dir / name, title))
     return written
