@@ -150,10 +150,10 @@ def test_paper_columns_equal_the_data_file_and_suite_columns_do_not(subset_run):
         assert suite != pytest.approx(paper, rel=1e-3)  # measured, not copied
         assert got["suite_vs_paper_mhsa_pct"] == pytest.approx(100 * (suite - paper) / paper)
     # the perturbed paper values make every row that published information determines a MISMATCH
-    assert _row(run, 1, 1)["mhsa_check"] == "MISMATCH"
-    assert _row(run, 1, 2)["mhsa_check"] == "MISMATCH"
-    assert _row(run, 3, 1)["overall_check"].startswith("not reproducible")
-    assert _row(run, 4, 1)["mhsa_check"].startswith("not reproducible")
+    assert _row(run, 1, 1)["mhsa_check"] == "measured vs paper: MISMATCH"
+    assert _row(run, 1, 2)["mhsa_check"] == "paper rule vs paper: MISMATCH"  # a token-pruning row: the paper's rule is compared
+    assert _row(run, 3, 1)["overall_check"].startswith("measured vs paper: not reproducible")
+    assert _row(run, 4, 1)["mhsa_check"].startswith("measured vs paper: not reproducible")
     md = run.tables[1].paths[0].read_text(encoding="utf-8")
     value = re.escape(sub.iloc[0]["paper_mhsa_mflops"])
     assert re.search(rf"\|\s*{value}\s*\|", md)  # printed as in the data file (2 decimals here)

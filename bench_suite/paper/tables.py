@@ -185,14 +185,16 @@ def _pct(suite: float | None, paper: float | None) -> float | None:
 
 
 def _check(suite: float | None, paper: float | None, decimals: int | None, expected: bool | None,
-           proxy: bool) -> str:
+           proxy: bool, what: str = "measured") -> str:
+    """The check of one number, saying what it compares: ``"paper rule vs paper: reproduced"``,
+    ``"measured vs paper: MISMATCH"``, ``"measured vs paper: not reproducible"``."""
     if paper is None or (isinstance(paper, float) and math.isnan(paper)) or suite is None:
         return ""
     match = abs(suite - paper) <= 0.5 * 10.0 ** -(decimals or 0) + 1e-9
     if expected and not proxy:
-        return "reproduced" if match else "MISMATCH"
+        return f"{what} vs paper: " + ("reproduced" if match else "MISMATCH")
     prefix = "proxy, " if proxy else ""
-    return f"{prefix}not reproducible" + (" (matches)" if match else "")
+    return f"{what} vs paper: {prefix}not reproducible" + (" (matches)" if match else "")
 
 
 def _yes_no(flag: bool | None) -> str:
@@ -202,8 +204,8 @@ def _yes_no(flag: bool | None) -> str:
 def _sparsity_text(s: Mapping[str, float]) -> str:
     if "coef_sparsity" not in s:
         return ""
-    return (f"coef. {100 * s['coef_sparsity']:.0f}% / W_up {100 * s['w_up_sparsity']:.0f}% zero, "
-            f"mask {100 * s['mask_density']:.1f}% dense, n_down {s['n_down']:g}")
+    return (f"coef. {100 * s['coef_sparsity']:.0f}% zeros, W_up {100 * s['w_up_sparsity']:.0f}% zeros, "
+            f"mask {100 * s['mask_density']:.1f}% nonzero, n_down {s['n_down']:g}")
 
 
 @dataclass
@@ -251,12 +253,12 @@ def build_table(number: int, paper: pd.DataFrame, flops: Mapping[tuple[str, Suit
             "suite_vs_paper_mhsa_pct": _pct(fc.mhsa_mflops, r["paper_mhsa_mflops"]),
             "suite_rule_vs_paper_mhsa_pct": _pct(rule, r["paper_mhsa_mflops"]),
             "mhsa_check": _check(compared, r["paper_mhsa_mflops"], r["paper_mhsa_mflops_decimals"],
-                                 r["mhsa_reproducible"], proxy),
+                                 r["mhsa_reproducible"], proxy, "paper rule" if rule is not None else "measured"),
             "suite_total_gflops": fc.total_gflops,
             "paper_overall_gflops": r["paper_overall_gflops"],
             "suite_vs_paper_overall_pct": _pct(fc.total_gflops, r["paper_overall_gflops"]),
             "overall_check": _check(fc.total_gflops, r["paper_overall_gflops"], r["paper_overall_gflops_decimals"],
-                                    r["overall_reproducible"], proxy),
+                                    r["overall_reproducible"], proxy, "measured"),
             "suite_predictor_sparsity": _sparsity_text(fc.sparsity),
             "suite_top1": acc.top1,
             "paper_top1": r["paper_top1"],
@@ -332,7 +334,9 @@ def _caption(number: int, frame: pd.DataFrame, top1: Mapping[SuiteConfig, Top1],
     parts.append(f"[suite] top-1: measured test top-1 on profile {profile}, dataset {dataset} "
                  f"({have} of {wanted} configuration rows have a result{train}); the same method, keep rate "
                  f"and settings on every backbone of the paper map to one suite configuration")
-    parts.append("'reproduced' = within half a unit of the paper's last printed digit")
+    parts.append("checks say what they compare ('paper rule vs paper': the suite's count with the paper's "
+                 "hand-counting rule; 'measured vs paper': the fvcore count); 'reproduced' = within half a unit of "
+                 "the paper's last printed digit")
     return ". ".join(parts) + "."
 
 
