@@ -28,6 +28,9 @@ from torch import nn
 __all__ = ["measure_latency", "measure_callables", "measure_models", "peak_memory_mib",
            "peak_memory_callable_mib", "fixed_threads", "summarize_times"]
 
+EVAL_TIMING = {"batch": 64, "warmup": 2, "repeats": 5}
+"""How ``run`` times each trained model for the Pareto table: one eval forward of a batch of 64 test images,
+the median of 5 timed runs after 2 untimed ones, at torch's thread count."""
 MIB = 1024.0 * 1024.0
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from bench_suite.errors import ReportError
 from bench_suite.latex import latex_table
+from bench_suite.measure import EVAL_TIMING
 from bench_suite.registry import Metric, declared_metrics, get_method, list_methods
 
 __all__ = [
@@ -211,6 +212,10 @@ def pareto_table(df: pd.DataFrame, x: str = "mhsa_mflops") -> pd.DataFrame:
             raise ReportError(f"rows span several (profile, dataset) groups {groups}; a Pareto table compares "
                              f"one group - filter the rows first (write_report does this per group)")
     attrs["git"] = ", ".join(sorted(rows["git"].dropna().unique())) if "git" in rows.columns else None
+    attrs["hardware"] = "; ".join(sorted({f"{v.get('cpu')} ({v.get('threads')} threads of {v.get('cpus')} CPUs"
+                                          + (f", {v['gpu']}" if v.get("gpu") else "") + ")"
+                                          for v in rows["versions"] if isinstance(v, Mapping) and v.get("cpu")})) \
+        if "versions" in rows.columns else ""
     _check_units(rows)
     if "method" not in rows.columns or Y_COLUMN not in rows.columns:
         raise ReportError("the rows need 'method' and 'top1' columns")
@@ -297,6 +302,12 @@ def _caption(table: pd.DataFrame, show_paper: bool) -> str:
                      "(QK^T and AV only, 1 MAC = 1 FLOP), not numbers copied from the paper")
     parts.append("Pareto = no other row has lower-or-equal cost and higher-or-equal top-1"
                  + (" (throughput: higher-or-equal)" if x == "img_per_s" else ""))
+    if "img_per_s" in table.columns and table["img_per_s"].notna().any():
+        t = EVAL_TIMING
+        parts.append(f"throughput and latency: eval of one batch of {t['batch']} test images, median of {t['repeats']} "
+                     f"timed runs after {t['warmup']} untimed, on {a.get('hardware') or 'unrecorded hardware'}; each "
+                     f"row is timed right after its own training, under that moment's load, so compare them with "
+                     f"care ('python -m bench_suite speed' times methods interleaved)")
     return "; ".join(parts) + "."
 
 

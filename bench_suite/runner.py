@@ -45,7 +45,7 @@ from bench_suite.distributed import (broadcast, ddp_strategy_for, die_with_launc
 from bench_suite.errors import UserError
 from bench_suite.flops import count_flops
 from bench_suite.locks import ConfigLock
-from bench_suite.measure import measure_latency, peak_memory_mib
+from bench_suite.measure import EVAL_TIMING, measure_latency, peak_memory_mib
 from bench_suite.options import parse_hparams, parse_keep_rates
 from bench_suite.plan import (RunOptions, check_output, make_datamodule, resolve_plan, setup_data, train_config,
                               train_settings, validate_plan)
@@ -58,7 +58,7 @@ from bench_suite.versions import versions
 __all__ = ["UNITS", "run_benchmark", "measure_module", "row_units"]
 
 FLOPS_IMAGES = 8       # real test images the FLOPs are counted on (per-image average)
-SPEED_BATCH = 64       # batch size of the latency measurement
+SPEED_BATCH = EVAL_TIMING["batch"]  # batch size of the latency measurement
 # Units of the metrics the runner measures for every row. MHSA FLOPs follow the paper: 1 MAC = 1 FLOP, only
 # Q K^T and A V (plus whatever a method computes inside its attention module instead), per image; latency is
 # per batch. Methods declare the units of their own metrics (``reported_metrics``, see bench_suite.registry).
@@ -97,7 +97,8 @@ def measure_module(module, dm, n_flops: int = FLOPS_IMAGES, speed_batch: int = S
     if paper is not None:
         out["mhsa_mflops_paper"] = paper / 1e6
     batch, _ = dm.sample_batch(speed_batch, "test")
-    out.update({k: v for k, v in measure_latency(model, batch, warmup=2, repeats=5).items()
+    out.update({k: v for k, v in measure_latency(model, batch, warmup=EVAL_TIMING["warmup"],
+                                                 repeats=EVAL_TIMING["repeats"]).items()
                 if k in ("latency_ms_median", "latency_ms_p90", "img_per_s")})
     out["peak_mib"] = peak_memory_mib(model, batch)
     out.update({k: float(v) for k, v in module.sparsity_report().items()})

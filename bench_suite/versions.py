@@ -24,10 +24,41 @@ def git_revision() -> str:
     return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "sve", "neon", "asimd")
+"""CPU instruction-set extensions recorded when the CPU has them (they decide kernel speed)."""
+
+
+@lru_cache(maxsize=1)
+def hardware() -> dict[str, str]:
+    """The machine a speed was measured on: CPU model, logical CPUs, torch's intra-op threads, the ISA
+    extensions of :data:`ISA_FLAGS` the CPU has, and the GPU's name where CUDA is available."""
+    import os
+
+    import torch
+
+    cpu, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and cpu in ("unknown", "", platform.machine()):
+                    cpu = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cpus": str(os.cpu_count() or 0), "threads": str(torch.get_num_threads()),
+           "isa": " ".join(f for f in ISA_FLAGS if f in flags) or "none of " + ", ".join(ISA_FLAGS[:3])}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
 @lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
-    """Versions of Python, the key packages, the machine, and the git revision."""
-    out = {"python": platform.python_version(), "machine": f"{platform.machine()} {platform.system()}"}
+    """Versions of Python, the key packages, the machine (:func:`hardware`), and the git revision."""
+    out = {"python": platform.python_version(), "machine": f"{platform.machine()} {platform.system()}",
+           **hardware()}
     for pkg in PACKAGES:
         try:
             out[pkg] = version(pkg)

@@ -128,6 +128,25 @@ def test_pareto_latex_table_is_booktabs_and_compact(tmp_path):
     assert "Sparsifiner" in text and "sparsifiner" not in text.split("\\midrule")[1]  # display names
     _check_latex(text, columns=header.count("&") + 1)
     assert "img_per_s" in csv_path.read_text().splitlines()[0]  # the full set stays in the CSV
+    caption = md.read_text().strip().splitlines()[-1]
+    assert "throughput and latency: eval of one batch of 64 test images, median of 5" in caption
+    assert "unrecorded hardware" in caption  # these rows say no machine; stored rows do (below)
+
+
+def test_stored_rows_carry_the_hardware_and_the_caption_names_it():
+    from bench_suite.versions import hardware, versions
+
+    hw = hardware()
+    assert hw["cpu"] and int(hw["cpus"]) >= 1 and int(hw["threads"]) >= 1 and hw["isa"]
+    assert {k: versions()[k] for k in hw} == hw  # in every row's versions
+    import pandas as pd
+
+    from bench_suite.pareto import _caption, pareto_table
+
+    rows = pd.DataFrame({"method": ["evit"], "keep_rate": [0.5], "mhsa_mflops": [3.3], "top1": [89.0],
+                         "img_per_s": [800.0], "profile": "mini", "dataset": "fashion_mnist",
+                         "versions": [versions()]})
+    assert f"on {hw['cpu']} ({hw['threads']} threads of {hw['cpus']} CPUs" in _caption(pareto_table(rows), False)
 
 
 def test_heatmaps_have_colour_bars_and_class_names():
