@@ -178,6 +178,7 @@ def _label_points(fig: Any, ax: Any, pts: pd.DataFrame, x: str, palette: Mapping
     """Label every point with its keep rate beside its marker: the first candidate place whose box overlaps
     no marker, no label placed before and leaves the axes; else the place with the fewest overlaps. Works in
     display units after a layout pass, so it holds in the saved figure (tested on the label boxes)."""
+    from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
     fig.canvas.draw()  # fixes the layout and axis limits, so data -> display positions are final
@@ -189,9 +190,13 @@ def _label_points(fig: Any, ax: Any, pts: pd.DataFrame, x: str, palette: Mapping
     for _, r in pts.sort_values([x, Y_COLUMN], kind="stable").iterrows():
         best = None
         for dx, dy, ha in (*_LABEL_PLACES, *_ABOVE_BELOW):
+            far = abs(dx) > 5 or abs(dy) > 11  # away from its marker: a thin leader line says whose label it is
             ann = ax.annotate(f"{r['keep_rate']:g}", (r[x], r[Y_COLUMN]), xytext=(dx, dy), textcoords="offset points",
-                              ha=ha, fontsize=6, color=palette[r["method"]], zorder=5)
-            box = ann.get_window_extent(renderer)
+                              ha=ha, fontsize=6, color=palette[r["method"]], zorder=5,
+                              arrowprops=dict(arrowstyle="-", color=palette[r["method"]], lw=0.4, shrinkA=0,
+                                              shrinkB=2) if far else None)
+            ann.update_positions(renderer)
+            box = Text.get_window_extent(ann, renderer)  # the label's text, not its leader line
             hits = sum(box.overlaps(o) for o in obstacles) + (0 if frame.contains(box.x0, box.y0)
                                                              and frame.contains(box.x1, box.y1) else 1)
             if best is None or hits < best[0]:
