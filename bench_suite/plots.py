@@ -140,7 +140,7 @@ def pareto_figure(df: pd.DataFrame, x: str = "mhsa_mflops", title: str | None = 
             top1 = float(group[Y_COLUMN].mean())
             ax.axhline(top1, color=colour, linestyle=style, linewidth=1.0, zorder=1)
             handles.append(Line2D([], [], color=colour, linestyle=style))
-            what = "teacher" if name == "teacher" else f"{display_label(name)}, fine-tuned"
+            what = "teacher" if name == "teacher" else f"{display_label(name)} (dense reference)"
             labels.append(f"{what}: {top1:.2f}%")
         if not pts.empty:
             fp = pts[front].sort_values(x)
@@ -154,7 +154,8 @@ def pareto_figure(df: pd.DataFrame, x: str = "mhsa_mflops", title: str | None = 
             ax.text(0.5, 0.5, f"no method has both {x} and top-1", ha="center", va="center", transform=ax.transAxes)
         legend = dict(fontsize=6.5, title="labels at points: keep rate", title_fontsize=6.5, frameon=False)
         if layout == "column":  # below the axes: the figure keeps one column's width
-            fig.legend(handles, labels, loc="outside lower center", ncols=2, **legend)
+            ncols = 2 if max(map(len, labels), default=0) <= 30 else 1  # long labels: one per line, never cut
+            fig.legend(handles, labels, loc="outside lower center", ncols=ncols, **legend)
         else:
             fig.legend(handles, labels, loc="outside right upper", **legend)
         ax.margins(x=0.1, y=0.12)  # room for the keep-rate labels and frontier rings

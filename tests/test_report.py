@@ -246,7 +246,7 @@ def test_plot_one_curve_per_method_reference_lines_and_frontier(store_dir):
     flat = [ln for ln in ax.lines if len(ln.get_ydata()) == 2 and np.allclose(ln.get_ydata(), full_top1)]
     assert flat, "the fine-tuned dense reference is a horizontal line"
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels == ["Sparsifiner", "EViT", "DynamicViT", f"Full attention, fine-tuned: {full_top1:.2f}%",
+    assert labels == ["Sparsifiner", "EViT", "DynamicViT", f"Full attention (dense reference): {full_top1:.2f}%",
                       "Pareto frontier"]  # display names the methods declare, in their palette order
 
     # the frontier step line runs through exactly the frontier of the methods' points, by increasing cost

@@ -35,6 +35,7 @@ from bench_suite.backbones import get_profile
 from bench_suite.checkpoints import find_checkpoints, load_trained
 from bench_suite.errors import ReportError
 from bench_suite.plots import plot_pareto
+from bench_suite.report import plot_title
 from bench_suite.store import STORE_FILENAME, ResultsStore
 from datamodules import create_datamodule
 
@@ -62,9 +63,15 @@ def figure4_paper(paper_results: pd.DataFrame, out_dir: str | Path) -> FigureRes
     Tables 1, 2 and 4 (data file), one colour per method (suite names), the Pareto frontier marked."""
     p = paper_results
     rows = p[(p["backbone"] == "deit_s") & p["table"].isin([1, 2, 4])]
+    def label(method: str, role: str, cfg: Any) -> str:
+        # each configuration its own curve: the token keep rate of the token-pruning rows is part of the name
+        token = dict(cfg.overrides).get("token_keep_rate") if hasattr(cfg, "overrides") else None
+        name = method if role == "same" else "sparsifiner + token pruning"
+        return name + (f" (token_keep_rate={token:g})" if token is not None else "")
+
     df = pd.DataFrame({
-        "method": [m if role == "same" else "sparsifiner + token pruning"
-                   for m, role in zip(rows["suite_method"], rows["suite_role"])],
+        "method": [label(m, role, cfg) for m, role, cfg in
+                   zip(rows["suite_method"], rows["suite_role"], rows.get("config", [None] * len(rows)))],
         "keep_rate": rows["suite_keep_rate"].astype(float),
         "mhsa_mflops": rows["paper_mhsa_mflops"].astype(float),
         "top1": rows["paper_top1"].astype(float),
@@ -91,7 +98,7 @@ def figure4_suite(output: str | Path, profile: str, dataset: str, out_dir: str |
     with ResultsStore(db, create=False) as store:
         rows = store.rows(profile=profile, dataset=dataset)
     try:
-        paths = plot_pareto(rows, "mhsa_mflops", out_dir, name, title=f"Suite: {profile} on {dataset}")
+        paths = plot_pareto(rows, "mhsa_mflops", out_dir, name, title=f"Suite: {plot_title(profile, dataset)}")
     except ReportError as e:
         return FigureResult(name, title, missing=f"{e}; run `{hint}`")
     ok = rows[rows["status"] == "ok"]
