@@ -94,6 +94,16 @@ def rows_by_method(out: Path):
     return rows, {(r.method, r.keep_rate): r for _, r in rows.iterrows()}
 
 
+def stopped_at_step_four(out: Path, stdout: str) -> Path:
+    """After a full,evit sweep stopped at EViT's step 5 (checkpoint every 2 steps): the store holds only the
+    finished rows (nothing partial) and EViT's checkpoint holds step 4; returns EViT's run folder."""
+    rows, by = rows_by_method(out)
+    assert set(by) == {("teacher", 1.0), ("full", 1.0)} and (rows.status == "ok").all()  # nothing partial
+    evit_dir = Path(re.search(r"\[2/2\] evit keep 0\.5: fine-tuning \((.+)\)", stdout).group(1))
+    assert torch.load(evit_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    return evit_dir
+
+
 # ----------------------------------------------------------------------------------------- units
 
 def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
@@ -234,10 +244,7 @@ def test_sweep_killed_mid_training_resumes_only_the_unfinished_configuration(tmp
     killed = run_cli([str(tmp_path / "marker"), "EViT", "5", *args, "--output", str(out)], tmp_path, KILL_WRAPPER)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert "SIGKILL at global step 5" in killed.stdout
-    rows, by = rows_by_method(out)
-    assert set(by) == {("teacher", 1.0), ("full", 1.0)} and (rows.status == "ok").all()  # nothing partial
-    evit_dir = Path(re.search(r"\[2/2\] evit keep 0\.5: fine-tuning \((.+)\)", killed.stdout).group(1))
-    assert torch.load(evit_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    evit_dir = stopped_at_step_four(out, killed.stdout)
 
     again = run_cli([*args, "--output", str(out)], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

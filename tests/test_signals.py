@@ -4,7 +4,6 @@ resumes exactly; a Ctrl-C while the packages are still importing stops cleanly t
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import have_fashion_mnist
-from tests.test_resume import rows_by_method, run_cli, tiny_teacher  # noqa: F401  (session fixture)
+from tests.test_resume import rows_by_method, run_cli, stopped_at_step_four, tiny_teacher  # noqa: F401  (session fixture)
 
 needs_data = pytest.mark.skipif(not have_fashion_mnist(), reason="apt-get install dataset-fashion-mnist")
 
@@ -68,10 +66,7 @@ def test_sigterm_mid_training_exits_143_and_resumes_exactly(tmp_path, tiny_teach
     out = tmp_path / "stopped"
     stopped = run_cli(["SIGTERM", "EViT", "5", *args, "--output", str(out)], tmp_path, SIGNAL_WRAPPER)
     _stopped(stopped, "SIGTERM", 143)
-    rows, by = rows_by_method(out)
-    assert set(by) == {("teacher", 1.0), ("full", 1.0)} and (rows.status == "ok").all()  # nothing partial
-    evit_dir = Path(re.search(r"\[2/2\] evit keep 0\.5: fine-tuning \((.+)\)", stopped.stdout).group(1))
-    assert torch.load(evit_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    evit_dir = stopped_at_step_four(out, stopped.stdout)
 
     again = run_cli([*args, "--output", str(out)], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
