@@ -117,6 +117,17 @@ def bench_vit_tiny(pretrained: bool = False, **kwargs: Any) -> VisionTransformer
     return _vit(pretrained, default, **kwargs)
 
 
+@register_model
+def bench_vit_mini197_convstem(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """The CPU backbone at the paper's token count: 28x28 input, LV-ViT-style conv stem (its 7x7 stride-2
+    convolution gives the 14x14 grid), patch 2 (196 + 1 = 197 tokens, as DeiT-S at 224), width 64,
+    12 blocks, 4 heads of dim 16, MLP ratio 2. About 0.45 M parameters; full-attention MHSA
+    12 * 2 * 197^2 * 64 = 59.61 MFLOPs (the paper's counting)."""
+    default = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=12,
+                   num_heads=4, mlp_ratio=2.0, embed_layer=_mini_stem)
+    return _vit(pretrained, default, **kwargs)
+
+
 def _mini_stem(**kwargs: Any) -> ConvStemPatchEmbed:
     return ConvStemPatchEmbed(stem_chs=32, **kwargs)
 
@@ -175,6 +186,9 @@ PROFILES: dict[str, Profile] = {
     for p in [
         Profile("mini", "bench_vit_mini_convstem", 28, 1,
                 "CPU default: conv-stem ViT, 12 blocks, width 128, 50 tokens at 28x28",
+                epochs=1, train_subset=10000, batch_size=128),
+        Profile("mini197", "bench_vit_mini197_convstem", 28, 1,
+                "CPU at the paper's 197 tokens: conv-stem ViT, 12 blocks, width 64, 197 tokens at 28x28",
                 epochs=1, train_subset=10000, batch_size=128),
         Profile("tiny", "bench_vit_tiny", 28, 1, "test-sized ViT: 4 blocks, width 32, 17 tokens at 28x28",
                 epochs=1, train_subset=512, batch_size=64),
