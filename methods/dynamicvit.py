@@ -17,11 +17,16 @@ always kept.
 
 Objective (paper sec. 3.4; official ``DistillDiffPruningLoss_dynamic`` with ``mse_token=True``)::
 
-    L = CE + 0.5 * KL(student logits || teacher logits)
+    L = CE + 0.5 * KL(p_teacher || p_student)  (F.kl_div(log p_student, log p_teacher), as the official code)
            + 0.5 * MSE over the kept final patch tokens (student vs teacher)
            + 2.0 * (1/S) sum_s mean_b (mean_i D_i^{b,s} - rho^s)^2
 
 with a backbone learning rate of ``lr * 0.01`` and the predictors at ``lr`` (official ``--lr_scale``).
+As the official recipe (``optim_factory.py``, ``engine.py``): the backbone is frozen for the first
+``backbone_freeze_frac`` of the optimiser steps (official ``fix_step``: learning rate 0 for the first 5 of
+30 epochs, i.e. 1/6; here its parameters take no gradient and its BatchNorm statistics stay, so it is
+unchanged), while the prediction modules train; ``cls_token`` and ``pos_embed`` are never trained (they are
+in no parameter group officially). ``backbone_freeze_frac=0`` and ``train_cls_pos=True`` say otherwise.
 
 Integration with timm: every ``Block`` and ``Attention`` of the backbone is class-swapped in place with
 :func:`methods.adapter.swap_class` (weights and timm's state-dict keys unchanged); the prediction module
@@ -330,10 +335,13 @@ class DynamicViT(BenchModule):
         keep_rate: ``rho``; stage ``s`` keeps ``rho^s`` of the patch tokens (1.0 = full attention).
         teacher: frozen full-attention model for the distillation terms.
         ratio_weight: weight of the keep-ratio MSE (official 2.0; averaged over the stages).
-        distill_logits: weight of KL(student logits || teacher logits) (official 0.5).
+        distill_logits: weight of KL(p_teacher || p_student) of the logits (official 0.5).
         distill_tokens: weight of the final-token MSE over kept patch tokens (official 0.5).
         backbone_lr_scale: learning-rate factor of the backbone parameters (official 0.01); the
             prediction modules train at ``lr``.
+        backbone_freeze_frac: fraction of the optimiser steps at the start of training during which the
+            backbone is frozen and only the prediction modules train (official 5 of 30 epochs = 1/6).
+        train_cls_pos: also train ``cls_token`` and ``pos_embed`` (official: frozen, False).
         **kwargs: further :class:`methods.base.BenchModule` settings (``lr``, ``weight_decay``, ...).
 
     Raises:
@@ -346,6 +354,8 @@ class DynamicViT(BenchModule):
     reported_metrics = (
         Metric("mean_token_ratio", "fraction", description="mean over blocks of the tokens kept at inference / N"),
     )
+    # the backbone is frozen for the first steps, cls_token/pos_embed always: DDP must look for unused parameters
+    ddp_find_unused_parameters = True
 
     def __init__(
         self,
@@ -356,12 +366,18 @@ class DynamicViT(BenchModule):
         distill_logits: float = 0.5,
         distill_tokens: float = 0.5,
         backbone_lr_scale: float = 0.01,
+        backbone_freeze_frac: float = 1 / 6,
+        train_cls_pos: bool = False,
         **kwargs: Any,
     ) -> None:
         if min(ratio_weight, distill_logits, distill_tokens, backbone_lr_scale) < 0:
             raise ValueError("DynamicViT loss weights and backbone_lr_scale must be >= 0")
+        if not 0.0 <= backbone_freeze_frac <= 1.0:
+            raise ValueError(f"backbone_freeze_frac must lie in [0, 1], got {backbone_freeze_frac}")
         super().__init__(backbone, keep_rate=keep_rate, teacher=teacher, distill_logits=distill_logits,
                          distill_tokens=distill_tokens, **kwargs)
+        self._freeze_steps = 0
+        self._frozen: bool | None = None
 
     # ---------------------------------------------------------------- patching
     def adapt(self, model: nn.Module) -> None:
@@ -430,6 +446,40 @@ class DynamicViT(BenchModule):
                                                                               out.get("policy"))
         return terms
 
+    # ---------------------------------------------------------------- backbone freeze (official fix_step)
+    def _always_frozen(self, name: str) -> bool:
+        return not self.hparams.get("train_cls_pos", True) and name in ("cls_token", "pos_embed")
+
+    def freeze_length(self) -> int:
+        """Optimiser steps with the backbone frozen: ``ceil(backbone_freeze_frac * total steps)``."""
+        total = float(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0.0
+        frac = float(self.hparams.get("backbone_freeze_frac", 0.0))
+        if not math.isfinite(total) or total <= 0:
+            return 0
+        return int(math.ceil(frac * total))
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        """Freeze (no gradient, BatchNorm statistics kept) or release the backbone; the prediction modules
+        always train, ``cls_token``/``pos_embed`` stay frozen unless ``train_cls_pos``. Public for tests."""
+        for name, p in self.model.named_parameters():
+            new = ".predictor." in f".{name}"
+            p.requires_grad_(new or not (frozen or self._always_frozen(name)))
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(self.training and not frozen)
+        self._frozen = frozen
+
+    def on_train_start(self) -> None:
+        self._freeze_steps = self.freeze_length()
+        self._frozen = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        frozen = self.global_step < self._freeze_steps
+        if frozen != self._frozen:
+            self.set_backbone_frozen(frozen)
+        elif frozen:  # Lightning puts the module in train mode every epoch
+            self.set_backbone_frozen(True)
+
     # ---------------------------------------------------------------- optimisation
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: prediction modules at ``lr``, backbone at ``lr * backbone_lr_scale``; timm's
@@ -438,7 +488,9 @@ class DynamicViT(BenchModule):
         hp = self.hparams
         no_wd = set(getattr(self.model, "no_weight_decay", lambda: set())())
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        self._frozen = None  # the freeze is re-applied at the next batch
         for name, p in self.model.named_parameters():
+            p.requires_grad_(not self._always_frozen(name))
             if not p.requires_grad:
                 continue
             new = ".predictor." in f".{name}"

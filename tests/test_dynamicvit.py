@@ -279,3 +279,32 @@ def test_measured_mhsa_flops_on_deit_s_follow_the_kept_tokens(deit_s, rho: float
     assert round(paper, 1) == {0.7: 193.1, 0.5: 149.1}[rho]
     dense = flops.dense_mhsa_flops(12, 197, 384) / 1e6
     assert report.mhsa_mflops < dense and math.isfinite(report.total_gflops)
+
+
+# ------------------------------------------------------------------ official recipe: backbone freeze (fix_step)
+@pytest.mark.parametrize("frac,steps", [(1.0, 2), (0.5, 4)])
+def test_backbone_is_unchanged_during_its_freeze_and_cls_pos_never_train(frac: float, steps: int) -> None:
+    full = create_backbone("mini", num_classes=10)  # the conv stem has BatchNorm statistics
+    module = DynamicViT(copy.deepcopy(full), keep_rate=0.5, teacher=full, lr=1e-2, backbone_freeze_frac=frac)
+    before = {n: t.detach().clone() for n, t in module.model.state_dict().items()}
+    fit_steps(module, random_images(16, seed=2), torch.randint(0, 10, (16,)), steps=steps, batch_size=8)
+    after = module.model.state_dict()
+    backbone = [n for n in before if ".predictor." not in f".{n}" and not n.endswith("num_batches_tracked")]
+    changed = {n for n in backbone if not torch.equal(before[n], after[n])}
+    assert "cls_token" not in changed and "pos_embed" not in changed
+    assert any(".predictor." in f".{n}" and not torch.equal(before[n], after[n]) for n in before)
+    if frac == 1.0:  # frozen for every step: weights and BatchNorm statistics untouched
+        assert changed == set()
+    else:  # frozen for the first 2 of 4 steps, then the backbone trains
+        assert "blocks.0.attn.qkv.weight" in changed and "patch_embed.stem.1.running_mean" in changed
+
+
+def test_train_cls_pos_flag_trains_them() -> None:
+    module = DynamicViT(tiny_vit(), keep_rate=0.5, train_cls_pos=True)
+    names = {n for g in module.param_groups() for n, p in module.model.named_parameters()
+             if any(p is q for q in g["params"])}
+    assert {"cls_token", "pos_embed"} <= names
+    default = DynamicViT(tiny_vit(), keep_rate=0.5)
+    names = {n for g in default.param_groups() for n, p in default.model.named_parameters()
+             if any(p is q for q in g["params"])}
+    assert not {"cls_token", "pos_embed"} & names
