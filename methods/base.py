@@ -6,11 +6,15 @@ and add their own loss terms in :meth:`extra_losses`.
 
 Objective (Sparsifiner paper eq. 7-9, and the distillation used by EViT/DynamicViT fine-tuning)::
 
-    L = CE(y_pred, y) + distill_logits * KL(y_pred || y_teacher) + distill_tokens * MSE(x, x_teacher)
+    L = CE(y_pred, y) + distill_logits * KL(y_teacher || y_pred) + distill_tokens * MSE(x, x_teacher)
         + (method terms)
 
-with ``KL`` computed as in DeiT/DynamicViT: ``KL(log_softmax(student/T), log_softmax(teacher/T)) * T^2``
-averaged over the batch.
+with the KL divergence *of the student from the teacher*, ``KL(p_teacher || p_student) = sum p_teacher
+(log p_teacher - log p_student)``, computed as every official repository does (DeiT, DynamicViT, EViT,
+Sparsifiner): ``F.kl_div(log_softmax(student/T), log_softmax(teacher/T), log_target=True) * T^2``, averaged
+over the batch (the paper's eq. 9 writes ``KL(y || y_teach)``; the code's argument order is what runs).
+The token MSE (eq. 8) compares the final patch tokens ``x[:, 1:]`` as the official Sparsifiner code does
+(``token_distill_cls=True`` includes the CLS token).
 """
 from __future__ import annotations
 
@@ -71,8 +75,11 @@ class BenchModule(pl.LightningModule):
         weight_decay: AdamW weight decay (not applied to norms, biases, tokens, position embeddings).
         warmup_frac: fraction of the training steps with linear warm-up.
         label_smoothing: label smoothing of the cross-entropy.
-        distill_logits: weight of the logit distillation KL(student || teacher) (paper eq. 9).
-        distill_tokens: weight of the token distillation MSE of final tokens (paper eq. 8).
+        distill_logits: weight of the logit distillation ``KL(p_teacher || p_student)`` (paper eq. 9; see
+            the module docstring for the direction).
+        distill_tokens: weight of the token distillation MSE of the final patch tokens (paper eq. 8).
+        token_distill_cls: include the CLS token in the token distillation (the official code: patch
+            tokens only, False).
         distill_temperature: softmax temperature of the logit distillation.
 
     Raises:
@@ -92,6 +99,7 @@ class BenchModule(pl.LightningModule):
         distill_logits: float = 0.5,
         distill_tokens: float = 0.0,
         distill_temperature: float = 1.0,
+        token_distill_cls: bool = False,
     ) -> None:
         super().__init__()
         check_keep_rate(keep_rate)
@@ -161,9 +169,17 @@ class BenchModule(pl.LightningModule):
                           reduction="batchmean", log_target=True) * t * t
             terms["kl"] = hp.distill_logits * kl
         if teacher_out is not None and hp.distill_tokens > 0 and out.tokens.shape == teacher_out.tokens.shape:
-            terms["token_mse"] = hp.distill_tokens * F.mse_loss(out.tokens, teacher_out.tokens)
+            first = self.token_distill_start()
+            terms["token_mse"] = hp.distill_tokens * F.mse_loss(out.tokens[:, first:], teacher_out.tokens[:, first:])
         terms.update(self.extra_losses(out, teacher_out, batch))
         return terms
+
+    def token_distill_start(self) -> int:
+        """Index of the first token the token distillation compares: 0 with ``token_distill_cls``, else the
+        backbone's number of prefix (CLS) tokens, so that only patch tokens are compared (official code)."""
+        if self.hparams.get("token_distill_cls", False):
+            return 0
+        return int(getattr(self.model, "num_prefix_tokens", 1))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, _ = batch

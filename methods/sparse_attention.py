@@ -52,6 +52,7 @@ __all__ = [
     "dense_masked_attention",
     "topk_connectivity",
     "indices_to_mask",
+    "mask_recall",
     "lowrank_attention",
     "threshold_coefficients",
     "threshold_basis",
@@ -165,7 +166,33 @@ def topk_connectivity(scores: Tensor, budget: int) -> Tensor:
 def indices_to_mask(idx: Tensor, n_keys: int) -> Tensor:
     """Binary connectivity mask ``M`` (bool ``[..., Nq, n_keys]``) from key indices ``[..., Nq, B]``."""
     mask = torch.zeros(*idx.shape[:-1], n_keys, dtype=torch.bool, device=idx.device)
-    return mask.scatter_(-1, idx, True)
+    # a tensor source, not the scalar True: torch.jit's tracer (FLOP counting) rejects scatter_ with a bool scalar
+    return mask.scatter(-1, idx, torch.ones_like(idx, dtype=torch.bool))
+
+
+def mask_recall(idx: Tensor, target: Tensor) -> Tensor:
+    """Recall of a connectivity mask against a target attention map: per query row, the fraction of the
+    ``B`` largest target entries (the teacher's top-``B`` keys) whose keys the mask keeps.
+
+    A random mask of ``B`` of ``Nk`` keys has expected recall ``B / Nk`` (about the keep rate); the
+    oracle mask (the target's own top-``B``) has recall 1, and so does any mask at ``B = Nk``.
+
+    Args:
+        idx: kept key indices ``[..., Nq, B]`` (int64, distinct per row).
+        target: the target attention ``[..., Nq, Nk]`` (e.g. the teacher's probabilities of those rows).
+
+    Returns:
+        ``[..., Nq]`` recall per query row, in ``[0, 1]``.
+
+    Raises:
+        ValueError: if the leading shapes differ or ``B > Nk``.
+    """
+    if idx.shape[:-1] != target.shape[:-1] or idx.shape[-1] > target.shape[-1]:
+        raise ValueError(f"mask indices {tuple(idx.shape)} do not fit the target {tuple(target.shape)}")
+    budget = idx.shape[-1]
+    top = torch.topk(target, budget, dim=-1).indices  # the target's top-B keys
+    hits = indices_to_mask(idx, target.shape[-1]).gather(-1, top)  # [..., Nq, B]
+    return hits.to(target.dtype).mean(-1)
 
 
 def lowrank_attention(q: Tensor, k: Tensor, w_down: Tensor, scale: float) -> Tensor:
@@ -341,8 +368,11 @@ class ConnectivityPredictor(nn.Module):
         coef_topk: keep the top-k coefficients per row instead of thresholding at ``tau`` (official 8).
 
     Attributes:
-        threshold_w_up: apply ``w_up_threshold`` in the forward (True; the official code does not during
-            its first training phase).
+        threshold_coef, threshold_w_up: apply eq. 2's coefficient threshold (``tau`` or ``coef_topk``) and the
+            ``W_up`` threshold while the module trains (both True by default). Outside training (evaluation,
+            FLOP counting) both thresholds always apply. The Sparsifiner LightningModule turns both off for
+            its phase-1 training forward, as the official code trains the predictor on the dense
+            coefficients and the unthresholded basis (``USE_ATTN_RECON``).
 
     Raises:
         ValueError: for sizes < 1, ``n_down > num_tokens``, or thresholds < 0.
@@ -361,6 +391,7 @@ class ConnectivityPredictor(nn.Module):
             raise ValueError(f"coef_topk must be >= 1, got {coef_topk}")
         self.num_tokens, self.head_dim, self.num_heads, self.n_down = num_tokens, head_dim, num_heads, n_down
         self.tau, self.w_up_threshold, self.coef_topk = float(tau), float(w_up_threshold), coef_topk
+        self.threshold_coef = True
         self.threshold_w_up = True
         hw = 1 if shared_heads else num_heads
         self.w_down = nn.Parameter(torch.empty(hw, n_down, num_tokens))
@@ -375,8 +406,17 @@ class ConnectivityPredictor(nn.Module):
             self.proj_c_q = self.proj_c_k = None
 
     def sparse_w_up(self) -> Tensor:
-        """``W_up`` with entries ``|w| < w_up_threshold`` zeroed (when :attr:`threshold_w_up`)."""
-        return threshold_basis(self.w_up, self.w_up_threshold) if self.threshold_w_up else self.w_up
+        """``W_up [Hw, n_down, N]`` with entries ``|w| < w_up_threshold`` zeroed (unless training with
+        :attr:`threshold_w_up` off)."""
+        if self.training and not self.threshold_w_up:
+            return self.w_up
+        return threshold_basis(self.w_up, self.w_up_threshold)
+
+    def sparse_coefficients(self, a_down: Tensor) -> Tensor:
+        """Eq. 2 on ``A_down [B, H, Nq, n_down]`` (unless training with :attr:`threshold_coef` off)."""
+        if self.training and not self.threshold_coef:
+            return a_down
+        return threshold_coefficients(a_down, self.tau, self.coef_topk)
 
     @torch.no_grad()
     def prune_(self) -> int:
@@ -412,7 +452,7 @@ class ConnectivityPredictor(nn.Module):
         if self.proj_c_q is not None:
             q, k = self.proj_c_q(q), self.proj_c_k(k)
         a_down = lowrank_attention(q, k, w_down, self.channels ** -0.5)
-        coef = threshold_coefficients(a_down, self.tau, self.coef_topk)
+        coef = self.sparse_coefficients(a_down)
         return PredictorOutput(a_down, coef, w_up, connectivity_scores(coef, w_up) if need_scores else None)
 
 

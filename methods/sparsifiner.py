@@ -5,14 +5,22 @@ patches timm's ViT in place (:func:`apply_sparsifiner`, through :mod:`methods.ad
 registered LightningModule :class:`Sparsifiner` with the paper's distillation objective and two-phase
 schedule. Sparsif-EViT (paper Table 1) builds on it in :mod:`methods.sparsif_evit`.
 
-Training (paper eq. 7-12, sec. 4). ``L = CE + l_tok MSE(x, x_teach) + l_cls KL(y || y_teach)
-+ l_attn MSE(A~_down W_up, A_teach)``, the L2 of eq. 11 realised as AdamW weight decay 0.05 on ``W_up``.
-Two phases inside one Lightning fit, switched in :meth:`Sparsifiner.on_train_batch_start`:
+Training (paper eq. 7-12, sec. 4). ``L = CE + l_tok MSE(x, x_teach) + l_cls KL(y_teach || y)
++ l_attn MSE(A~_down W_up, A_teach)``, the L2 of eq. 11 realised as AdamW weight decay 0.05 on ``W_up``
+(the KL of the student from the teacher, ``F.kl_div(log p, log p_teach)``, as the official code; the token
+MSE on the final patch tokens, as the official code). Two phases inside one Lightning fit, switched in
+:meth:`Sparsifiner.on_train_batch_start`:
 
 * phase 1 (the first ``phase1_frac`` of the optimiser steps; paper 5 of 45+5 epochs, official 5 of 50):
   backbone frozen (parameters and BatchNorm statistics), only the connectivity predictors train, with
-  the attention distillation loss only (weights token 0, cls 0, attn 1.0). The ``W_up`` threshold 1e-2
-  is applied in the forward (paper sec. 4: "we also apply a threshold 1e-2 on basis W_up");
+  the attention distillation loss only (weights token 0, cls 0, attn 1.0). As in the official code
+  (``USE_ATTN_RECON``), the predictor trains on the *dense* coefficients ``A_down`` and the *unthresholded*
+  basis ``W_up``: every coefficient and every ``W_up`` entry gets a gradient. (Thresholding while training,
+  the suite's earlier behaviour, starves the predictor at the paper's ``n_down = 32``: a coefficient
+  starts near ``1/32 < tau = 0.05``, so over 94% of them are zero and get no gradient, and ``W_up``
+  entries under 1e-2 at initialisation never revive; ``threshold_coef_in_phase1`` /
+  ``threshold_w_up_in_phase1`` bring it back.) Both thresholds apply everywhere else: in validation and
+  testing (also during phase 1), in phase 2 and when FLOPs are counted;
 * at the switch, ``W_up`` entries below 1e-2 are zeroed in place (Fig. 6: "pruned after training"),
   so phase 2, validation, testing and FLOP counting use a truly sparse basis (the threshold stays in
   the forward too, so a module that never ran phase 1 is sparse as well);
@@ -35,15 +43,22 @@ n_down                         ``N // 6`` = 32 at 197 tokens           paper 32;
 coefficients (eq. 2)           top-8 per row (``BASIS_COEF.TOPK``)     paper: ``> tau = 0.05``
                                at eval/phase 2; dense in phase 1       (``coef_topk=8``)
 W_up threshold                 2e-2 on ``abs(W_up)`` (the sign is      paper: 1e-2 on the magnitude,
-                               lost), eval/phase 2 only                sign kept, in every forward
-                                                                       (``threshold_w_up_in_phase1=False``
-                                                                       for the official phase 1)
+                               lost), eval/phase 2 only                sign kept; not while phase 1
+                                                                       trains, as official
+                                                                       (``threshold_w_up_in_phase1``)
+coefficient threshold          not while phase 1 trains (dense         same (``threshold_coef_in_phase1``)
+                               ``A_down``), eval/phase 2 only
 W_down / W_up per head         shared by the heads of a layer          same (paper Fig. 6; ``shared_heads``)
 CLS query row                  full (not predicted)                    same (``cls_full_row``)
 mask gradient                  detached                                same
-attention loss                 MSE ``reduction='sum'`` / layers,       paper: mean MSE averaged over
-                               weight 0.01, CLS row excluded           layers, weight 1.0, CLS row excluded
-                                                                       when it is full
+attention loss                 MSE ``reduction='sum'`` / layers,       squared error summed per image
+                               weight 0.01, CLS row excluded           (heads, query rows, keys), mean
+                                                                       over the batch and the layers,
+                                                                       weight 1.0, CLS row excluded when
+                                                                       it is full (``attn_loss_reduction``:
+                                                                       ``"image_sum"``; ``"sum"`` is the
+                                                                       official, ``"mean"`` the suite's
+                                                                       earlier mean MSE)
 phase-1 forward                full attention, no token pruning        same (``phase1_full_attention``)
 phase-2 predictor              frozen                                  same (``train_predictor_phase2``)
 learning rates                 separate optimisers/schedules per       one AdamW + the suite's cosine
@@ -63,6 +78,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
+from torchmetrics import MeanMetric
 
 from bench_suite.backbones import num_tokens
 from bench_suite.kernels import get_sparse_attention_impl
@@ -81,15 +97,22 @@ from methods.sparse_attention import (
     attention_budget,
     default_n_down,
     map_attention_to_tokens,
+    mask_recall,
     sparsifiner_attention,
 )
 
 __all__ = [
+    "ATTN_LOSS_REDUCTIONS",
     "SparsifinerAttention",
     "apply_sparsifiner",
     "emulate_coef_density",
     "Sparsifiner",
 ]
+
+
+ATTN_LOSS_REDUCTIONS = ("image_sum", "sum", "mean")  # normalisations of eq. 10 (see Sparsifiner)
+MASK_RECALL_IMAGES = 1024  # test images the mask recall is measured on (first batches of the test set)
+PROBE_IMAGES = 32  # images of the phase-1 probe (attention distillation loss at the start / end of phase 1)
 
 
 # --------------------------------------------------------------------------- the timm adapter
@@ -104,12 +127,13 @@ class SparsifinerAttention(Attention):
     * switches set by the LightningModule: ``phase1_dense`` (full attention while training, phase 1),
       ``collect_scores`` (keep the connectivity scores with their graph for eq. 10),
       ``self_target`` (also keep the dense attention as the distillation target when there is no
-      teacher), ``need_cls_attn`` (EViT), ``record`` (dense maps for visualisation);
+      teacher), ``need_cls_attn`` (EViT), ``record`` (dense maps for visualisation), ``keep_idx`` (keep the
+      mask's key indices, for the mask recall);
     * ``token_state``: dict shared with :class:`SparsifEViTBlock` (``"positions"``), or ``None``.
 
     After each forward, ``last`` holds ``n`` (tokens), ``budget``, ``coef_sparsity`` (fraction of
     ``A_down`` entries set to 0, a 0-d tensor), ``positions``, and when asked ``scores``,
-    ``dense_target``, ``cls_attn`` and ``records``.
+    ``dense_target``, ``cls_attn``, ``idx`` (``[B, H, Nq, B]``) and ``records``.
     """
 
     predictor: ConnectivityPredictor
@@ -121,6 +145,7 @@ class SparsifinerAttention(Attention):
     self_target: bool = False
     need_cls_attn: bool = False
     record: bool = False
+    keep_idx: bool = False
     token_state: dict | None = None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -151,6 +176,8 @@ class SparsifinerAttention(Attention):
                                     else attention_probs(self, q, k)).detach()
         if res.cls_attn is not None:
             last["cls_attn"] = res.cls_attn
+        if self.keep_idx and res.idx is not None:
+            last["idx"] = res.idx
         if self.record:
             last["records"] = {k_: t.detach() for k_, t in res.records.items()}
         self.last = last
@@ -206,7 +233,8 @@ def apply_sparsifiner(model: nn.Module, keep_rate: float, n_down: int | None = N
         pred.to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
         swap_class(attn, SparsifinerAttention, predictor=pred, attn_keep_rate=keep_rate,
                    cls_full_row=cls_full_row, impl=impl, phase1_dense=False, collect_scores=False,
-                   self_target=False, need_cls_attn=False, record=False, token_state=None, last={})
+                   self_target=False, need_cls_attn=False, record=False, keep_idx=False, token_state=None,
+                   last={})
     return model
 
 
@@ -271,8 +299,19 @@ class Sparsifiner(BenchModule):
         phase1_frac: fraction of the training steps in phase 1 (default 0.1, the official 5 of 50 epochs).
         phase1_steps: phase-1 length in optimiser steps (overrides ``phase1_frac``).
         phase1_full_attention: full attention (and no token pruning) in the phase-1 training forward.
-        threshold_w_up_in_phase1: apply the ``W_up`` threshold in the phase-1 forward (paper) or not
-            (official).
+        threshold_coef_in_phase1, threshold_w_up_in_phase1: apply eq. 2's coefficient threshold / the
+            ``W_up`` threshold in the phase-1 *training* forward (default False, as the official code:
+            every coefficient and every ``W_up`` entry gets a gradient; True is the suite's earlier
+            behaviour). Evaluation always thresholds.
+        attn_loss_reduction: normalisation of eq. 10 per layer, averaged over the layers:
+            ``"image_sum"`` (default) the squared error summed over each image's heads, predicted query
+            rows and keys, averaged over the batch: independent of the batch size, and at DeiT-S's
+            ``H (N - 1) N = 231,672`` terms per image its gradients sit far above AdamW's eps (1e-8);
+            the official ``sum / layers x 0.01`` equals it x ``0.01 x per-GPU batch`` (x1.68 at the
+            official batch 168), and AdamW is invariant to that constant factor (apart from eps).
+            ``"sum"``: the official reduction (summed over the batch too; set ``attn_distill_phase1=0.01``
+            for the official weight). ``"mean"``: the mean squared error (the suite's earlier choice;
+            ``H (N - 1) N`` times smaller per image, its gradients reach eps on small batches).
         train_predictor_phase2: keep training the predictor in phase 2 (paper "jointly") instead of
             freezing it (official).
         attn_distill_phase1, attn_distill_phase2: weight of eq. 10 in each phase (paper 1.0 / 0.0).
@@ -307,13 +346,18 @@ class Sparsifiner(BenchModule):
         Metric("mask_density", "fraction", description="nnz(M) / N^2 of the connectivity mask, CLS row included"),
         Metric("attention_budget", "keys per query row", description="mean attention budget B over layers"),
         Metric("n_down", "rank", description="rank of the low-rank connectivity predictor"),
+        Metric("mask_recall", "fraction", column="mask_recall_pct", header="Mask recall (%)", scale=100.0,
+               description="teacher's top-B keys per query kept by the connectivity mask (random: ~keep rate)"),
+        Metric("attn_distill_start", "loss", description="eq. 10 on the probe images before phase 1"),
+        Metric("attn_distill_end", "loss", description="eq. 10 on the probe images after phase 1"),
     )
 
     def __init__(self, backbone: nn.Module, keep_rate: float = 0.25, teacher: nn.Module | None = None,
                  n_down: int | None = None, tau: float = 0.05, w_up_threshold: float = 1e-2,
                  cls_full_row: bool = True, shared_heads: bool = True, reduce_c_factor: int = 1,
                  coef_topk: int | None = None, phase1_frac: float = 0.1, phase1_steps: int | None = None,
-                 phase1_full_attention: bool = True, threshold_w_up_in_phase1: bool = True,
+                 phase1_full_attention: bool = True, threshold_coef_in_phase1: bool = False,
+                 threshold_w_up_in_phase1: bool = False, attn_loss_reduction: str = "image_sum",
                  train_predictor_phase2: bool = False, attn_distill_phase1: float = 1.0,
                  attn_distill_phase2: float = 0.0, predictor_lr: float | None = 1e-2,
                  attention_impl: str = "auto", distill_logits: float = 0.5, distill_tokens: float = 0.5,
@@ -327,11 +371,17 @@ class Sparsifiner(BenchModule):
                              "must be > 0 (or set phase1_frac=0)")
         if attn_distill_phase2 < 0:
             raise ValueError(f"attn_distill_phase2 must be >= 0, got {attn_distill_phase2}")
+        if attn_loss_reduction not in ATTN_LOSS_REDUCTIONS:
+            raise ValueError(f"attn_loss_reduction must be one of {ATTN_LOSS_REDUCTIONS}, got {attn_loss_reduction!r}")
         super().__init__(backbone, keep_rate=keep_rate, teacher=teacher, distill_logits=distill_logits,
                          distill_tokens=distill_tokens, **kwargs)
         self.phase = 2  # inference behaviour until training starts
         self._applied_phase: int | None = None
         self._phase1_steps = 0
+        self._probe: torch.Tensor | None = None  # phase-1 probe images (the first phase-1 batch)
+        self.phase1_record: dict[str, float] = {}  # attention distillation loss at the start / end of phase 1
+        self.recall_metric = MeanMetric()  # measured while testing (teacher's top-B keys kept by the mask)
+        self.recall_value: float | None = None
 
     # ---------------------------------------------------------------- adapter
     def _predictor_kwargs(self) -> dict[str, Any]:
@@ -373,6 +423,7 @@ class Sparsifiner(BenchModule):
             attn.phase1_dense = p1 and hp.phase1_full_attention
             attn.collect_scores = collect
             attn.self_target = collect and self.teacher is None
+            attn.predictor.threshold_coef = (not p1) or hp.threshold_coef_in_phase1
             attn.predictor.threshold_w_up = (not p1) or hp.threshold_w_up_in_phase1
             if not p1:
                 attn.predictor.prune_()
@@ -404,17 +455,61 @@ class Sparsifiner(BenchModule):
         self._applied_phase = None
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Apply the phase of this step; at the start and the end of phase 1, measure the attention
+        distillation loss on the probe images (the first phase-1 batch's first :data:`PROBE_IMAGES`)."""
         phase = 1 if self.global_step < self._phase1_steps else 2
         if phase != self._applied_phase:
+            if phase == 2:
+                self._record_phase1_end()
             self.set_phase(phase)
+        if phase == 1 and self._probe is None and "attn_distill_start" not in self.phase1_record:
+            self._probe = batch[0][:PROBE_IMAGES].detach().clone()
+            self.phase1_record["attn_distill_start"] = self.probe_attention_distillation(self._probe)
         for m in self.model.modules():  # a frozen backbone keeps its BatchNorm statistics too
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train(phase != 1)
 
+    def _record_phase1_end(self) -> None:
+        if self._probe is not None and "attn_distill_end" not in self.phase1_record:
+            self.phase1_record["attn_distill_end"] = self.probe_attention_distillation(self._probe)
+        self._probe = None
+
     def on_train_end(self) -> None:
+        if self._applied_phase == 1:  # the whole fit was phase 1
+            self._record_phase1_end()
         for attn in self._attns():  # drop the graphs kept for the loss, keep the statistics
             attn.last.pop("scores", None)
             attn.last.pop("dense_target", None)
+
+    # ---------------------------------------------------------------- checkpoints, testing
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also keep the phase-1 record and, while phase 1 runs, its probe images (a resumed run measures
+        the end of phase 1 on the same images)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["sparsifiner_phase1"] = {"record": dict(self.phase1_record), "probe": self._probe}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("sparsifiner_phase1") or {}
+        self.phase1_record = dict(saved.get("record") or {})
+        self._probe = saved.get("probe")
+
+    def on_test_epoch_start(self) -> None:
+        self.recall_metric.reset()
+        self._recall_images = 0
+
+    def on_test_epoch_end(self) -> None:
+        """The mask recall over all processes (every rank calls this; ``compute`` synchronises)."""
+        if self.recall_metric.update_count:
+            self.recall_value = float(self.recall_metric.compute())
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Top-1 as every method; on the first :data:`MASK_RECALL_IMAGES` test images also the mask recall
+        (with a teacher)."""
+        super().test_step(batch, batch_idx)
+        if self.teacher is not None and getattr(self, "_recall_images", 0) < MASK_RECALL_IMAGES:
+            self.update_mask_recall(batch[0])
+            self._recall_images = getattr(self, "_recall_images", 0) + len(batch[0])
 
     # ---------------------------------------------------------------- optimisation
     def param_groups(self) -> list[dict[str, Any]]:
@@ -438,13 +533,13 @@ class Sparsifiner(BenchModule):
 
     # ---------------------------------------------------------------- teacher and losses
     @torch.no_grad()
-    def forward_teacher(self, x: torch.Tensor) -> ForwardOutput | None:
+    def forward_teacher(self, x: torch.Tensor, attention: bool | None = None) -> ForwardOutput | None:
         """Teacher logits and tokens; plus ``attn``, its attention probabilities ``[B, H, N, N]`` per layer,
-        when the current phase distils attention (forward hooks on its attention modules recompute them
-        from their input with :func:`methods.adapter.split_heads`/``attention_probs``)."""
+        when the current phase distils attention or ``attention`` is True (forward hooks on its attention
+        modules recompute them from their input with :func:`methods.adapter.split_heads`/``attention_probs``)."""
         if self.teacher is None:
             return None
-        if self._attn_weight() <= 0:
+        if not (self._attn_weight() > 0 if attention is None else attention):
             return super().forward_teacher(x)
         maps: list[torch.Tensor] = []
 
@@ -461,32 +556,94 @@ class Sparsifiner(BenchModule):
         out["attn"] = maps
         return out
 
+    @staticmethod
+    def _target_rows(attn: SparsifinerAttention, teacher_map: torch.Tensor | None) -> torch.Tensor:
+        """The attention target of ``attn``'s predicted query rows, ``[B, H, Nq, N_l]``: the teacher's map
+        of that layer mapped to the student's tokens by their positions (rows averaged, columns summed over
+        a fused token's positions), or the layer's own dense attention without a teacher; without the CLS
+        row when it is full."""
+        last = attn.last
+        if teacher_map is not None:
+            target = teacher_map
+            pos = last.get("positions")
+            if pos is not None:
+                target = map_attention_to_tokens(target, pos)
+        else:
+            target = last["dense_target"]
+        return target[:, :, 1:] if attn.cls_full_row else target
+
     def attention_distillation(self, teacher_out: ForwardOutput | None) -> torch.Tensor:
-        """Eq. 10 averaged over layers: ``MSE(A~_down W_up, A_teach)`` on the predicted query rows (all but
-        the CLS row when it is full). Teacher maps are mapped to the student's tokens by their positions
-        (rows averaged, columns summed over a fused token's positions).
+        """Eq. 10 averaged over layers: the squared error of ``A~_down W_up`` against the teacher's attention
+        on the predicted query rows (all but the CLS row when it is full), normalised per
+        ``attn_loss_reduction`` (see the class docstring). A 0-d tensor.
 
         Raises:
             RuntimeError: if the last forward did not keep the connectivity scores.
         """
         losses = []
         teacher_maps = None if teacher_out is None else teacher_out.get("attn")
+        reduction = self.hparams.get("attn_loss_reduction", "mean")
         for i, attn in enumerate(self._attns()):
-            last = attn.last
-            if "scores" not in last:
+            if "scores" not in attn.last:
                 raise RuntimeError("the last forward kept no connectivity scores (collect_scores is off)")
-            scores = last["scores"]
-            if teacher_maps is not None:
-                target = teacher_maps[i]
-                pos = last.get("positions")
-                if pos is not None:
-                    target = map_attention_to_tokens(target, pos)
+            scores = attn.last["scores"]
+            target = self._target_rows(attn, None if teacher_maps is None else teacher_maps[i])
+            if reduction == "mean":
+                losses.append(F.mse_loss(scores, target))
             else:
-                target = last["dense_target"]
-            if attn.cls_full_row:
-                target = target[:, :, 1:]
-            losses.append(F.mse_loss(scores, target))
+                total = F.mse_loss(scores, target, reduction="sum")
+                losses.append(total / scores.shape[0] if reduction == "image_sum" else total)
         return torch.stack(losses).mean()
+
+    # ---------------------------------------------------------------- predictor quality
+    @torch.no_grad()
+    def probe_attention_distillation(self, images: torch.Tensor) -> float:
+        """Eq. 10 (unweighted, ``attn_loss_reduction``) of the phase-1 forward on ``images``, deterministic:
+        the attention modules and predictors in their training semantics (dense forward, no thresholds
+        when phase 1 trains without them), everything else (stochastic depth, BatchNorm) in eval mode.
+        Measured at the start and the end of phase 1 (``attn_distill_start`` / ``attn_distill_end``)."""
+        modes = [(m, m.training) for m in self.modules()]
+        collect = [(a, a.collect_scores, a.self_target) for a in self._attns()]
+        try:
+            self.model.eval()
+            for a in self._attns():
+                a.train()
+                a.collect_scores, a.self_target = True, self.teacher is None
+            teacher_out = self.forward_teacher(images, attention=True)
+            self.forward_train(images)
+            return float(self.attention_distillation(teacher_out))
+        finally:
+            for m, training in modes:
+                m.training = training
+            for a, c, t in collect:
+                a.collect_scores, a.self_target = c, t
+                a.last.pop("scores", None)
+                a.last.pop("dense_target", None)
+
+    @torch.no_grad()
+    def update_mask_recall(self, images: torch.Tensor) -> None:
+        """Forward ``images`` (eval) and add the mask recall of every layer's predicted rows against the
+        teacher's top-``B`` keys (:func:`methods.sparse_attention.mask_recall`) to :attr:`recall_metric`.
+        Needs a teacher; layers whose mask is not computed (keep rate 1.0 keeps every key) count as 1.0."""
+        if self.teacher is None:
+            return
+        attns = self._attns()
+        try:
+            for a in attns:
+                a.keep_idx = True
+            self.model(images)
+            teacher_maps = self.forward_teacher(images, attention=True)["attn"]
+            for attn, tmap in zip(attns, teacher_maps):
+                idx = attn.last.get("idx")
+                target = self._target_rows(attn, tmap)
+                if idx is None:
+                    self.recall_metric.update(torch.ones(target.shape[:-1], device=target.device))
+                else:
+                    self.recall_metric.update(mask_recall(idx, target))
+        finally:
+            for a in attns:
+                a.keep_idx = False
+                a.last.pop("idx", None)
 
     def _token_distillation(self, out: ForwardOutput, teacher_out: ForwardOutput) -> torch.Tensor | None:
         """Eq. 8 when token pruning changed the token count: MSE over the tokens that keep one original
@@ -523,7 +680,12 @@ class Sparsifiner(BenchModule):
         * ``coef_sparsity``: fraction of the basis coefficients ``A_down`` set to 0 (``<= tau``; paper ~87%);
         * ``w_up_sparsity``: fraction of ``W_up`` entries with ``|w| < 1e-2`` (paper ~90%);
         * ``mask_density``: ``nnz(M) / N_l^2`` of the connectivity mask (CLS row included);
-        * ``attention_budget``: mean ``B`` over layers; ``n_down``.
+        * ``attention_budget``: mean ``B`` over layers; ``n_down``;
+        * ``mask_recall`` (after testing with a teacher): per predicted query row, the fraction of the
+          teacher's top-``B`` keys the mask keeps, averaged over the rows, heads and layers of the first
+          :data:`MASK_RECALL_IMAGES` test images (a random mask: about ``B / N``);
+        * ``attn_distill_start`` / ``attn_distill_end`` (after a phase 1): eq. 10 on the probe images
+          before the first and after the last phase-1 step.
 
         Empty before the first forward.
         """
@@ -541,6 +703,8 @@ class Sparsifiner(BenchModule):
             "mask_density": float(sum(dens) / len(dens)),
             "attention_budget": float(sum(a.last["budget"] for a in attns) / len(attns)),
             "n_down": float(attns[0].predictor.n_down),
+            **{k: float(v) for k, v in self.phase1_record.items()},
+            **({"mask_recall": self.recall_value} if self.recall_value is not None else {}),
         }
 
     # ---------------------------------------------------------------- figures and speed

@@ -259,9 +259,10 @@ def test_phase1_trains_only_the_predictor_and_phase2_only_the_backbone(method, w
         float(torch.cat([end[k].flatten() for k in end if k.endswith("w_up")]).eq(0).float().mean()))
 
 
-def test_phase1_loss_is_attention_distillation_against_teacher_maps():
+@pytest.mark.parametrize("reduction", ["image_sum", "sum", "mean"])
+def test_phase1_loss_is_attention_distillation_against_teacher_maps(reduction):
     teacher = tiny_vit(seed=1).eval()
-    m = Sparsifiner(tiny_vit(), keep_rate=0.25, teacher=teacher)
+    m = Sparsifiner(tiny_vit(), keep_rate=0.25, teacher=teacher, attn_loss_reduction=reduction)
     m.set_phase(1)
     m.train()
     x = random_images(2)
@@ -269,19 +270,27 @@ def test_phase1_loss_is_attention_distillation_against_teacher_maps():
     assert len(t_out["attn"]) == DEPTH and t_out["attn"][0].shape == (2, H, N, N)
     terms = m.losses(out, t_out, (x, torch.zeros(2, dtype=torch.long)))
     assert list(terms) == ["attn_distill"]
-    manual = torch.stack([torch.nn.functional.mse_loss(b.attn.last["scores"], t[:, :, 1:])
-                          for b, t in zip(m.model.blocks, t_out["attn"])]).mean()
-    torch.testing.assert_close(terms["attn_distill"], manual)
+    per_layer = []
+    for b, t in zip(m.model.blocks, t_out["attn"]):
+        sq = (b.attn.last["scores"] - t[:, :, 1:]) ** 2  # [B, H, N - 1, N]
+        per_layer.append({"image_sum": sq.sum() / 2, "sum": sq.sum(), "mean": sq.mean()}[reduction])
+    torch.testing.assert_close(terms["attn_distill"], torch.stack(per_layer).mean())
     m.set_phase(2)
     terms2 = m.losses(m.forward_train(x), m.forward_teacher(x), (x, torch.zeros(2, dtype=torch.long)))
     assert set(terms2) == {"ce", "kl", "token_mse"}
+
+
+def test_attn_loss_reduction_is_validated():
+    with pytest.raises(ValueError, match="attn_loss_reduction"):
+        Sparsifiner(tiny_vit(), attn_loss_reduction="median")
 
 
 def test_sparsif_evit_distils_attention_in_pruned_layers_through_positions():
     from methods.sparse_attention import map_attention_to_tokens
 
     teacher = tiny_vit(seed=1).eval()
-    m = SparsifEViT(tiny_vit(), keep_rate=0.25, token_keep_rate=0.5, teacher=teacher, phase1_full_attention=False)
+    m = SparsifEViT(tiny_vit(), keep_rate=0.25, token_keep_rate=0.5, teacher=teacher, phase1_full_attention=False,
+                    attn_loss_reduction="mean")
     m.set_phase(1)
     m.train()
     x = random_images(2)
