@@ -353,3 +353,106 @@ def test_invalid_settings_raise():
     with pytest.raises(ValueError, match="attention dropout"):
         Sparsifiner(create_backbone("tiny", attn_drop_rate=0.1), keep_rate=0.25)
     assert isinstance(Sparsifiner(tiny_vit(), keep_rate=0.5).model.blocks[0].attn, SparsifinerAttention)
+
+
+# ------------------------------------------------------------------ phase 1 as the official code trains it
+def test_phase1_gradient_reaches_every_coefficient_and_every_w_up_entry():
+    """At n_down = 32 a coefficient starts near 1/32 < tau = 0.05 and many W_up entries start under 1e-2:
+    phase 1 trains on the dense coefficients and the unthresholded basis, so all of them get a gradient."""
+    teacher = tiny_vit(seed=1).eval()
+    m = Sparsifiner(tiny_vit(), keep_rate=0.25, teacher=teacher, n_down=16)  # 1/16 > tau only if learned
+    m.set_phase(1)
+    m.train()
+    pred = m.model.blocks[1].attn.predictor
+    small = pred.w_up.detach().abs() < 1e-2
+    assert small.any()  # some entries start under the threshold
+    coefs = []
+
+    def keep(mod, args, out):
+        if out.coef.requires_grad:
+            out.coef.retain_grad()
+            coefs.append(out)
+
+    pred.register_forward_hook(keep)
+    x = random_images(2)
+    loss = m.losses(m.forward_train(x), m.forward_teacher(x), (x, torch.zeros(2, dtype=torch.long)))["attn_distill"]
+    loss.backward()
+    out = coefs[0]
+    assert torch.equal(out.coef, out.a_down)  # no threshold on the coefficients while phase 1 trains
+    assert (out.coef.grad != 0).all(), "a coefficient got no gradient"
+    assert (pred.w_up.grad != 0).all() and (pred.w_up.grad[small] != 0).all()
+    assert (pred.w_down.grad != 0).any()
+    m.eval()  # evaluation thresholds both, also in phase 1
+    with torch.no_grad():
+        ev = pred(*split_heads(m.model.blocks[1].attn, torch.randn(2, N, 32))[:2])
+    assert torch.equal(ev.coef, ev.a_down * (ev.a_down > pred.tau)) and (ev.w_up[small] == 0).all()
+
+
+def test_old_phase1_thresholds_are_reachable_by_flags():
+    m = Sparsifiner(tiny_vit(), keep_rate=0.25, threshold_coef_in_phase1=True, threshold_w_up_in_phase1=True)
+    m.set_phase(1)
+    m.train()
+    pred = m.model.blocks[0].attn.predictor
+    q, k, _ = split_heads(m.model.blocks[0].attn, torch.randn(2, N, 32))
+    out = pred(q[:, :, 1:], k)
+    assert torch.equal(out.coef, out.a_down * (out.a_down > pred.tau))
+    assert torch.equal(out.w_up, pred.w_up * (pred.w_up.abs() >= 1e-2))
+
+
+def test_flops_with_coef_topk_equal_closed_form():
+    """The official top-k coefficients (coef_topk): k coefficients per row, each W_up row with 3 nonzeros,
+    so the sparse-sparse product costs H (N - 1) k 3 MACs per layer, whichever k rows are kept."""
+    from bench_suite.flops import count_flops
+
+    k_coef, row_nnz = 3, 3
+    m = Sparsifiner(tiny_vit(), keep_rate=0.25, coef_topk=k_coef).eval()
+    with torch.no_grad():
+        for blk in m.model.blocks:
+            blk.attn.predictor.w_up.fill_(0.001)
+            blk.attn.predictor.w_up[:, :, :row_nnz] = 0.5
+    b = attention_budget(0.25, N)
+    lowrank = H * (NDOWN * N * D + (N - 1) * NDOWN * D)
+    per_layer = lowrank + H * (N - 1) * k_coef * row_nnz + H * 2 * D * (N + (N - 1) * b)
+    report = count_flops(m.model, random_images(4))
+    assert report.per_layer_mhsa_mflops == pytest.approx([per_layer / 1e6] * DEPTH, abs=1e-9)
+
+
+# ------------------------------------------------------------------ predictor quality
+def test_mask_recall_closed_form_on_a_hand_made_mask():
+    from methods.sparse_attention import mask_recall
+
+    target = torch.tensor([[0.4, 0.3, 0.2, 0.1, 0.0], [0.0, 0.1, 0.2, 0.3, 0.4]])  # [Nq = 2, Nk = 5]
+    idx = torch.tensor([[0, 3], [4, 3]])  # row 0 keeps 1 of its top-2 {0, 1}; row 1 keeps both {4, 3}
+    torch.testing.assert_close(mask_recall(idx, target), torch.tensor([0.5, 1.0]))
+    idx3 = torch.tensor([[2, 3, 4], [0, 1, 2]])  # neither row keeps any of its top-3 but one
+    torch.testing.assert_close(mask_recall(idx3, target), torch.tensor([1 / 3, 1 / 3]))
+    with pytest.raises(ValueError, match="do not fit"):
+        mask_recall(idx, target[:1])
+
+
+def test_mask_recall_is_one_at_keep_one_and_near_keep_rate_for_a_random_predictor():
+    teacher = tiny_vit(seed=1).eval()
+    full = Sparsifiner(tiny_vit(), keep_rate=1.0, teacher=teacher).eval()
+    full.update_mask_recall(random_images(4))
+    assert float(full.recall_metric.compute()) == pytest.approx(1.0)
+    rand = Sparsifiner(tiny_vit(), keep_rate=0.25, teacher=teacher).eval()
+    rand.update_mask_recall(random_images(8))
+    assert 0.15 < float(rand.recall_metric.compute()) < 0.5  # B / N = 5 / 17 = 0.29 for a random mask
+
+
+def test_fit_records_phase1_loss_at_start_and_end_and_keeps_it_in_checkpoints(tmp_path):
+    teacher = tiny_vit(seed=1).eval()
+    m = Sparsifiner(copy.deepcopy(teacher), keep_rate=0.25, teacher=teacher, phase1_steps=4, predictor_lr=5e-2)
+    trainer = _trainer(6)
+    trainer.fit(m, train_dataloaders=_loader(8))
+    rec = m.phase1_record
+    assert set(rec) == {"attn_distill_start", "attn_distill_end"}
+    assert rec["attn_distill_end"] < rec["attn_distill_start"]  # 4 predictor steps on the same images
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = Sparsifiner.load_from_checkpoint(path)
+    assert loaded.phase1_record == rec
+    m.eval()
+    with torch.no_grad():
+        m(random_images(2))
+    assert m.sparsity_report()["attn_distill_start"] == rec["attn_distill_start"]
