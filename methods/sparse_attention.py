@@ -488,7 +488,8 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
                           cls_full_row: bool = True, impl: str | None = None, dense: bool = False,
                           positions: Tensor | None = None, need_predictor: bool = True,
                           need_cls_attn: bool = False, record: bool = False,
-                          need_scores: bool = False) -> SparsifinerResult:
+                          need_scores: bool = False, budget: int | None = None,
+                          cls_zero_keys: int = 0) -> SparsifinerResult:
     """Sparsifiner MHSA core: predictor (eq. 1-3), top-B connectivity mask, sparse attention (eq. 4-6).
 
     The CLS query row: with ``cls_full_row`` (default, the official code) the CLS token attends to all
@@ -511,13 +512,21 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
         record: also return dense maps for visualisation.
         need_scores: the caller needs the connectivity scores ``pred.scores`` (the attention distillation
             loss): the dense scores are computed, not the fused top-B.
+        budget: ``B`` keys per predicted row (default ``ceil(keep_rate * N)``; the official token-pruning
+            variant passes ``min(ceil(keep_rate * N0), N - 1)``).
+        cls_zero_keys: with ``cls_full_row``, this many extra keys with logit 0 and value 0 enter the CLS
+            row's softmax denominator: the official code's masked token pruning zeroes the pruned tokens'
+            keys and values but keeps them in the CLS row (its mask row is all ones), so each adds
+            ``exp(0)`` to the denominator. 0 (default) for removed tokens.
 
     Raises:
         ValueError: for a keep rate outside (0, 1] or shapes the predictor does not fit.
     """
     b, h, n, d = q.shape
     scale = d ** -0.5
-    budget = attention_budget(keep_rate, n)
+    budget = attention_budget(keep_rate, n) if budget is None else int(budget)
+    if not 1 <= budget <= n:
+        raise ValueError(f"budget must lie in [1, {n}], got {budget}")
     first = 1 if cls_full_row else 0
     q_rows = q[:, :, first:]
     if dense:
@@ -538,7 +547,7 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
     out_rows = sparse_attention(q_rows, k, v, idx, scale, impl)
     cls_attn = None
     if cls_full_row:
-        cls_probs = torch.matmul(q[:, :, :1] * scale, k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, 1, N]
+        cls_probs = _cls_row_probs(torch.matmul(q[:, :, :1] * scale, k.transpose(-2, -1)), cls_zero_keys)  # [B,H,1,N]
         out = torch.cat([torch.matmul(cls_probs, v), out_rows], dim=2)
         if need_cls_attn:
             cls_attn = cls_probs[:, :, 0]
@@ -551,6 +560,17 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
     if record:
         res.records = _records(res, q, k, scale, cls_full_row, n)
     return res
+
+
+def _cls_row_probs(logits: Tensor, zero_keys: int = 0) -> Tensor:
+    """Softmax of the CLS row's logits ``[B, H, 1, N]``; with ``zero_keys`` extra logits 0 in the
+    denominator (values 0, so they only dilute: the official masked token pruning, see
+    :func:`sparsifiner_attention`)."""
+    if zero_keys <= 0:
+        return logits.softmax(dim=-1)
+    m = logits.amax(dim=-1, keepdim=True).clamp_min(0.0)  # max over the real logits and the zero logits
+    e = (logits - m).exp()
+    return e / (e.sum(dim=-1, keepdim=True) + zero_keys * torch.exp(-m))
 
 
 @torch.no_grad()

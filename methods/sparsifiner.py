@@ -128,7 +128,8 @@ class SparsifinerAttention(Attention):
       ``collect_scores`` (keep the connectivity scores with their graph for eq. 10),
       ``self_target`` (also keep the dense attention as the distillation target when there is no
       teacher), ``need_cls_attn`` (EViT), ``record`` (dense maps for visualisation), ``keep_idx`` (keep the
-      mask's key indices, for the mask recall);
+      mask's key indices, for the mask recall), ``official_pruning`` (after token pruning, the official
+      code's budget ``min(ceil(keep * N0), N - 1)`` and its CLS-row softmax over the pruned, zeroed keys);
     * ``token_state``: dict shared with :class:`SparsifEViTBlock` (``"positions"``), or ``None``.
 
     After each forward, ``last`` holds ``n`` (tokens), ``budget``, ``coef_sparsity`` (fraction of
@@ -147,6 +148,7 @@ class SparsifinerAttention(Attention):
     record: bool = False
     keep_idx: bool = False
     token_state: dict | None = None
+    official_pruning: bool = False
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -162,10 +164,15 @@ class SparsifinerAttention(Attention):
         if self.token_state is not None and x.shape[1] != self.predictor.num_tokens:
             positions = self.token_state.get("positions")
         dense = self.training and self.phase1_dense
+        budget, zero_keys = None, 0
+        n0 = self.predictor.num_tokens
+        if self.official_pruning and x.shape[1] < n0:
+            budget = min(attention_budget(self.attn_keep_rate, n0), x.shape[1] - 1)
+            zero_keys = n0 - x.shape[1]
         res = sparsifiner_attention(q, k, v, self.predictor, self.attn_keep_rate, self.cls_full_row, self.impl,
                                     dense=dense, positions=positions, need_predictor=self.collect_scores,
                                     need_cls_attn=self.need_cls_attn, record=self.record,
-                                    need_scores=self.collect_scores)
+                                    need_scores=self.collect_scores, budget=budget, cls_zero_keys=zero_keys)
         last: dict[str, Any] = {"n": x.shape[1], "budget": res.budget, "positions": positions}
         if res.pred is not None:
             last["coef_sparsity"] = (res.pred.coef.detach() == 0).float().mean()
@@ -234,7 +241,7 @@ def apply_sparsifiner(model: nn.Module, keep_rate: float, n_down: int | None = N
         swap_class(attn, SparsifinerAttention, predictor=pred, attn_keep_rate=keep_rate,
                    cls_full_row=cls_full_row, impl=impl, phase1_dense=False, collect_scores=False,
                    self_target=False, need_cls_attn=False, record=False, keep_idx=False, token_state=None,
-                   last={})
+                   official_pruning=False, last={})
     return model
 
 
@@ -646,13 +653,15 @@ class Sparsifiner(BenchModule):
                 a.last.pop("idx", None)
 
     def _token_distillation(self, out: ForwardOutput, teacher_out: ForwardOutput) -> torch.Tensor | None:
-        """Eq. 8 when token pruning changed the token count: MSE over the tokens that keep one original
-        position (CLS and kept patch tokens), against the teacher's tokens at those positions."""
+        """Eq. 8 when token pruning changed the token count: MSE over the patch tokens that keep one original
+        position (the kept ones; the CLS token too with ``token_distill_cls``), against the teacher's tokens
+        at those positions."""
         state = getattr(self.model.blocks[0].attn, "token_state", None)
         pos = None if state is None else state.get("positions")
         if pos is None or pos.shape[1] != out.tokens.shape[1]:
             return None
         one_hot = pos.amax(-1) >= 1.0 - 1e-6  # [B, N]
+        one_hot[:, : self.token_distill_start()] = False  # patch tokens only (official), unless token_distill_cls
         src = pos.argmax(-1)  # [B, N]
         t = torch.gather(teacher_out.tokens, 1, src.unsqueeze(-1).expand(-1, -1, teacher_out.tokens.shape[-1]))
         return F.mse_loss(out.tokens[one_hot], t[one_hot])

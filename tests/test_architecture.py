@@ -38,6 +38,8 @@ LONG_MODULES = {
                             "the tests compare against, which belong beside the handles they check",
     "methods/sparsifiner.py": "one method: Sparsifiner's timm adapter and LightningModule with its two-phase "
                               "schedule and documented deviations from the official code",
+    "methods/dynamicvit.py": "one method: DynamicViT's prediction module, attention masking, timm adapter and "
+                             "LightningModule with the official recipe (losses, learning rates, backbone freeze)",
     "methods/sparse_attention.py": "one algorithm: Sparsifiner's framework-free attention core (eq. 1-6), its "
                                    "predictor and the custom ops that make its sparse products countable",
 }

@@ -62,7 +62,7 @@ def test_sparsif_evit_at_attention_keep_one_equals_evit():
     x = random_images(3)
     with torch.no_grad():
         ref = EViT(copy.deepcopy(base), keep_rate=0.5).eval()(x)
-        m = SparsifEViT(copy.deepcopy(base), keep_rate=1.0, token_keep_rate=0.5).eval()
+        m = SparsifEViT(copy.deepcopy(base), keep_rate=1.0, token_keep_rate=0.5, token_pruning="evit").eval()
         torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)
     assert [m.model.blocks[i].tokens_out for i in m.model.evit_stages] == [10, 7, 5]
 
@@ -184,7 +184,7 @@ def test_sparsif_evit_counts_fewer_flops_and_tracks_positions():
 
     x = random_images(4)
     sp = Sparsifiner(tiny_vit(), keep_rate=0.25).eval()
-    se = SparsifEViT(tiny_vit(), keep_rate=0.25, token_keep_rate=0.5).eval()
+    se = SparsifEViT(tiny_vit(), keep_rate=0.25, token_keep_rate=0.5, token_pruning="evit").eval()
     f_sp, f_se = count_flops(sp.model, x), count_flops(se.model, x)
     assert f_se.per_layer_mhsa_mflops[0] == pytest.approx(f_sp.per_layer_mhsa_mflops[0])  # same 17 tokens
     assert f_se.mhsa_mflops < f_sp.mhsa_mflops
@@ -290,7 +290,7 @@ def test_sparsif_evit_distils_attention_in_pruned_layers_through_positions():
 
     teacher = tiny_vit(seed=1).eval()
     m = SparsifEViT(tiny_vit(), keep_rate=0.25, token_keep_rate=0.5, teacher=teacher, phase1_full_attention=False,
-                    attn_loss_reduction="mean")
+                    token_pruning="evit", attn_loss_reduction="mean")
     m.set_phase(1)
     m.train()
     x = random_images(2)
@@ -456,3 +456,84 @@ def test_fit_records_phase1_loss_at_start_and_end_and_keeps_it_in_checkpoints(tm
     with torch.no_grad():
         m(random_images(2))
     assert m.sparsity_report()["attn_distill_start"] == rec["attn_distill_start"]
+
+
+# ------------------------------------------------------------------ Sparsifiner token pruning, the official variant
+def test_official_token_pruning_keeps_138_97_68_of_196_at_0_7_with_the_official_budget():
+    from methods.sparsif_evit import official_keep_counts
+
+    assert official_keep_counts(196, 0.7, 3) == [138, 97, 68]
+    torch.manual_seed(0)
+    backbone = create_backbone("deit_s", num_classes=10, depth=12)
+    m = SparsifEViT(backbone, keep_rate=0.25, token_keep_rate=0.7).eval()
+    assert m.hparams.token_pruning == "official"
+    with torch.no_grad():
+        m(torch.randn(1, 3, 224, 224))
+    blocks = m.model.blocks
+    assert [blocks[i].tokens_out for i in (3, 6, 9)] == [139, 98, 69]  # + CLS
+    budgets = [b.attn.last["budget"] for b in blocks]
+    assert budgets[:4] == [50] * 4  # ceil(0.25 * 197) before pruning
+    assert budgets[4:] == [50] * 6 + [50, 50]  # min(50, N_l - 1): 138 and 97 and 68 patches are all >= 50
+    lo = SparsifEViT(create_backbone("deit_s", num_classes=10), keep_rate=0.5, token_keep_rate=0.5).eval()
+    with torch.no_grad():
+        lo(torch.randn(1, 3, 224, 224))
+    # rho = 0.5: 98, 49, 25 patches kept; budget min(ceil(0.5 * 197) = 99, N_l - 1)
+    assert [lo.model.blocks[i].tokens_out for i in (3, 6, 9)] == [99, 50, 26]
+    assert [b.attn.last["budget"] for b in lo.model.blocks] == [99] * 4 + [98] * 3 + [49] * 3 + [25] * 2
+
+
+def test_official_token_pruning_equals_the_masked_dense_computation():
+    """The official code masks pruned tokens instead of removing them: the suite's removal must give the same
+    CLS output and kept tokens (tiny profile, pruning after block 1 only, keep 0.5 of 16 patches)."""
+    from methods.sparse_attention import dense_masked_attention, indices_to_mask, topk_connectivity
+
+    torch.manual_seed(0)
+    base = tiny_vit().eval()
+    m = SparsifEViT(copy.deepcopy(base), keep_rate=0.5, token_keep_rate=0.5, stages=(1,)).eval()
+    x = random_images(2)
+    with torch.no_grad():
+        for blk in m.model.blocks:  # no zero (tied) connectivity scores: the top-B is unique
+            blk.attn.predictor.w_up.normal_()
+        out = m(x)
+        # masked reference, written from the official code's description
+        model = m.model
+        t = model._pos_embed(model.patch_embed(x))
+        active = torch.ones(2, N - 1, dtype=torch.bool)
+        for i, blk in enumerate(model.blocks):
+            attn = blk.attn
+            q, k, v = split_heads(attn, blk.norm1(t))
+            if i > 1:  # q, k, v of pruned tokens zeroed
+                keep = torch.cat([torch.ones(2, 1, dtype=torch.bool), active], 1)[:, None, :, None]
+                q, k, v = q * keep, k * keep, v * keep
+            pred = attn.predictor(q[:, :, 1:], k)
+            scores = pred.scores
+            n_budget = attention_budget(0.5, N)
+            if i > 1:
+                scores = scores.masked_fill(~torch.cat([torch.ones(2, 1, dtype=torch.bool), active], 1)[:, None, None],
+                                            float("-inf"))
+                n_budget = min(n_budget, int(active[0].sum()))
+            mask = indices_to_mask(topk_connectivity(scores, n_budget), N)
+            mask = torch.cat([torch.ones_like(mask[:, :, :1]), mask], 2)
+            if i > 1:  # rows of pruned tokens dropped
+                mask[:, :, 1:] &= active[:, None, :, None]
+                mask[:, :, 1:, 0] |= ~active[:, None, :]  # keep softmax finite; those rows are discarded
+            o, probs = dense_masked_attention(q, k, v, mask, D ** -0.5)
+            t = t + blk.ls1(merge_heads(attn, o))
+            t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+            if i == 1:
+                cls_attn = probs[:, :, 0, 1:].mean(1)
+                kept = cls_attn.topk(8, dim=-1).indices
+                active = torch.zeros(2, N - 1, dtype=torch.bool).scatter(1, kept, True)
+            if i >= 1:
+                t[:, 1:] = t[:, 1:] * active[..., None]
+        ref = model.forward_head(model.norm(t))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_evit_variant_stays_reachable():
+    se = SparsifEViT(tiny_vit(), keep_rate=0.25, token_keep_rate=0.5, token_pruning="evit").eval()
+    with torch.no_grad():
+        se(random_images(2))
+    assert se.model.blocks[-1].attn.last["n"] == 7  # 1 + 2 kept + 1 fused ... after three fused stages
+    with pytest.raises(ValueError, match="token_pruning"):
+        SparsifEViT(tiny_vit(), token_pruning="fuse")

@@ -241,10 +241,11 @@ def test_run_plan_and_data_file_checks(tmp_path):
     from bench_suite.plan import resolve_plan
 
     plan1 = run_plan(1)
-    assert ("sparsif_evit", 0.25, {"token_keep_rate": 0.5}) in plan1
-    assert ("sparsif_evit", 0.25, {"token_keep_rate": 0.7}) in plan1
+    for rho in (0.5, 0.7):  # Table 1's Sparsif-EViT rows (fused token) and Sparsifiner rows (official pruning)
+        assert ("sparsif_evit", 0.25, {"token_keep_rate": rho, "token_pruning": "evit"}) in plan1
+        assert ("sparsif_evit", 0.25, {"token_keep_rate": rho, "token_pruning": "official"}) in plan1
     assert ("evit", 0.7, {}) in plan1 and ("sparsifiner", 0.1, {}) in plan1
-    assert len(plan1) == len(set((m, k, tuple(o.items())) for m, k, o in plan1)) == 10  # proxies left out
+    assert len(plan1) == len(set((m, k, tuple(o.items())) for m, k, o in plan1)) == 12  # proxies left out
     assert run_plan(4) == [("linformer", 0.345, {}), ("sparsifiner", 0.345, {})]
     assert [k for m, k, _ in run_plan(2)] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.01]
     for t in (1, 2, 3, 4):
@@ -258,7 +259,7 @@ def test_run_plan_and_data_file_checks(tmp_path):
                    text.replace("1,2,EViT", "1,1,EViT", 1),
                    text.replace(",357.7,", ",357.7x,", 1),
                    text.replace(",357.7,", ",357.7,,", 1),  # one field too many
-                   text.replace('{""token_keep_rate"": 0.7}', '{""no_such_setting"": 0.7}', 1)):
+                   text.replace('{""token_keep_rate"": 0.7,', '{""no_such_setting"": 0.7,', 1)):
         assert broken != text
         bad.write_text(broken, encoding="utf-8")
         with pytest.raises(DataFileError):
