@@ -11,7 +11,8 @@ Training (paper eq. 7-12, sec. 4). ``L = CE + l_tok MSE(x, x_teach) + l_cls KL(y
 MSE on the final patch tokens, as the official code). Two phases inside one Lightning fit, switched in
 :meth:`Sparsifiner.on_train_batch_start`:
 
-* phase 1 (the first ``phase1_frac`` of the optimiser steps; paper 5 of 45+5 epochs, official 5 of 50):
+* phase 1 (the first ``phase1_frac`` of the optimiser steps, at least ``phase1_min_steps`` but at most half;
+  paper 5 of 45+5 epochs, official 5 of 50):
   backbone frozen (parameters and BatchNorm statistics), only the connectivity predictors train, with
   the attention distillation loss only (weights token 0, cls 0, attn 1.0). As in the official code
   (``USE_ATTN_RECON``), the predictor trains on the *dense* coefficients ``A_down`` and the *unthresholded*
@@ -304,7 +305,11 @@ class Sparsifiner(BenchModule):
         reduce_c_factor: official-code channel reduction of q/k in the predictor (1: paper).
         coef_topk: official-code top-k coefficients instead of ``tau`` (None: paper).
         phase1_frac: fraction of the training steps in phase 1 (default 0.1, the official 5 of 50 epochs).
-        phase1_steps: phase-1 length in optimiser steps (overrides ``phase1_frac``).
+        phase1_min_steps: phase 1 lasts at least this many steps, but at most half of the training
+            (default 40): the official phase 1 runs thousands of steps; a 1-epoch CPU fine-tune of 79 steps
+            would give it 8, too few for the predictor to learn anything (measured on ``mini197``, see the
+            README). Irrelevant at ImageNet scale, where ``phase1_frac`` gives far more.
+        phase1_steps: phase-1 length in optimiser steps (overrides ``phase1_frac`` and ``phase1_min_steps``).
         phase1_full_attention: full attention (and no token pruning) in the phase-1 training forward.
         threshold_coef_in_phase1, threshold_w_up_in_phase1: apply eq. 2's coefficient threshold / the
             ``W_up`` threshold in the phase-1 *training* forward (default False, as the official code:
@@ -362,7 +367,8 @@ class Sparsifiner(BenchModule):
     def __init__(self, backbone: nn.Module, keep_rate: float = 0.25, teacher: nn.Module | None = None,
                  n_down: int | None = None, tau: float = 0.05, w_up_threshold: float = 1e-2,
                  cls_full_row: bool = True, shared_heads: bool = True, reduce_c_factor: int = 1,
-                 coef_topk: int | None = None, phase1_frac: float = 0.1, phase1_steps: int | None = None,
+                 coef_topk: int | None = None, phase1_frac: float = 0.1, phase1_min_steps: int = 40,
+                 phase1_steps: int | None = None,
                  phase1_full_attention: bool = True, threshold_coef_in_phase1: bool = False,
                  threshold_w_up_in_phase1: bool = False, attn_loss_reduction: str = "image_sum",
                  train_predictor_phase2: bool = False, attn_distill_phase1: float = 1.0,
@@ -371,6 +377,8 @@ class Sparsifiner(BenchModule):
                  **kwargs: Any) -> None:
         if not 0.0 <= phase1_frac <= 1.0:
             raise ValueError(f"phase1_frac must lie in [0, 1], got {phase1_frac}")
+        if phase1_min_steps < 0:
+            raise ValueError(f"phase1_min_steps must be >= 0, got {phase1_min_steps}")
         if phase1_steps is not None and phase1_steps < 0:
             raise ValueError(f"phase1_steps must be >= 0, got {phase1_steps}")
         if attn_distill_phase1 <= 0 and (phase1_frac > 0 or phase1_steps):
@@ -437,14 +445,17 @@ class Sparsifiner(BenchModule):
         self._applied_phase = phase
 
     def phase1_length(self) -> int:
-        """Phase-1 length in optimiser steps: ``phase1_steps``, else ``ceil(phase1_frac * total steps)``."""
+        """Phase-1 length in optimiser steps: ``phase1_steps``, else ``max(ceil(phase1_frac * total),
+        min(phase1_min_steps, total // 2))`` (0 when ``phase1_frac`` is 0)."""
         hp = self.hparams
         if hp.phase1_steps is not None:
             return int(hp.phase1_steps)
         total = float(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0.0
         if not math.isfinite(total):
             raise ValueError("the number of training steps is unknown: set phase1_steps instead of phase1_frac")
-        return int(math.ceil(hp.phase1_frac * total)) if total > 0 else 0
+        if total <= 0 or hp.phase1_frac <= 0:
+            return 0
+        return max(int(math.ceil(hp.phase1_frac * total)), min(int(hp.get("phase1_min_steps", 0)), int(total) // 2))
 
     def on_train_start(self) -> None:
         """Fix the phase-1 length. Freezing toggles ``requires_grad`` during the fit, so multi-process DDP

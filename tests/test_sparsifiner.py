@@ -537,3 +537,20 @@ def test_evit_variant_stays_reachable():
     assert se.model.blocks[-1].attn.last["n"] == 7  # 1 + 2 kept + 1 fused ... after three fused stages
     with pytest.raises(ValueError, match="token_pruning"):
         SparsifEViT(tiny_vit(), token_pruning="fuse")
+
+
+@pytest.mark.parametrize("total,frac,min_steps,expected", [
+    (79, 0.1, 40, 39),     # a 1-epoch CPU run: phase 1 gets its minimum, capped at half (79 // 2)
+    (200, 0.1, 40, 40),    # its minimum where half the training is more
+    (5000, 0.1, 40, 500),  # ImageNet scale: the fraction
+    (79, 0.0, 40, 0),      # no phase 1 at all
+    (79, 0.1, 0, 8),       # the plain fraction
+])
+def test_phase1_length_rule(total, frac, min_steps, expected):
+    m = Sparsifiner(tiny_vit(), phase1_frac=frac, phase1_min_steps=min_steps)
+
+    class _T:
+        estimated_stepping_batches = total
+
+    m._trainer = _T()
+    assert m.phase1_length() == expected
