@@ -80,7 +80,7 @@ class SparsifEViTBlock(Block):
         """``x [B, N, C]`` -> ``[B, N', C]``, ``N' = 2 + ceil(token_keep_rate (N - 1))`` when pruning."""
         b, n, _ = x.shape
         n0 = self.attn.predictor.num_tokens
-        prune = not (self.training and self.attn.phase1_dense) and keep_count(self.token_keep_rate, n - 1) < n - 1
+        prune = not (self.attn.training and self.attn.phase1_dense) and keep_count(self.token_keep_rate, n - 1) < n - 1
         self.attn.need_cls_attn = prune
         if not prune:
             self.tokens_out = n
@@ -119,7 +119,7 @@ class SparsifinerPruningBlock(Block):
         """``x [B, N, C]`` -> ``[B, 1 + keep_patches, C]`` when pruning."""
         b, n, c = x.shape
         n0 = self.attn.predictor.num_tokens
-        prune = not (self.training and self.attn.phase1_dense) and self.keep_patches < n - 1
+        prune = not (self.attn.training and self.attn.phase1_dense) and self.keep_patches < n - 1
         self.attn.need_cls_attn = prune
         if not prune:
             self.tokens_out = n
