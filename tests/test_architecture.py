@@ -159,9 +159,10 @@ def _builtin_methods() -> list[str]:
 
 def _mentions(source: str, names: list[str]) -> list[str]:
     """Where ``source`` names a method: a string constant (docstrings included) or an identifier that contains
-    a method's name as a word (``_`` separates words), and any string equal to a name. The English word
-    "full" counts only as a whole string."""
-    words = [n for n in names if n != "full"]  # "full" only as a whole string: np.full, "full attention" are fine
+    a method's name as a word (``_`` separates words), and any string equal to a name. Names that are also
+    common words count only as a whole string: "full" (np.full, "full attention") and "topk" (torch.topk)."""
+    generic = {"full", "topk"}
+    words = [n for n in names if n not in generic]
     pattern = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(map(re.escape, words)) + r")(?![A-Za-z0-9])", re.I)
     hits = []
     for node in ast.walk(ast.parse(source)):
