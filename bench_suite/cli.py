@@ -113,6 +113,9 @@ def build_parser() -> ArgumentParser:
     p_run.add_argument("--hparams", type=str | None, default=None,
                        help='JSON object of method settings, {"<method>": {"<setting>": value}} (see list); '
                             'a changed setting is a new configuration')
+    p_run.add_argument("--seeds", type=str | None, default=None,
+                       help="fine-tune every configuration once per seed, e.g. 0,1,2 (resumable; one teacher, that of "
+                            "--seed, for all); the Pareto table shows mean, standard deviation and n")
     p_run.add_argument("--x", type=str, default="mhsa_mflops", choices=list(X_AXES), help="x axis of the Pareto plot")
     p_run.add_argument("--table", type=int | None, default=None, choices=[None, *TABLES],
                        help="run exactly the configurations of the paper's table N (1-4) on --profile "

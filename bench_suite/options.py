@@ -79,6 +79,22 @@ def parse_hparams(text: str | None, methods: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    """Parse ``--seeds 0,1,2`` (distinct non-negative integers, in the given order; ``None``/empty: ``None``).
+
+    Raises:
+        UserError: for an item that is not a non-negative integer, or a repeated seed.
+    """
+    seeds = parse_list(text, int, "--seeds")
+    if seeds is None:
+        return None
+    if any(s < 0 for s in seeds) or not seeds:
+        raise UserError(f"--seeds takes non-negative integers, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds repeats a seed: {text!r}")
+    return seeds
+
+
 def parse_list(text: str | None, kind: Callable[[str], Any], what: str) -> list[Any] | None:
     """Parse a comma-separated option (``None`` or empty: ``None``).
 

@@ -71,6 +71,8 @@ TABLE_COLUMNS: dict[str, str] = {
     "mhsa_mflops_paper": "MHSA, paper rule (MFLOPs)",
     "total_gflops": "Total (GFLOPs)",
     "top1": "Top-1 (%)",
+    "top1_sd": "Top-1 s.d.",  # only with several seeds: the sample standard deviation over seeds
+    "n": "n",  # ... and the number of seeds
     "img_per_s": "Throughput (img/s)",
     "latency_ms": "Latency (ms/batch)",
     "peak_mib": "Peak mem. (MiB)",
@@ -89,6 +91,63 @@ def check_x(x: str) -> Axis:
     if x not in X_AXES:
         raise ReportError(f"unknown x axis {x!r}; allowed: {', '.join(X_AXES)}")
     return X_AXES[x]
+
+
+# --------------------------------------------------------------------------- seeds
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (above 30: 1.96 + 2.4 / df, within 0.3%).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: float) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (``df`` rounded down, at least 1)."""
+    d = max(1, int(math.floor(df)))
+    return _T975[d - 1] if d <= len(_T975) else 1.96 + 2.4 / d
+
+
+def welch_interval(m1: float, s1: float, n1: int, m2: float, s2: float, n2: int) -> tuple[float, float]:
+    """95% confidence interval of ``mean1 - mean2`` by Welch's t (unequal variances, Welch-Satterthwaite
+    degrees of freedom). Needs ``n1, n2 >= 2``; otherwise the interval is ``(nan, nan)``."""
+    if n1 < 2 or n2 < 2:
+        return float("nan"), float("nan")
+    v1, v2 = s1 * s1 / n1, s2 * s2 / n2
+    se = math.sqrt(v1 + v2)
+    if se == 0:
+        return m1 - m2, m1 - m2
+    df = (v1 + v2) ** 2 / (v1 * v1 / (n1 - 1) + v2 * v2 / (n2 - 1))
+    half = t975(df) * se
+    return m1 - m2 - half, m1 - m2 + half
+
+
+def aggregate_seeds(table: pd.DataFrame, x: str, lower_x_is_better: bool = True) -> pd.DataFrame:
+    """One row per configuration (method label, keep rate) of a table that holds several seeds: every numeric
+    column averaged over the seeds, ``top1_sd`` the sample standard deviation of top-1 (``ddof=1``; 0 for one
+    seed), ``n`` the number of seeds; then ``pareto`` on the means: ``"yes"`` on the frontier, ``"noise"``
+    off it but not significantly dominated: for every configuration that dominates it on the means, the 95%
+    Welch interval of the top-1 difference (:func:`welch_interval`) contains 0 (configurations with fewer
+    than 2 seeds cannot be tested and count as significant), ``"no"`` otherwise."""
+    numeric = [c for c in table.columns if c not in ("method", "keep_rate", "seed", "pareto")]
+    g = table.groupby(["method", "keep_rate"], sort=False)
+    out = g[numeric].mean().reset_index()
+    out["top1_sd"] = g[Y_COLUMN].std(ddof=1).fillna(0.0).to_numpy()
+    out["n"] = g[Y_COLUMN].size().to_numpy().astype(float)
+    front = pareto_front(out, x, Y_COLUMN, lower_x_is_better).to_numpy()
+    labels = []
+    xs, ys = out[x].to_numpy(dtype=float), out[Y_COLUMN].to_numpy(dtype=float)
+    sds, ns = out["top1_sd"].to_numpy(dtype=float), out["n"].to_numpy(dtype=int)
+    for i in range(len(out)):
+        if front[i]:
+            labels.append("yes")
+            continue
+        better_x = (xs <= xs[i]) if lower_x_is_better else (xs >= xs[i])
+        dominating = [j for j in range(len(out)) if j != i and better_x[j] and ys[j] >= ys[i]
+                      and (xs[j] != xs[i] or ys[j] != ys[i])]
+        within = bool(dominating) and all(welch_interval(ys[j], sds[j], ns[j], ys[i], sds[i], ns[i])[0] <= 0
+                                          for j in dominating)
+        labels.append("noise" if within else "no")
+    out["pareto"] = labels
+    out.attrs = dict(table.attrs)
+    return out
 
 
 # --------------------------------------------------------------------------- frontier
@@ -167,10 +226,13 @@ def pareto_table(df: pd.DataFrame, x: str = "mhsa_mflops") -> pd.DataFrame:
     """The Pareto table of one (profile, dataset) group.
 
     Keeps rows with status ``ok`` only and, per configuration key, the latest row (by ``created``).
-    Rows run with non-default settings are labelled by :func:`method_label`. Columns: ``method, keep_rate, [seed], mhsa_mflops, mhsa_mflops_paper, total_gflops, top1, img_per_s,
-    latency_ms, peak_mib, pareto`` (``latency_ms`` is the stored ``latency_ms_median``; ``seed`` only
-    when several seeds are present; a metric absent from the rows is NaN; ``pareto`` is "yes"/"no" on
-    the frontier of ``x`` against top-1), sorted by ``x`` (NaN last), then method and keep rate.
+    Rows run with non-default settings are labelled by :func:`method_label`. Columns: ``method, keep_rate,
+    mhsa_mflops, mhsa_mflops_paper, total_gflops, top1, img_per_s, latency_ms, peak_mib, pareto`` (``latency_ms``
+    is the stored ``latency_ms_median``; a metric absent from the rows is NaN; ``pareto`` is "yes"/"no" on
+    the frontier of ``x`` against top-1), sorted by ``x`` (NaN last), then method and keep rate. When the rows
+    hold several seeds, one row per configuration with the means over the seeds, ``top1_sd`` and ``n`` after
+    ``top1``, and ``pareto`` on the means with ``"noise"`` for a configuration whose dominance is not
+    significant (:func:`aggregate_seeds`: 95% Welch intervals).
     ``table.attrs`` holds ``profile``, ``dataset``, ``x``, ``git`` (revisions of the rows), ``n_failed``.
 
     Args:
@@ -221,8 +283,9 @@ def pareto_table(df: pd.DataFrame, x: str = "mhsa_mflops") -> pd.DataFrame:
         raise ReportError("the rows need 'method' and 'top1' columns")
     if "config" in rows.columns:  # rows run with non-default settings (--hparams, table plans) say so
         rows = rows.assign(method=[method_label(m, c) for m, c in zip(rows["method"], rows["config"])])
-    columns = [c for c in TABLE_COLUMNS if c != "pareto"] + list(declared)
-    if "seed" not in rows.columns or rows["seed"].nunique() <= 1:
+    columns = [c for c in TABLE_COLUMNS if c not in ("pareto", "top1_sd", "n")] + list(declared)
+    several_seeds = "seed" in rows.columns and rows["seed"].nunique() > 1
+    if not several_seeds:
         columns.remove("seed")
     table = pd.DataFrame(index=rows.index)
     for col in columns:
@@ -234,6 +297,13 @@ def pareto_table(df: pd.DataFrame, x: str = "mhsa_mflops") -> pd.DataFrame:
         if col not in ("method", "seed"):
             table[col] = pd.to_numeric(table[col], errors="coerce").astype(float)
     table["pareto"] = np.where(pareto_front(table, x, Y_COLUMN, axis.lower_is_better), "yes", "no")
+    if several_seeds:  # one row per configuration: means over seeds, top1_sd and n, the frontier on the means
+        table = aggregate_seeds(table, x, axis.lower_is_better)
+        order = []
+        for c in columns:
+            if c != "seed":
+                order += [c, "top1_sd", "n"] if c == Y_COLUMN else [c]
+        table = table[order + ["pareto"]]
     table = table.sort_values([x, "method", "keep_rate"], ascending=[axis.lower_is_better, True, True],
                               na_position="last", kind="stable").reset_index(drop=True)
     attrs["headers"] = {**{c: TABLE_COLUMNS[c] for c in TABLE_COLUMNS}, **{c: m.header for c, m in declared.items()}}
@@ -265,8 +335,10 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         s = table[col]
         if col == "keep_rate":
             out[col] = [f"{v:g}" if pd.notna(v) else "–" for v in s]
-        elif col == "top1":
+        elif col in ("top1", "top1_sd"):
             out[col] = [f"{v:.2f}" if pd.notna(v) else "–" for v in s]
+        elif col == "n":
+            out[col] = [f"{int(v)}" if pd.notna(v) else "–" for v in s]
         elif col in table.attrs.get("decimals", {}):
             d = table.attrs["decimals"][col]
             out[col] = [f"{v:.{d}f}" if pd.notna(v) else "–" for v in s]
@@ -302,6 +374,11 @@ def _caption(table: pd.DataFrame, show_paper: bool) -> str:
                      "(QK^T and AV only, 1 MAC = 1 FLOP), not numbers copied from the paper")
     parts.append("Pareto = no other row has lower-or-equal cost and higher-or-equal top-1"
                  + (" (throughput: higher-or-equal)" if x == "img_per_s" else ""))
+    if "n" in table.columns:
+        parts.append("with several seeds: means over the n seeds, s.d. the sample standard deviation; the frontier "
+                     "is computed on the means, and 'noise' marks a configuration that is dominated only within "
+                     "noise (the 95% Welch t interval of its top-1 difference to every configuration that "
+                     "dominates it contains 0)")
     if "img_per_s" in table.columns and table["img_per_s"].notna().any():
         t = EVAL_TIMING
         parts.append(f"throughput and latency: eval of one batch of {t['batch']} test images, median of {t['repeats']} "
@@ -311,7 +388,7 @@ def _caption(table: pd.DataFrame, show_paper: bool) -> str:
     return "; ".join(parts) + "."
 
 
-COMPACT_COLUMNS = ("method", "keep_rate", "mhsa_mflops", "mhsa_mflops_paper", "top1", "pareto")
+COMPACT_COLUMNS = ("method", "keep_rate", "mhsa_mflops", "mhsa_mflops_paper", "top1", "top1_sd", "n", "pareto")
 """The columns of the LaTeX Pareto table (it must fit a page): method, keep rate, MHSA FLOPs (measured, and
 the paper's rule where it differs), top-1, the methods' declared columns, Pareto. The CSV has them all."""
 

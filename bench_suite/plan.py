@@ -15,7 +15,7 @@ from typing import Any
 from bench_suite.backbones import create_backbone, get_profile, num_tokens
 from bench_suite.errors import UserError
 from bench_suite.kernels import load_kernel
-from bench_suite.options import canonical_settings, parse_loggers
+from bench_suite.options import canonical_settings, parse_loggers, parse_seeds
 from bench_suite.registry import MethodSpec, get_method
 from bench_suite.store import canonical_json
 from bench_suite.training import TrainSettings
@@ -76,6 +76,8 @@ class RunOptions:
         self.batch_size = cfg.batch_size or defaults["batch_size"]
         self.output = Path(cfg.output)
         self.seed = int(cfg.seed)
+        # fine-tuning seeds (--seeds): each configuration is trained once per seed, all from the teacher of --seed
+        self.seeds = parse_seeds(getattr(cfg, "seeds", None)) or [self.seed]
         if self.epochs < 0:
             raise UserError(f"--epochs must be >= 0, got {self.epochs}")
 

@@ -72,7 +72,11 @@ at the right)."""
 
 
 def _aggregate(pts: pd.DataFrame, x: str) -> pd.DataFrame:
-    """One point per (method, keep rate): mean x, mean top-1, its standard deviation and n (several seeds)."""
+    """One point per (method, keep rate): mean x, mean top-1, its standard deviation and n (several seeds);
+    a table already aggregated over seeds (``top1_sd``, ``n``: :func:`bench_suite.pareto.aggregate_seeds`)
+    passes through."""
+    if "n" in pts.columns and "top1_sd" in pts.columns:
+        return pts.rename(columns={"top1_sd": "sd"}).fillna({"sd": 0.0})
     g = pts.groupby(["method", "keep_rate"], sort=False)
     out = g.agg(x=(x, "mean"), y=(Y_COLUMN, "mean"), sd=(Y_COLUMN, "std"), n=(Y_COLUMN, "size")).reset_index()
     return out.rename(columns={"x": x, "y": Y_COLUMN}).fillna({"sd": 0.0})

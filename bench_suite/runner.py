@@ -107,7 +107,7 @@ def measure_module(module, dm, n_flops: int = FLOPS_IMAGES, speed_batch: int = S
 
 def _base_row(spec_name: str, keep_rate: float, opts: RunOptions, config: dict[str, Any], key: str) -> dict[str, Any]:
     return {"key": key, "method": spec_name, "keep_rate": keep_rate, "profile": opts.profile.name,
-            "dataset": config["data"]["dataset"], "seed": opts.seed, "config": config, "units": {},
+            "dataset": config["data"]["dataset"], "seed": config["seed"], "config": config, "units": {},
             "versions": versions(), "git": versions()["git"]}
 
 
@@ -185,7 +185,9 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
         rank = fabric.global_rank
     say = log if rank == 0 else _quiet
     say(f"bench_suite: {len(plan)} configuration(s) on profile {opts.profile.name}, data {data['dataset']}, "
-        f"{opts.epochs} epoch(s) on {opts.train_subset or 'all'} training images, seed {opts.seed}"
+        f"{opts.epochs} epoch(s) on {opts.train_subset or 'all'} training images, "
+        + (f"seed {opts.seed}" if opts.seeds == [opts.seed] else
+           f"seeds {','.join(map(str, opts.seeds))} (teacher of seed {opts.seed})")
         + (f", {world} processes ({settings.strategy})" if world > 1 else ""))
     say(f"teacher: {tinfo['source']} {tinfo['path']} (sha256 {tinfo['sha256'][:12]})")
     if "resized" in data:
@@ -197,9 +199,11 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
             "teacher": tinfo["sha256"]}
     teacher_cfg = {"kind": "teacher-eval", **base}
     jobs.append(_Job("teacher", "teacher", 1.0, {}, teacher_cfg, config_key(teacher_cfg)))
-    for i, (spec, rate, overrides) in enumerate(plan, 1):
-        config = train_config(spec, rate, overrides, base, epochs=opts.epochs)
-        tag = f"[{i}/{len(plan)}] {spec.name} keep {rate:g}" + "".join(f", {k}={v!r}" for k, v in overrides.items())
+    runs = [(seed, entry) for seed in opts.seeds for entry in plan]  # seed-major: a full sweep per seed, in order
+    for i, (seed, (spec, rate, overrides)) in enumerate(runs, 1):
+        config = train_config(spec, rate, overrides, {**base, "seed": seed}, epochs=opts.epochs)
+        tag = (f"[{i}/{len(runs)}] {spec.name} keep {rate:g}" + "".join(f", {k}={v!r}" for k, v in overrides.items())
+               + (f", seed {seed}" if len(opts.seeds) > 1 else ""))
         jobs.append(_Job(tag, spec, rate, overrides, config, config_key(config)))
 
     sweep = _Sweep(cfg, opts, settings, store, dm, teacher, rank, world, say)
@@ -348,10 +352,11 @@ class _Sweep:
         return {"top1": top1, **measure_module(_TeacherModule(self.teacher), self.dm)}
 
     def _train(self, job: _Job, run_dir: Path) -> dict[str, Any]:
-        pl.seed_everything(self.opts.seed, workers=True, verbose=False)
+        seed = int(job.config["seed"])  # the fine-tuning seed (--seeds), not the teacher's
+        pl.seed_everything(seed, workers=True, verbose=False)
         backbone = copy.deepcopy(self.teacher).train().requires_grad_(True)  # the teacher itself stays frozen
         module = job.spec.factory(backbone, keep_rate=job.rate, teacher=self.teacher, **job.overrides)
-        settings = replace(self.settings, strategy=ddp_strategy_for(module, self.settings.strategy))
+        settings = replace(self.settings, seed=seed, strategy=ddp_strategy_for(module, self.settings.strategy))
         metrics = fit_and_test(module, self.dm, run_dir, settings, run_key=job.key, fresh=self.force, log=self.say)
         out: dict[str, Any] = {
             "top1": 100.0 * metrics["test/top1"],

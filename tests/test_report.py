@@ -101,7 +101,7 @@ def test_pareto_table_columns_frontier_and_filtering(store_dir):
     table = pareto_table(rows_of(store_dir, profile="tiny"))
     assert list(table.columns) == ["method", "keep_rate", "mhsa_mflops", "mhsa_mflops_paper", "total_gflops",
                                    "top1", "img_per_s", "latency_ms", "peak_mib", "coef_sparsity_pct",
-                                   "w_up_sparsity_pct", "pareto"]
+                                   "w_up_sparsity_pct", "mask_recall_pct", "pareto"]
     assert table["coef_sparsity_pct"].isna().all()  # no method here reports it
     assert "linformer" not in set(table["method"])  # failed rows are left out ...
     assert table.attrs["n_failed"] == 1  # ... and counted
@@ -370,3 +370,51 @@ def test_keep_rate_labels_of_nearby_points_do_not_overlap(tmp_path):
             assert not boxes[i].overlaps(boxes[j]), (ax.texts[i].get_text(), ax.texts[j].get_text())
     anchors = sorted((round(t.xy[0], 6), round(t.xy[1], 6)) for t in ax.texts)  # each label points at its point
     assert anchors == sorted((round(p[2], 6), round(p[3], 6)) for p in points)
+
+
+# ------------------------------------------------------------------ seeds: statistics and noise
+def test_seed_table_statistics_equal_numpy_on_stored_rows(tmp_path):
+    tops = {"evit": [70.1, 72.4, 73.0], "sparsifiner": [75.0, 75.5, 74.2]}
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        for m, values in tops.items():
+            for seed, top1 in enumerate(values):
+                store.put(make_row(m, 0.5, 0.02 if m == "evit" else 0.03, top1, seed=seed))
+        rows = store.rows()
+        table = pareto_table(rows)
+    assert len(table) == 2 and "seed" not in table.columns
+    assert list(table.columns[table.columns.get_loc("top1"):][:3]) == ["top1", "top1_sd", "n"]
+    for m, values in tops.items():
+        r = table[table.method == m].iloc[0]
+        stored = rows[rows.method == m]["top1"].to_numpy(dtype=float)
+        assert r["top1"] == pytest.approx(np.mean(stored)) and r["n"] == 3
+        assert r["top1_sd"] == pytest.approx(np.std(stored, ddof=1))
+        assert r["img_per_s"] == pytest.approx(np.mean(rows[rows.method == m]["img_per_s"].to_numpy(dtype=float)))
+
+
+def test_welch_interval_closed_form():
+    from bench_suite.pareto import t975, welch_interval
+
+    lo, hi = welch_interval(75.0, 1.0, 3, 72.0, 1.0, 3)
+    se = (1 / 3 + 1 / 3) ** 0.5  # equal variances and n: Welch's df = 2 (n - 1) = 4
+    df = (2 / 3) ** 2 / (2 * (1 / 3) ** 2 / 2)
+    assert df == pytest.approx(4.0)
+    assert (lo, hi) == pytest.approx((3.0 - t975(4) * se, 3.0 + t975(4) * se))
+    assert t975(4) == pytest.approx(2.776) and t975(1000) == pytest.approx(1.9624, abs=1e-3)
+    assert all(np.isnan(welch_interval(1, 1, 1, 0, 1, 3)))
+
+
+def test_frontier_on_means_marks_dominance_within_noise(tmp_path):
+    # a: cheaper and better on the mean, by 0.3 points with s.d. ~1 -> b is dominated only within noise;
+    # c: dominated by a by 10 points with tiny spread -> really dominated
+    runs = {("evit", 0.5, 0.02): [75.0, 76.0, 74.6], ("evit", 0.7, 0.03): [75.9, 73.9, 75.0],
+            ("sparsifiner", 0.5, 0.03): [65.0, 65.1, 65.2]}
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        for (m, k, f), values in runs.items():
+            for seed, top1 in enumerate(values):
+                store.put(make_row(m, k, f, top1, seed=seed))
+        table = pareto_table(store.rows())
+    label = {(r.method, r.keep_rate): r.pareto for r in table.itertuples()}
+    assert label == {("evit", 0.5): "yes", ("evit", 0.7): "noise", ("sparsifiner", 0.5): "no"}
+    md = write_table(table, tmp_path, "t")[0].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    assert "Top-1 s.d." in header and " n " in header and "Welch" in md

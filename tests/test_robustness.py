@@ -263,3 +263,21 @@ def test_two_sweeps_share_one_results_folder(tmp_path, tiny_teacher):
             assert any(f"{tag}: {what}" in stdout for what in
                        ("fine-tuning (", "already in the store", "finished by another process")), stdout
     assert (out / "pareto_tiny_fashion_mnist.csv").is_file()
+
+
+@needs_data
+def test_seeds_train_each_configuration_once_per_seed_from_one_teacher(tmp_path, capsys, tiny_teacher, one_thread):
+    out = tmp_path / "results"
+    base = ["--methods", "evit", "--keep-rates", "0.5", "--epochs", "1", "--teacher", str(tiny_teacher)]
+    code, _ = _run([*base, "--seeds", "0,1"], out, capsys)
+    assert code == 0
+    rows = ResultsStore(out / "results.sqlite").rows()
+    ev = rows[rows.method == "evit"]
+    assert sorted(ev.seed.tolist()) == [0, 1] and ev.key.nunique() == 2
+    assert len({c["teacher"] for c in ev["config"]}) == 1  # the same teacher for every seed
+    assert ev.top1.nunique() == 2  # the seed reached the fine-tune (weights init of nothing, data order)
+    assert len(rows[rows.method == "teacher"]) == 1
+    code, _ = _run([*base, "--seeds", "1,0"], out, capsys)  # resumable: nothing new to train
+    assert code == 0 and len(ResultsStore(out / "results.sqlite").rows()) == len(rows)
+    code, err = _run([*base, "--seeds", "0,0"], out, capsys)
+    _one_line_error(code, err, "repeats a seed")
