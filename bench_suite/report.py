@@ -1,11 +1,13 @@
 """``python -m bench_suite report``: the Pareto table (Markdown, CSV) and plot (PNG, PDF) of every
-(profile, dataset) group in the results store ``<output>/results.sqlite``: ``pareto_<profile>_<dataset>.*``."""
+(profile, dataset) group in the results store ``<output>/results.sqlite``: ``pareto_<profile>_<dataset>.*``,
+and the iso-FLOP table ``isoflop_<profile>_<dataset>.{md,csv}`` (:mod:`bench_suite.isoflop`)."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 from bench_suite.errors import ReportError
+from bench_suite.isoflop import write_iso_flop_table
 from bench_suite.pareto import check_x, method_label, pareto_table, write_table
 from bench_suite.plan import check_output
 from bench_suite.plots import method_palette, plot_pareto
@@ -75,4 +77,9 @@ def write_report(output: str | Path, x: str = "mhsa_mflops", profile: str | None
         stem = f"pareto_{_safe(prof)}_{_safe(data)}" + ("" if x == "mhsa_mflops" else f"_{x}")
         paths += write_table(table, out, stem)
         paths += plot_pareto(table, x, out, stem, title=plot_title(prof, data), palette=palette)
+        if x == "mhsa_mflops":
+            try:
+                paths += write_iso_flop_table(table, out, f"isoflop_{_safe(prof)}_{_safe(data)}")
+            except ReportError:  # no dense reference row: no budgets to compare at
+                pass
     return paths

@@ -147,9 +147,10 @@ def test_pareto_table_errors(store_dir):
 def test_write_report_writes_md_csv_png_pdf(store_dir):
     paths = write_report(store_dir)
     names = sorted(p.name for p in paths)
-    assert names == sorted(f"pareto_{p}_fashion_mnist{w}.{e}" for p in ("tiny", "mini") for w, e in
-                           (("", "md"), ("", "csv"), ("", "tex"), ("", "png"), ("", "pdf"), ("_wide", "png"),
-                            ("_wide", "pdf")))
+    assert names == sorted([f"pareto_{p}_fashion_mnist{w}.{e}" for p in ("tiny", "mini") for w, e in
+                            (("", "md"), ("", "csv"), ("", "tex"), ("", "png"), ("", "pdf"), ("_wide", "png"),
+                             ("_wide", "pdf"))] + [f"isoflop_{p}_fashion_mnist.{e}" for p in ("tiny", "mini")
+                                                   for e in ("md", "csv")])
     for p in paths:
         assert p.is_file() and p.stat().st_size > 0 and p.parent == store_dir
 
