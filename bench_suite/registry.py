@@ -119,6 +119,12 @@ class MethodSpec:
         return bool(self._declared("ddp_find_unused_parameters", False))
 
     @property
+    def fine_tunes(self) -> bool:
+        """Whether the runner fine-tunes it (class attribute ``fine_tune``, default True); False: the method is
+        applied to the teacher and only evaluated (e.g. a training-free method's off-the-shelf setting)."""
+        return bool(self._declared("fine_tune", True, inherited=False))
+
+    @property
     def reference(self) -> bool:
         """Whether this is the dense baseline every ratio and the teacher's evaluation refer to."""
         return bool(self._declared("reference", False, inherited=False))

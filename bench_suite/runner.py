@@ -201,7 +201,8 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
     jobs.append(_Job("teacher", "teacher", 1.0, {}, teacher_cfg, config_key(teacher_cfg)))
     runs = [(seed, entry) for seed in opts.seeds for entry in plan]  # seed-major: a full sweep per seed, in order
     for i, (seed, (spec, rate, overrides)) in enumerate(runs, 1):
-        config = train_config(spec, rate, overrides, {**base, "seed": seed}, epochs=opts.epochs)
+        config = train_config(spec, rate, overrides, {**base, "seed": seed},
+                              epochs=opts.epochs if spec.fine_tunes else 0)  # training-free: evaluated only
         tag = (f"[{i}/{len(runs)}] {spec.name} keep {rate:g}" + "".join(f", {k}={v!r}" for k, v in overrides.items())
                + (f", seed {seed}" if len(opts.seeds) > 1 else ""))
         jobs.append(_Job(tag, spec, rate, overrides, config, config_key(config)))
@@ -356,7 +357,8 @@ class _Sweep:
         pl.seed_everything(seed, workers=True, verbose=False)
         backbone = copy.deepcopy(self.teacher).train().requires_grad_(True)  # the teacher itself stays frozen
         module = job.spec.factory(backbone, keep_rate=job.rate, teacher=self.teacher, **job.overrides)
-        settings = replace(self.settings, seed=seed, strategy=ddp_strategy_for(module, self.settings.strategy))
+        settings = replace(self.settings, seed=seed, epochs=int(job.config["epochs"]),
+                           strategy=ddp_strategy_for(module, self.settings.strategy))
         metrics = fit_and_test(module, self.dm, run_dir, settings, run_key=job.key, fresh=self.force, log=self.say)
         out: dict[str, Any] = {
             "top1": 100.0 * metrics["test/top1"],

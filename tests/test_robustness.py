@@ -281,3 +281,14 @@ def test_seeds_train_each_configuration_once_per_seed_from_one_teacher(tmp_path,
     assert code == 0 and len(ResultsStore(out / "results.sqlite").rows()) == len(rows)
     code, err = _run([*base, "--seeds", "0,0"], out, capsys)
     _one_line_error(code, err, "repeats a seed")
+
+
+@needs_data
+def test_training_free_method_is_evaluated_without_fine_tuning(tmp_path, capsys, tiny_teacher, one_thread):
+    out = tmp_path / "results"
+    code, _ = _run(["--methods", "tome_offshelf", "--keep-rates", "0.5", "--epochs", "1", "--teacher",
+                    str(tiny_teacher)], out, capsys)
+    assert code == 0
+    rows = ResultsStore(out / "results.sqlite").rows()
+    row = rows[rows.method == "tome_offshelf"].iloc[0]
+    assert row["config"]["epochs"] == 0 and row["train_steps"] == 0  # applied to the teacher, evaluated only
