@@ -31,6 +31,7 @@ BAD: dict[str, dict[str, list[str]]] = {
     "run": {**COMMON, "--methods": ["nosuch", ",", "evit,nosuch"], "--keep-rates": RATE[:-1] + [","],
             "--epochs": COUNT, "--train-subset": COUNT, "--batch-size": POSITIVE, "--teacher": [NOT_A_FILE, "/tmp"],
             "--checkpoint-every": ["-1", "abc", ""], "--x": ["bogus", ""], "--table": ["0", "5", "abc"],
+            "--seeds": ["-1", "abc", "0,0", ",", "1.5", "0,-2"],
             "--hparams": ["{", "[1]", '{"evit": {"lr": NaN}}', '{"evit": {"lr": Infinity}}', '{"evit": {"lr": "fast"}}',
                           '{"evit": {"nope": 1}}', '{"evit": 3}', '{"full": {}}']},
     "teacher": {k: v for k, v in COMMON.items()},
