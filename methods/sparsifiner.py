@@ -353,9 +353,9 @@ class Sparsifiner(BenchModule):
     # phase 1 freezes the backbone, phase 2 the predictor: DDP must look for unused parameters
     ddp_find_unused_parameters = True
     reported_metrics = (
-        Metric("coef_sparsity", "fraction", column="coef_sparsity_pct", header="Coef. sparsity (%)", scale=100.0,
+        Metric("coef_sparsity", "fraction", column="coef_sparsity_pct", header="Coef. sparsity (%, paper 87)", scale=100.0,
                description="basis coefficients A_down set to 0 (<= tau); paper ~87%"),
-        Metric("w_up_sparsity", "fraction", column="w_up_sparsity_pct", header="W_up sparsity (%)", scale=100.0,
+        Metric("w_up_sparsity", "fraction", column="w_up_sparsity_pct", header="W_up sparsity (%, paper 90)", scale=100.0,
                description="sparse basis W_up entries that are 0; paper ~90%"),
         Metric("mask_density", "fraction", description="nnz(M) / N^2 of the connectivity mask, CLS row included"),
         Metric("attention_budget", "keys per query row", description="mean attention budget B over layers"),

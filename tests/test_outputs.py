@@ -124,7 +124,7 @@ def test_pareto_latex_table_is_booktabs_and_compact(tmp_path):
     text = tex.read_text()
     header = [ln for ln in text.splitlines() if "Method" in ln][0]
     assert "Throughput" not in header and "GFLOPs" not in header  # compact: the page, not the CSV
-    assert "Coef. sparsity (\\%)" in header and "Top-1 (\\%)" in header
+    assert "Coef. sparsity (\\%, paper 87)" in header and "Top-1 (\\%)" in header
     assert "Sparsifiner" in text and "sparsifiner" not in text.split("\\midrule")[1]  # display names
     _check_latex(text, columns=header.count("&") + 1)
     assert "img_per_s" in csv_path.read_text().splitlines()[0]  # the full set stays in the CSV

@@ -348,7 +348,7 @@ def test_sparsifiner_sparsity_is_shown_in_percent(tmp_path):
     assert sp["coef_sparsity_pct"].tolist() == pytest.approx([87.0, 87.0])
     assert table.loc[table["method"] == "evit", "w_up_sparsity_pct"].isna().all()
     md = next(p for p in paths if p.suffix == ".md").read_text()
-    assert "Coef. sparsity (%)" in md and "W_up sparsity (%)" in md
+    assert "Coef. sparsity (%, paper 87)" in md and "W_up sparsity (%, paper 90)" in md
     assert re.search(r"\|\s+87\.0 \|\s+90\.3 \|", md)
 
 
