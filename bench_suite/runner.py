@@ -197,6 +197,8 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
     jobs: list[_Job] = []
     base = {"profile": opts.profile.name, "data": data, "data_files": dm.fingerprint(), "seed": opts.seed,
             "teacher": tinfo["sha256"]}
+    if tinfo.get("provenance"):  # timm weights or a timm-format file: name and tag, or file and sha256
+        base["teacher_provenance"] = tinfo["provenance"]
     teacher_cfg = {"kind": "teacher-eval", **base}
     jobs.append(_Job("teacher", "teacher", 1.0, {}, teacher_cfg, config_key(teacher_cfg)))
     runs = [(seed, entry) for seed in opts.seeds for entry in plan]  # seed-major: a full sweep per seed, in order

@@ -3,8 +3,12 @@
 As in the paper, which fine-tunes every method from a pretrained ViT, the teacher is both the
 distillation target and the initialisation of every method. Where the teacher comes from, in order:
 
-1. ``--teacher PATH``: a checkpoint the user names (a Lightning checkpoint of the ``full`` method, or
-   the slim export this module writes);
+1. ``--teacher PATH``: a checkpoint the user names (a Lightning checkpoint of the ``full`` method, the
+   slim export this module writes, or a timm-format ``.safetensors`` / ``.pth`` / ``.bin`` state dict, loaded
+   through timm's ``load_state_dict`` and ``checkpoint_filter_fn``, which resizes the position embedding,
+   e.g. DeiT-T's 224 weights for the 384 profile); or ``--teacher timm:<name>[.<tag>]``, timm's own
+   pretrained weights (``timm.create_model(..., pretrained=True)``, from the Hugging Face hub or its local
+   cache). A classifier of another number of classes is replaced by a fresh one (said in the provenance);
 2. the cache ``<output>/teachers/<profile>-<dataset>-seed<seed>-<key>/teacher.ckpt``;
 3. a teacher shipped inside the package (``bench_suite/assets/teachers/``) whose manifest has the
    same config key;
@@ -30,6 +34,7 @@ from bench_suite.errors import TeacherError
 from bench_suite.locks import ConfigLock
 
 __all__ = ["TeacherError", "TeacherRecipe", "TEACHER_RECIPES", "teacher_key", "load_teacher_checkpoint",
+           "load_timm_teacher", "is_suite_checkpoint", "TIMM_PREFIX",
            "export_checkpoint", "shipped_teachers", "ASSETS_DIR", "file_sha256"]
 
 ASSETS_DIR = Path(__file__).parent / "assets" / "teachers"
@@ -95,6 +100,90 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise TeacherError(f"{path} is not a bench_suite/Lightning checkpoint (no 'state_dict')")
     return ckpt
+
+
+TIMM_PREFIX = "timm:"
+
+
+def _fit_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, profile: str) -> str | None:
+    """Load a timm-format ``state`` into ``model`` (position embedding resized by timm's
+    ``checkpoint_filter_fn``); a classifier for another number of classes is left out (the model keeps its
+    fresh one). Returns the note on the classifier (or None).
+
+    Raises:
+        TeacherError: naming the first weight that is missing, unexpected or of the wrong shape.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        state = checkpoint_filter_fn(dict(state), model)
+    except Exception as e:  # noqa: BLE001 - timm's filter fails on foreign files in many ways
+        raise TeacherError(f"teacher {source} is not a timm ViT state dict for profile {profile!r}: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    note = None
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear) and "head.weight" in state and state["head.weight"].shape != head.weight.shape:
+        note = (f"classifier replaced: the weights have {state['head.weight'].shape[0]} classes, the data "
+                f"{head.weight.shape[0]} (a fresh head, trained by nothing: fine-tune the teacher first)")
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    own = model.state_dict()
+    for name, value in state.items():
+        if name in own and tuple(own[name].shape) != tuple(value.shape):
+            raise TeacherError(f"teacher {source} does not fit profile {profile!r}: {name} has shape "
+                               f"{tuple(value.shape)}, expected {tuple(own[name].shape)}")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (note and k.startswith("head."))]
+    if missing or result.unexpected_keys:
+        first = (missing + result.unexpected_keys)[0]
+        kind = "missing" if missing else "unexpected"
+        raise TeacherError(f"teacher {source} does not fit profile {profile!r}: {kind} weight {first!r}")
+    return note
+
+
+def load_timm_teacher(spec: str, profile: str, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """A teacher from timm: ``timm:<name>[.<tag>]`` (pretrained weights through timm) or a timm-format file.
+
+    Returns ``(model, provenance)``; ``provenance`` holds ``timm`` (name and tag) or ``file`` and ``sha256``,
+    and ``classifier`` when the head was replaced.
+
+    Raises:
+        TeacherError: for an architecture other than the profile's, weights that cannot be fetched (offline:
+            download them where there is network, or pass the file), or weights that do not fit.
+    """
+    import timm
+
+    p = get_profile(profile)
+    model = create_backbone(p, num_classes=num_classes)
+    if spec.startswith(TIMM_PREFIX):
+        name = spec[len(TIMM_PREFIX):].strip()
+        arch = name.split(".", 1)[0]
+        if arch != p.model:
+            raise TeacherError(f"teacher {spec}: architecture {arch!r} is not profile {profile!r}'s ({p.model!r})")
+        try:
+            pretrained = timm.create_model(name, pretrained=True, num_classes=1000, img_size=p.img_size,
+                                           in_chans=p.in_chans)
+        except Exception as e:  # noqa: BLE001 - hub, network and cache failures all mean "not available here"
+            raise TeacherError(f"teacher {spec}: timm could not load its pretrained weights "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+                               f"fetch them where there is network or pass the weights file") from None
+        note = _fit_state(model, pretrained.state_dict(), spec, profile)
+        provenance: dict[str, Any] = {"timm": name}
+    else:
+        from timm.models import load_state_dict
+
+        path = Path(spec)
+        if not path.is_file():
+            raise TeacherError(f"teacher checkpoint {path} does not exist")
+        try:
+            state = load_state_dict(str(path))
+        except Exception as e:  # noqa: BLE001 - unreadable in any way
+            raise TeacherError(f"teacher {path} is unreadable: {type(e).__name__}") from None
+        note = _fit_state(model, state, str(path), profile)
+        provenance = {"file": str(path), "sha256": file_sha256(path)}
+    if note:
+        provenance["classifier"] = note
+    model.bench_suite_profile = p.name
+    return model.eval(), provenance
 
 
 def load_teacher_checkpoint(path: str | Path, profile: str, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
@@ -291,6 +380,14 @@ def load_given_teacher(path: str | Path, profile: str, dm, seed: int, output: st
         TeacherError: if it is missing, unreadable or does not fit the profile (a weight-shape mismatch
             that torch reports as a ``RuntimeError`` becomes a one-line TeacherError too).
     """
+    spec = str(path)
+    if spec.startswith(TIMM_PREFIX) or not is_suite_checkpoint(spec):
+        model, provenance = load_timm_teacher(spec, profile, dm.num_classes)
+        ident = file_sha256(spec) if "sha256" in provenance else hashlib.sha256(spec.encode()).hexdigest()
+        if "classifier" in provenance:
+            log(f"teacher {spec}: {provenance['classifier']}")
+        return model, {"path": spec, "source": "timm" if "timm" in provenance else "file", "key": None,
+                       "sha256": ident, "provenance": provenance}
     try:
         return resolve_teacher(profile, teacher_datamodule(dm), seed, output, settings, teacher_path=path, log=log)
     except TeacherError:
@@ -300,6 +397,26 @@ def load_given_teacher(path: str | Path, profile: str, dm, seed: int, output: st
         if not lines:
             raise
         raise TeacherError(f"teacher {path} does not fit profile {profile!r}: {lines[0]}") from None
+
+
+SUITE_SUFFIXES = (".ckpt",)  # Lightning / suite checkpoints; .safetensors, .pth, .bin, .pt: timm format unless
+# they hold a Lightning "state_dict" with "model.*" keys
+
+
+def is_suite_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a suite/Lightning checkpoint (``state_dict`` with ``model.*`` keys) rather than a
+    timm-format state dict. A missing or unreadable file counts as a suite checkpoint (its loader says why)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return False
+    if path.suffix in SUITE_SUFFIXES or not path.is_file():
+        return True
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - let the suite's loader report it
+        return True
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) and \
+        any(str(k).startswith("model.") for k in ckpt["state_dict"])
 
 
 def teacher_datamodule(dm):
