@@ -33,6 +33,8 @@ __all__ = [
     "backbone_spec",
     "backbone_from_spec",
     "pruning_stages",
+    "lvvit_official_to_suite",
+    "STATE_ADAPTERS",
 ]
 
 
@@ -148,6 +150,40 @@ def bench_lvvit_s(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     default = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384, depth=16,
                    num_heads=6, mlp_ratio=3.0, qkv_bias=False, init_values=0.5, embed_layer=ConvStemPatchEmbed)
     return _vit(pretrained, default, **kwargs)
+
+
+_LVVIT_STEM = {"conv1": "stem.0", "bn1": "stem.1", "conv2": "stem.3", "bn2": "stem.4", "conv3": "stem.6",
+               "bn3": "stem.7"}
+
+
+def lvvit_official_to_suite(state: dict[str, Any], skip_lam: float = 2.0) -> dict[str, Any]:
+    """Map an official LV-ViT state dict (zihangJiang/TokenLabeling ``tlt/models/lvvit.py``: ``PatchEmbed4_2``'s
+    ``patch_embed.conv1/bn1/conv2/bn2/conv3/bn3/proj``, blocks with ``attn.qkv/proj`` and ``mlp.fc1/fc2``, and
+    ``aux_head``) onto :func:`bench_lvvit_s`'s keys: the stem convolutions and BatchNorms to
+    ``patch_embed.stem.<i>``, the constant residual scaling ``1 / skip_lam`` to every block's LayerScale
+    ``ls1.gamma``/``ls2.gamma``, and the token-labelling head ``aux_head`` dropped (training only). Keys that are
+    already the suite's pass unchanged, so the function is idempotent."""
+    out: dict[str, Any] = {}
+    dims: dict[str, int] = {}
+    for key, value in state.items():
+        if key.startswith("aux_head."):
+            continue
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[0] == "patch_embed" and parts[1] in _LVVIT_STEM:
+            key = ".".join(["patch_embed", _LVVIT_STEM[parts[1]], *parts[2:]])
+        out[key] = value
+        if len(parts) >= 4 and parts[0] == "blocks" and parts[2] == "norm1" and parts[3] == "weight":
+            dims[parts[1]] = int(value.shape[0])
+    for i, dim in dims.items():
+        for ls in ("ls1", "ls2"):
+            name = f"blocks.{i}.{ls}.gamma"
+            if name not in out:
+                out[name] = torch.full((dim,), 1.0 / skip_lam)
+    return out
+
+
+STATE_ADAPTERS: dict[str, Any] = {"bench_lvvit_s": lvvit_official_to_suite}
+"""timm architecture -> a function mapping foreign checkpoints (the official release's key names) onto it."""
 
 
 @dataclass(frozen=True)

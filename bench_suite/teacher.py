@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench_suite.backbones import create_backbone, get_profile
+from bench_suite.backbones import STATE_ADAPTERS, create_backbone, get_profile
 from bench_suite.errors import TeacherError
 from bench_suite.locks import ConfigLock
 
@@ -178,6 +178,9 @@ def load_timm_teacher(spec: str, profile: str, num_classes: int) -> tuple[nn.Mod
             state = load_state_dict(str(path))
         except Exception as e:  # noqa: BLE001 - unreadable in any way
             raise TeacherError(f"teacher {path} is unreadable: {type(e).__name__}") from None
+        adapter = STATE_ADAPTERS.get(p.model)
+        if adapter is not None:  # e.g. the official LV-ViT-S release's key names
+            state = adapter(state)
         note = _fit_state(model, state, str(path), profile)
         provenance = {"file": str(path), "sha256": file_sha256(path)}
     if note:

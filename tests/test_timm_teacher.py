@@ -84,3 +84,31 @@ def test_rows_carry_the_teacher_provenance(tmp_path, capsys):
     for config in rows["config"]:
         prov = config["teacher_provenance"]
         assert prov["file"] == str(path) and len(prov["sha256"]) == 64
+
+
+def test_official_lvvit_s_checkpoint_keys_map_onto_the_suite_lvvit_s(tmp_path):
+    """A checkpoint with the official TokenLabeling key names (PatchEmbed4_2's conv1/bn1/..., no LayerScale
+    (skip_lam = 2 is a constant), an aux_head) loads into the suite's lvvit_s and computes the same."""
+    from bench_suite.backbones import create_backbone
+
+    torch.manual_seed(0)
+    suite = create_backbone("lvvit_s", num_classes=1000).eval()
+    inverse = {"stem.0": "conv1", "stem.1": "bn1", "stem.3": "conv2", "stem.4": "bn2", "stem.6": "conv3",
+               "stem.7": "bn3"}
+    official = {}
+    for k, v in suite.state_dict().items():
+        if ".ls1." in k or ".ls2." in k:
+            continue  # the official blocks divide by skip_lam instead
+        for ours, theirs in inverse.items():
+            k = k.replace(f"patch_embed.{ours}.", f"patch_embed.{theirs}.")
+        official[k] = v.clone()
+    official["aux_head.weight"], official["aux_head.bias"] = torch.randn(1000, 384), torch.zeros(1000)
+    assert "patch_embed.conv1.weight" in official and "patch_embed.bn3.running_var" in official
+    path = tmp_path / "lvvit_s-26M-224-83.3.pth"
+    torch.save({"model": official}, path)
+    model, prov = load_timm_teacher(str(path), "lvvit_s", 1000)
+    for k, v in suite.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, msg=k)  # LayerScale 0.5 = 1 / skip_lam
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), suite(x))
