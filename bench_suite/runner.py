@@ -359,7 +359,7 @@ class _Sweep:
         pl.seed_everything(seed, workers=True, verbose=False)
         backbone = copy.deepcopy(self.teacher).train().requires_grad_(True)  # the teacher itself stays frozen
         module = job.spec.factory(backbone, keep_rate=job.rate, teacher=self.teacher, **job.overrides)
-        settings = replace(self.settings, seed=seed, epochs=int(job.config["epochs"]),
+        settings = replace(self.settings, seed=seed, epochs=module.train_epochs(int(job.config["epochs"])),
                            strategy=ddp_strategy_for(module, self.settings.strategy))
         metrics = fit_and_test(module, self.dm, run_dir, settings, run_key=job.key, fresh=self.force, log=self.say)
         out: dict[str, Any] = {

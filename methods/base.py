@@ -125,6 +125,13 @@ class BenchModule(pl.LightningModule):
     def adapt(self, model: nn.Module) -> None:
         """Patch the backbone in place for this method (no-op for full attention)."""
 
+    def train_epochs(self, epochs: int) -> int:
+        """Epochs this method trains for a fine-tuning protocol of ``epochs`` (the runner's ``--epochs``):
+        ``epochs`` for every method that fine-tunes in one phase; a method whose official recipe adds a
+        stage before the common fine-tuning (e.g. a predictor-only phase) returns more, and says so in
+        its docstring. ``0`` (evaluate only) stays ``0``."""
+        return int(epochs)
+
     def extra_losses(self, out: ForwardOutput, teacher_out: ForwardOutput | None,
                      batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Method-specific loss terms, already weighted, keyed by a short name (logged as ``train/<name>``)."""

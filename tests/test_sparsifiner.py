@@ -547,10 +547,30 @@ def test_evit_variant_stays_reachable():
     (79, 0.1, 0, 8),       # the plain fraction
 ])
 def test_phase1_length_rule(total, frac, min_steps, expected):
-    m = Sparsifiner(tiny_vit(), phase1_frac=frac, phase1_min_steps=min_steps)
+    m = Sparsifiner(tiny_vit(), phase1_epochs=0, phase1_frac=frac, phase1_min_steps=min_steps)
 
     class _T:
         estimated_stepping_batches = total
 
     m._trainer = _T()
     assert m.phase1_length() == expected
+
+
+@pytest.mark.parametrize("p1_epochs,epochs,total,max_epochs,expected_epochs,expected_steps", [
+    (1, 1, 158, 2, 2, 79),     # the CPU protocol: one phase-1 epoch before the fine-tuning epoch
+    (5, 45, 50 * 100, 50, 50, 500),  # the official 5 + 45
+    (1, 0, 0, 0, 0, 0),        # evaluate only: no training at all
+    (1, 1, 79, 1, 2, 39),      # a Trainer of one epoch (a user's own): the phase1_frac rule
+])
+def test_phase1_epochs_come_before_the_fine_tuning_epochs(p1_epochs, epochs, total, max_epochs, expected_epochs,
+                                                          expected_steps):
+    m = Sparsifiner(tiny_vit(), phase1_epochs=p1_epochs)
+    assert m.train_epochs(epochs) == expected_epochs
+
+    class _T:
+        estimated_stepping_batches = total
+
+    _T.max_epochs = max_epochs
+    m._trainer = _T()
+    assert m.phase1_length() == expected_steps
+    assert Sparsifiner(tiny_vit(), phase1_steps=3).train_epochs(epochs) == epochs  # steps given: no extra epoch
