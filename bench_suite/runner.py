@@ -13,7 +13,9 @@ The protocol, for each (method, keep rate):
 2. the method's LightningModule is built on a copy of the teacher's backbone (the initialisation of
    every method, as the paper fine-tunes from a pretrained ViT) with the teacher for distillation;
 3. it is fine-tuned for the same number of epochs on the same training images as every other
-   method (``--epochs``, ``--train-subset``), resuming from its last checkpoint if interrupted;
+   method (``--epochs``, ``--train-subset``), resuming from its last checkpoint if interrupted; a method
+   whose official recipe adds a stage before that fine-tuning (Sparsifiner's predictor-only phase 1) trains
+   the epochs its ``train_epochs(epochs)`` returns, recorded in the row (``train_steps``);
 4. test top-1 on the held-out test set, MHSA FLOPs on real test images (fvcore, measured; plus the
    paper's convention where it differs), eval latency/throughput and peak memory are measured;
 5. one row goes into the results store; a configuration already stored is skipped (``--force``

@@ -42,11 +42,23 @@ def _handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(signal_name(signum))
 
 
-def install() -> None:
-    """Handle SIGINT and SIGTERM as described in the module docstring (main thread only; idempotent)."""
+def _record(signum: int, frame: Any) -> None:
+    global _received
+    if _received is None:
+        _received = signum
+
+
+def install(defer: bool = False) -> None:
+    """Handle SIGINT and SIGTERM as described in the module docstring (main thread only; idempotent).
+
+    Args:
+        defer: only record the signal, raise nothing (while the heavy packages import: an exception raised
+            inside a half-initialised C extension's import can abort the interpreter, SIGABRT, instead of
+            stopping it); the caller checks :func:`received` afterwards and installs the raising handler.
+    """
     for sig in _HANDLED:
         try:
-            signal.signal(sig, _handler)
+            signal.signal(sig, _record if defer else _handler)
         except ValueError:  # not the main thread: leave the defaults
             return
 

@@ -104,3 +104,27 @@ def test_a_signal_while_importing_stops_cleanly(tmp_path, sig, code):
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err
     assert f"bench_suite: stopped by {signal.Signals(sig).name} (exit status {code})" in err
+
+
+def test_deferred_handler_records_a_signal_without_raising():
+    """While the heavy packages import, a signal is only recorded (raising inside a half-initialised C
+    extension's import can abort the interpreter); the raising handler comes after."""
+    from bench_suite import signals as sigs
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sigs.reset()
+        sigs.install(defer=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered at the next bytecode: nothing may be raised
+        time.sleep(0.05)
+        assert sigs.received() == signal.SIGTERM and sigs.exit_code() == 143
+        sigs.reset()
+        sigs.install()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        assert sigs.received() == signal.SIGTERM
+    finally:
+        sigs.reset()
+        for s, h in saved.items():
+            signal.signal(s, h)
