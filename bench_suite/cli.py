@@ -22,6 +22,8 @@ from bench_suite.errors import UserError
 from bench_suite.locks import ConfigLock
 from bench_suite.logs import quiet_lightning_info
 from bench_suite.options import (
+    PRECISIONS,
+    ClipValue,
     KeepRate,
     NonNegativeInt,
     OpenUnitInterval,
@@ -116,6 +118,13 @@ def build_parser() -> ArgumentParser:
     p_run.add_argument("--seeds", type=str | None, default=None,
                        help="fine-tune every configuration once per seed, e.g. 0,1,2 (resumable; one teacher, that of "
                             "--seed, for all); the Pareto table shows mean, standard deviation and n")
+    p_run.add_argument("--precision", type=str, default="32", choices=list(PRECISIONS),
+                       help="Lightning precision of fine-tuning and evaluation: 32, bf16-mixed or 16-mixed (GPU); "
+                            "part of every row's configuration")
+    p_run.add_argument("--accumulate-grad-batches", type=PositiveInt, default=1,
+                       help="accumulate gradients over N batches per optimiser step (Lightning)")
+    p_run.add_argument("--gradient-clip-val", type=ClipValue, default=0.0,
+                       help="clip the gradient norm at this value (0: no clipping; Lightning)")
     p_run.add_argument("--x", type=str, default="mhsa_mflops", choices=list(X_AXES), help="x axis of the Pareto plot")
     p_run.add_argument("--table", type=int | None, default=None, choices=[None, *TABLES],
                        help="run exactly the configurations of the paper's table N (1-4) on --profile "

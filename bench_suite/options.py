@@ -14,12 +14,38 @@ from bench_suite.errors import UserError
 
 from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt, restricted_number_type
 
-__all__ = ["PositiveInt", "NonNegativeInt", "OpenUnitInterval", "KeepRate", "parse_keep_rates", "parse_hparams",
-           "parse_list", "parse_devices", "parse_loggers"]
+__all__ = ["PositiveInt", "NonNegativeInt", "OpenUnitInterval", "KeepRate", "ClipValue", "PRECISIONS",
+           "TRAINING_DEFAULTS", "training_recipe", "parse_keep_rates", "parse_hparams", "parse_list", "parse_devices",
+           "parse_loggers"]
 
 KeepRate = restricted_number_type("KeepRate", float, [(">", 0.0), ("<=", 1.0)], join="and",
                                   docstring="a keep rate in (0, 1]")
 """Option type of a keep rate: a number in (0, 1] (NaN and infinities are refused)."""
+
+ClipValue = restricted_number_type("ClipValue", float, [(">=", 0.0), ("<", math.inf)], join="and",
+                                   docstring="a finite number >= 0")
+"""Option type of ``--gradient-clip-val``: a finite number >= 0 (0: no clipping)."""
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+"""Lightning precisions ``run --precision`` accepts (``16-mixed`` needs a GPU)."""
+
+TRAINING_DEFAULTS = {"precision": "32", "accumulate_grad_batches": 1, "gradient_clip_val": 0.0}
+"""Lightning Trainer settings of ``run`` and their defaults (fp32, no accumulation, no clipping)."""
+
+
+def training_recipe(cfg: Any) -> dict[str, Any]:
+    """The Trainer settings of ``cfg`` (``--precision``, ``--accumulate-grad-batches``, ``--gradient-clip-val``)
+    that differ from :data:`TRAINING_DEFAULTS`, in canonical types: they enter every row's configuration key
+    (under ``"trainer"``) and the Trainer; a run at the defaults keeps its earlier keys."""
+    out: dict[str, Any] = {}
+    for name, default in TRAINING_DEFAULTS.items():
+        value = getattr(cfg, name, None)
+        if value is None:
+            continue
+        value = type(default)(value)
+        if value != default:
+            out[name] = value
+    return out
 
 
 def parse_keep_rates(text: str | None) -> list[float] | None:

@@ -15,7 +15,7 @@ from typing import Any
 from bench_suite.backbones import create_backbone, get_profile, num_tokens
 from bench_suite.errors import UserError
 from bench_suite.kernels import load_kernel
-from bench_suite.options import canonical_settings, parse_loggers, parse_seeds
+from bench_suite.options import canonical_settings, parse_loggers, parse_seeds, training_recipe
 from bench_suite.registry import MethodSpec, get_method
 from bench_suite.store import canonical_json
 from bench_suite.training import TrainSettings
@@ -41,7 +41,7 @@ def train_settings(cfg: Any, epochs: int) -> TrainSettings:
                          accelerator=cfg.accelerator, progress=not cfg.no_progress, seed=int(cfg.seed),
                          loggers=parse_loggers(getattr(cfg, "logger", "csv")),
                          checkpoint_every_n_steps=TrainSettings.checkpoint_every_n_steps if every is None
-                         else (int(every) or None))
+                         else (int(every) or None), extra=training_recipe(cfg))
 
 
 def check_output(output: Path) -> None:

@@ -54,7 +54,7 @@ from bench_suite.plan import (RunOptions, check_output, make_datamodule, resolve
 from bench_suite.registry import MethodSpec, declared_metrics, default_methods, parse_methods, reference_method
 from bench_suite.store import STORE_FILENAME, ResultsStore, config_key
 from bench_suite.teacher import load_given_teacher, resolve_teacher_locked
-from bench_suite.training import NonFiniteLossError, TrainSettings, fit_and_test
+from bench_suite.training import NonFiniteLossError, TrainSettings, fit_and_test, install_shared_prefix
 from bench_suite.versions import versions
 
 __all__ = ["UNITS", "run_benchmark", "measure_module", "row_units"]
@@ -68,7 +68,7 @@ UNITS = {
     "top1": "%", "val_top1": "%", "mhsa_mflops": "MFLOPs", "mhsa_mflops_paper": "MFLOPs",
     "mhsa_proj_mflops": "MFLOPs", "total_gflops": "GFLOPs", "img_per_s": "img/s", "latency_ms_median": "ms",
     "latency_ms_p90": "ms", "peak_mib": "MiB", "train_seconds": "s", "train_steps": "optimiser steps",
-    "resumed_from_step": "optimiser steps",
+    "resumed_from_step": "optimiser steps", "shared_prefix_epochs": "epochs",
 }
 
 
@@ -199,6 +199,8 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
     jobs: list[_Job] = []
     base = {"profile": opts.profile.name, "data": data, "data_files": dm.fingerprint(), "seed": opts.seed,
             "teacher": tinfo["sha256"]}
+    if settings.extra:  # --precision, --accumulate-grad-batches, --gradient-clip-val away from their defaults
+        base["trainer"] = dict(settings.extra)
     if tinfo.get("provenance"):  # timm weights or a timm-format file: name and tag, or file and sha256
         base["teacher_provenance"] = tinfo["provenance"]
     teacher_cfg = {"kind": "teacher-eval", **base}
@@ -356,6 +358,23 @@ class _Sweep:
             return {"top1": top1}
         return {"top1": top1, **measure_module(_TeacherModule(self.teacher), self.dm)}
 
+    def _shared_prefix(self, job: _Job, module: Any, epochs: int) -> tuple[Path, int] | None:
+        """``(file, epochs)`` of the job's shared prefix (:meth:`methods.base.BenchModule.shared_prefix`): keyed
+        by its configuration without the hyperparameters the prefix does not depend on, under
+        ``<output>/prefixes/``; ``None`` when the method shares nothing or trains no further than it."""
+        declared = module.shared_prefix()
+        if not declared or epochs <= declared[0]:
+            return None
+        n, free = declared
+        config = copy.deepcopy(job.config)
+        for name in free:
+            config.get("hparams", {}).pop(name, None)
+            config.get("overrides", {}).pop(name, None)
+            config.pop(name, None)
+        config["shared_prefix_epochs"] = int(n)
+        config["train_epochs"] = int(epochs)  # the learning-rate schedule spans the whole run
+        return self.opts.output / "prefixes" / f"{job.spec.name}-{config_key(config)}.ckpt", int(n)
+
     def _train(self, job: _Job, run_dir: Path) -> dict[str, Any]:
         seed = int(job.config["seed"])  # the fine-tuning seed (--seeds), not the teacher's
         pl.seed_everything(seed, workers=True, verbose=False)
@@ -363,12 +382,22 @@ class _Sweep:
         module = job.spec.factory(backbone, keep_rate=job.rate, teacher=self.teacher, **job.overrides)
         settings = replace(self.settings, seed=seed, epochs=module.train_epochs(int(job.config["epochs"])),
                            strategy=ddp_strategy_for(module, self.settings.strategy))
-        metrics = fit_and_test(module, self.dm, run_dir, settings, run_key=job.key, fresh=self.force, log=self.say)
+        prefix = self._shared_prefix(job, module, settings.epochs)
+        shared = False
+        if prefix is not None and self.rank == 0 and not self.force:
+            shared = install_shared_prefix(prefix[0], run_dir, job.key, dict(module.hparams))
+            if shared:
+                self.say(f"{job.tag}: its first {prefix[1]} epoch(s) do not depend on "
+                         f"{', '.join(module.shared_prefix()[1])}: resuming from the shared {prefix[0]}")
+        metrics = fit_and_test(module, self.dm, run_dir, settings, run_key=job.key, fresh=self.force, log=self.say,
+                               save_prefix=prefix)
         out: dict[str, Any] = {
             "top1": 100.0 * metrics["test/top1"],
             "val_top1": 100.0 * metrics["val/top1"] if "val/top1" in metrics else None,
             "train_steps": int(metrics["global_step"]), "resumed_from_step": int(metrics["resumed_step"]),
         }
+        if prefix is not None:  # epochs taken from the shared prefix (0: this run trained them, and saved them)
+            out["shared_prefix_epochs"] = prefix[1] if shared else 0
         if self.rank == 0:
             out.update(measure_module(module, self.dm))
         return out

@@ -152,6 +152,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_dir(path.parent)
 
 
+class _SavePrefix(Callback):
+    """Copies the training state at the end of epoch ``epochs`` to ``path`` (once; atomic), the shared
+    prefix other configurations resume from (see :func:`install_shared_prefix`). Placed after
+    :class:`_RunStamp`, so the copy holds the finished epoch's data position."""
+
+    def __init__(self, path: Path, epochs: int) -> None:
+        self.path, self.epochs = Path(path), int(epochs)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 == self.epochs and not self.path.exists() and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+
+
+def install_shared_prefix(prefix: str | Path, run_dir: str | Path, run_key: str | None,
+                          hparams: dict[str, Any]) -> bool:
+    """Start a run from a shared prefix: copy the checkpoint ``prefix`` (the state after the epochs that do not
+    depend on the hyperparameters this run differs in, :meth:`methods.base.BenchModule.shared_prefix`) to
+    ``run_dir/checkpoints/last.ckpt``, stamped with this run's key and hyperparameters, unless the run has a
+    checkpoint of its own. Returns whether it did.
+
+    Raises:
+        OSError: if the prefix cannot be read or the copy written.
+    """
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if last.exists() or not Path(prefix).is_file():
+        return False
+    ckpt = torch.load(prefix, map_location="cpu", weights_only=False)
+    ckpt[STAMP_KEY] = {"key": run_key, "format": 1, "shared_prefix": Path(prefix).name}
+    ckpt["hyper_parameters"] = dict(hparams)
+    AtomicCheckpointIO().save_checkpoint(ckpt, last)
+    return True
+
+
 def inspect_checkpoint(path: str | Path, run_key: str | None = None,
                        hparams: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, str | None]:
     """Check that the Lightning checkpoint ``path`` can be resumed by this run.
@@ -390,7 +423,8 @@ def _prepare_checkpoint(run_dir: Path, run_key: str | None, module: pl.Lightning
 
 def fit_and_test(module: pl.LightningModule, datamodule: pl.LightningDataModule, run_dir: str | Path,
                  settings: TrainSettings, run_key: str | None = None, fresh: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict[str, float]:
+                 log: Callable[[str], None] | None = None,
+                 save_prefix: tuple[Path, int] | None = None) -> dict[str, float]:
     """Train ``module`` (resuming from ``run_dir/checkpoints/last.ckpt`` if it belongs to this run), then
     test it.
 
@@ -403,6 +437,8 @@ def fit_and_test(module: pl.LightningModule, datamodule: pl.LightningDataModule,
             hyperparameters alone decide whether a checkpoint can be resumed).
         fresh: discard existing checkpoints and train from scratch.
         log: where to report resuming/discarding (default: print on rank 0).
+        save_prefix: ``(path, epochs)``: also save the state after ``epochs`` epochs to ``path`` (a shared
+            prefix, :func:`install_shared_prefix`; once).
 
     Returns:
         Logged metrics after testing, e.g. ``{"test/top1": 0.91, "val/top1": 0.90}`` (fractions), plus
@@ -429,7 +465,10 @@ def fit_and_test(module: pl.LightningModule, datamodule: pl.LightningDataModule,
         if loader is not None and info is not None:
             loader.load_state_dict(info.get("loader_state"))
     stamp = _RunStamp(run_key, sampler)  # type: ignore[arg-type]
-    trainer = make_trainer(run_dir, settings, callbacks=[stamp])
+    callbacks: list[Callback] = [stamp]
+    if save_prefix is not None:  # every rank: saving a checkpoint synchronises them
+        callbacks.append(_SavePrefix(*save_prefix))
+    trainer = make_trainer(run_dir, settings, callbacks=callbacks)
     if settings.epochs > 0:
         if loader is not None:
             trainer.fit(module, train_dataloaders=loader, val_dataloaders=datamodule.val_dataloader(),

@@ -125,6 +125,14 @@ class BenchModule(pl.LightningModule):
     def adapt(self, model: nn.Module) -> None:
         """Patch the backbone in place for this method (no-op for full attention)."""
 
+    def shared_prefix(self) -> tuple[int, tuple[str, ...]] | None:
+        """``(epochs, hparams)``: the first ``epochs`` training epochs do not depend on the hyperparameters
+        named (e.g. a predictor-only phase that never looks at the keep rate), so every configuration that
+        differs from another only in those starts from the same state after them. The runner trains that
+        prefix once per group and resumes the others from its checkpoint
+        (:func:`bench_suite.training.install_shared_prefix`). ``None`` (default): nothing is shared."""
+        return None
+
     def train_epochs(self, epochs: int) -> int:
         """Epochs this method trains for a fine-tuning protocol of ``epochs`` (the runner's ``--epochs``):
         ``epochs`` for every method that fine-tunes in one phase; a method whose official recipe adds a

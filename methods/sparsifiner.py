@@ -466,6 +466,16 @@ class Sparsifiner(BenchModule):
             return int(epochs)
         return int(epochs) + int(hp.get("phase1_epochs", 0))
 
+    def shared_prefix(self) -> tuple[int, tuple[str, ...]] | None:
+        """Phase 1 trains the predictor on the full-attention forward with a loss that never looks at the
+        budget: its ``phase1_epochs`` are the same at every keep rate, so the runner trains them once and
+        every other keep rate resumes phase 2 from there (``None`` when phase 1 is sized in steps or fractions,
+        or runs the sparse forward)."""
+        hp = self.hparams
+        if hp.phase1_steps is not None or not hp.get("phase1_epochs") or not hp.phase1_full_attention:
+            return None
+        return int(hp.phase1_epochs), ("keep_rate",)
+
     def phase1_length(self) -> int:
         """Phase-1 length in optimiser steps: ``phase1_steps``; else the first ``phase1_epochs`` epochs' steps when
         the Trainer runs more epochs than that; else ``max(ceil(phase1_frac * total), min(phase1_min_steps,

@@ -1,0 +1,51 @@
+"""A method's shared prefix (``BenchModule.shared_prefix``): Sparsifiner's phase 1 does not depend on the keep
+rate, so a sweep trains it once and the other keep rates resume phase 2 from its checkpoint, with exactly the
+result a run of their own would give."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from methods.base import BenchModule
+from methods.sparsifiner import Sparsifiner
+from tests.conftest import tiny_vit
+from tests.test_resume import rows_by_method, run_cli, tiny_teacher  # noqa: F401  (session fixture)
+
+
+def _args(teacher: Path, out: Path, rates: str) -> list[str]:
+    # 256 images, batch 32: 8 steps per epoch, phase 1 one epoch before the fine-tuning epoch; no augmentation,
+    # so that a run resumed from the shared phase 1 must end exactly where a run of its own does
+    return ["run", "--profile", "tiny", "--methods", "sparsifiner", "--keep-rates", rates, "--train-subset", "256",
+            "--batch-size", "32", "--epochs", "1", "--no-augment", "--accelerator", "cpu", "--teacher", str(teacher),
+            "--no-progress", "--output", str(out)]
+
+
+def test_declarations():
+    assert BenchModule.shared_prefix(Sparsifiner(tiny_vit(), phase1_epochs=0)) is None
+    assert Sparsifiner(tiny_vit()).shared_prefix() == (1, ("keep_rate",))
+    assert Sparsifiner(tiny_vit(), phase1_steps=5).shared_prefix() is None  # sized in steps: not shared
+    assert Sparsifiner(tiny_vit(), phase1_full_attention=False).shared_prefix() is None  # sparse forward: keep-dependent
+
+
+@pytest.mark.slow
+def test_phase1_is_trained_once_per_sweep_and_resumed_exactly(tmp_path, tiny_teacher):  # noqa: F811
+    shared = run_cli(_args(tiny_teacher, tmp_path / "a", "0.5,0.25"), tmp_path)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    assert len(list((tmp_path / "a" / "prefixes").glob("sparsifiner-*.ckpt"))) == 1
+    assert "resuming from the shared" in shared.stdout
+    _, by = rows_by_method(tmp_path / "a")
+    first, second = by[("sparsifiner", 0.5)], by[("sparsifiner", 0.25)]
+    assert first.shared_prefix_epochs == 0 and first.resumed_from_step == 0 and first.train_steps == 16
+    assert second.shared_prefix_epochs == 1 and second.resumed_from_step == 8 and second.train_steps == 16
+    assert second.attn_distill_start == first.attn_distill_start  # the same phase 1 ...
+    assert second.attn_distill_end == first.attn_distill_end
+
+    alone = run_cli(_args(tiny_teacher, tmp_path / "b", "0.25"), tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    _, by_alone = rows_by_method(tmp_path / "b")
+    own = by_alone[("sparsifiner", 0.25)]
+    assert own.shared_prefix_epochs == 0 and own.resumed_from_step == 0
+    assert own.key == second.key  # one configuration ...
+    for metric in ("top1", "attn_distill_end", "mask_recall", "mhsa_mflops"):  # ... and one result
+        assert own[metric] == pytest.approx(second[metric], rel=1e-6, abs=1e-9), metric
