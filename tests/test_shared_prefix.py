@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench_suite.store import ResultsStore
 from methods.base import BenchModule
 from methods.sparsifiner import Sparsifiner
 from tests.conftest import tiny_vit
@@ -49,3 +50,22 @@ def test_phase1_is_trained_once_per_sweep_and_resumed_exactly(tmp_path, tiny_tea
     assert own.key == second.key  # one configuration ...
     for metric in ("top1", "attn_distill_end", "mask_recall", "mhsa_mflops"):  # ... and one result
         assert own[metric] == pytest.approx(second[metric], rel=1e-6, abs=1e-9), metric
+
+
+def test_trainer_settings_reach_the_trainer_and_the_configuration_key(tmp_path, tiny_teacher):  # noqa: F811
+    """--precision bf16-mixed, --accumulate-grad-batches and --gradient-clip-val train (the sparse kernels under
+    autocast included) and enter every row's configuration (a new key); the defaults keep the old keys."""
+    args = _args(tiny_teacher, tmp_path / "bf16", "0.5")[:-2] + ["--output", str(tmp_path / "bf16")]
+    args[args.index("--methods") + 1] = "sparsifiner,evit"
+    proc = run_cli(args + ["--precision", "bf16-mixed", "--accumulate-grad-batches", "2",
+                           "--gradient-clip-val", "1.0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, by = rows_by_method(tmp_path / "bf16")
+    store = ResultsStore(tmp_path / "bf16" / "results.sqlite")
+    for method, steps in (("sparsifiner", 8), ("evit", 4)):  # 8 batches per epoch, 2 per step; + phase 1
+        row = by[(method, 0.5)]
+        assert row.status == "ok" and row.top1 > 10.0
+        assert row.train_steps == steps
+        assert store.get(row.key)["config"]["trainer"] == {"precision": "bf16-mixed", "accumulate_grad_batches": 2,
+                                                           "gradient_clip_val": 1.0}
+    assert store.get(by[("teacher", 1.0)].key)["config"]["trainer"]["precision"] == "bf16-mixed"  # evaluated so

@@ -32,6 +32,8 @@ BAD: dict[str, dict[str, list[str]]] = {
             "--epochs": COUNT, "--train-subset": COUNT, "--batch-size": POSITIVE, "--teacher": [NOT_A_FILE, "/tmp"],
             "--checkpoint-every": ["-1", "abc", ""], "--x": ["bogus", ""], "--table": ["0", "5", "abc"],
             "--seeds": ["-1", "abc", "0,0", ",", "1.5", "0,-2"],
+            "--precision": ["64", "bf16", ""], "--accumulate-grad-batches": POSITIVE,
+            "--gradient-clip-val": ["-1", "abc", "nan", "inf", ""],
             "--hparams": ["{", "[1]", '{"evit": {"lr": NaN}}', '{"evit": {"lr": Infinity}}', '{"evit": {"lr": "fast"}}',
                           '{"evit": {"nope": 1}}', '{"evit": 3}', '{"full": {}}']},
     "teacher": {k: v for k, v in COMMON.items()},
