@@ -360,7 +360,7 @@ def make_trainer(run_dir: str | Path, settings: TrainSettings, callbacks: list[C
                                      every_n_train_steps=int(settings.checkpoint_every_n_steps)))
     for pattern in (".*does not have many workers.*", ".*`isinstance.*LeafSpec.*", ".*exists and is not empty.*",
                     ".*dataloader is not resumable.*", ".*Consider setting `persistent_workers=True`.*",
-                    ".*deterministic.*CUBLAS.*",
+                    ".*deterministic.*CUBLAS.*", ".*The dirpath has changed from.*",  # a shared prefix's copy
                     # the frozen teacher (a submodule for distillation) is in eval mode on purpose
                     r".*module\(s\) in eval mode at the start of training.*"):
         warnings.filterwarnings("ignore", message=pattern)
