@@ -14,7 +14,7 @@ The protocol, for each (method, keep rate):
    every method, as the paper fine-tunes from a pretrained ViT) with the teacher for distillation;
 3. it is fine-tuned for the same number of epochs on the same training images as every other
    method (``--epochs``, ``--train-subset``), resuming from its last checkpoint if interrupted; a method
-   whose official recipe adds a stage before that fine-tuning (Sparsifiner's predictor-only phase 1) trains
+   whose official recipe adds a stage before that fine-tuning (e.g. a predictor-only phase) trains
    the epochs its ``train_epochs(epochs)`` returns, recorded in the row (``train_steps``);
 4. test top-1 on the held-out test set, MHSA FLOPs on real test images (fvcore, measured; plus the
    paper's convention where it differs), eval latency/throughput and peak memory are measured;

@@ -465,3 +465,18 @@ def test_sparsifiner_model_with_cpp_kernels_matches_torch_path():
     x = torch.randn(3, 1, 28, 28)
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "auto"])
+def test_connectivity_topk_promotes_mixed_dtypes(impl):
+    """Under bf16 autocast the predictor's coefficients are bfloat16 while W_up stays float32: the top-B is
+    taken on the promoted (float32) scores, the same set as with float32 coefficients of the same values."""
+    from bench_suite.kernels import CONNECTIVITY_TOPK_IMPLS, connectivity_topk
+    g = torch.Generator().manual_seed(0)
+    coef = torch.rand(2, 3, 7, 5, generator=g).to(torch.bfloat16)
+    w_up = torch.randn(1, 5, 11, generator=g)
+    want = torch.topk(coef.float() @ w_up, 4, dim=-1).indices.sort(-1).values
+    got = connectivity_topk(coef, w_up, 4, impl=impl)
+    assert torch.equal(got.sort(-1).values, want)
+    if impl in CONNECTIVITY_TOPK_IMPLS:
+        assert torch.equal(CONNECTIVITY_TOPK_IMPLS[impl](coef, w_up, 4).sort(-1).values, want)

@@ -247,6 +247,15 @@ def _auto_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
 
 
 # --------------------------------------------------------------------------- connectivity top-B (eq. 3)
+def _one_dtype(coef: torch.Tensor, w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``coef`` and ``w_up`` in their promoted dtype when they differ (mixed precision: autocast makes the
+    predictor's coefficients bfloat16 while ``W_up`` stays float32; the scores are then float32)."""
+    if coef.dtype != w_up.dtype and coef.dtype.is_floating_point and w_up.dtype.is_floating_point:
+        dtype = torch.promote_types(coef.dtype, w_up.dtype)
+        return coef.to(dtype), w_up.to(dtype)
+    return coef, w_up
+
+
 def _check_topk_inputs(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> None:
     if coef.dim() != 4:
         raise ValueError(f"connectivity top-k: coef must be [B, H, Nq, n_down], got {tuple(coef.shape)}")
@@ -304,7 +313,9 @@ def connectivity_topk_cpp(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -
 
 def connectivity_topk(coef: torch.Tensor, w_up: torch.Tensor, budget: int, impl: str = "auto") -> torch.Tensor:
     """Top-``budget`` key indices of ``coef @ w_up`` per query row (Wei et al. eq. 3), by ``impl``
-    (``"cpp"``, ``"torch"``, or ``"auto"``: the kernel for CPU float32 when it can be built)."""
+    (``"cpp"``, ``"torch"``, or ``"auto"``: the kernel for CPU float32 when it can be built). Mixed dtypes
+    (autocast) are promoted to one."""
+    coef, w_up = _one_dtype(coef, w_up)
     if impl == "torch":
         return connectivity_topk_torch(coef, w_up, budget)
     if impl == "cpp":
@@ -318,6 +329,7 @@ def connectivity_topk(coef: torch.Tensor, w_up: torch.Tensor, budget: int, impl:
 
 def _cpp_topk_impl(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> torch.Tensor:
     """The ``"cpp"`` connectivity top-k: the kernel for CPU float32, else ``torch.topk``."""
+    coef, w_up = _one_dtype(coef, w_up)
     if coef.device.type == "cpu" and coef.dtype == torch.float32 and w_up.dtype == torch.float32:
         return connectivity_topk_cpp(coef, w_up, budget)
     return connectivity_topk_torch(coef, w_up, budget)
