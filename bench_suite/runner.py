@@ -69,6 +69,7 @@ UNITS = {
     "mhsa_proj_mflops": "MFLOPs", "total_gflops": "GFLOPs", "img_per_s": "img/s", "latency_ms_median": "ms",
     "latency_ms_p90": "ms", "peak_mib": "MiB", "train_seconds": "s", "train_steps": "optimiser steps",
     "resumed_from_step": "optimiser steps", "shared_prefix_epochs": "epochs",
+    "lr_peak": "learning rate", "global_batch": "images per optimiser step",
 }
 
 
@@ -396,6 +397,9 @@ class _Sweep:
             "val_top1": 100.0 * metrics["val/top1"] if "val/top1" in metrics else None,
             "train_steps": int(metrics["global_step"]), "resumed_from_step": int(metrics["resumed_step"]),
         }
+        if getattr(module, "lr_peak", None) is not None:  # DeiT's scaling rule, resolved (methods.base)
+            out["lr_peak"] = float(module.lr_peak)
+            out["global_batch"] = module.lr_global_batch
         if prefix is not None:  # epochs taken from the shared prefix (0: this run trained them, and saved them)
             out["shared_prefix_epochs"] = prefix[1] if shared else 0
         if self.rank == 0:

@@ -308,7 +308,7 @@ def train_teacher(profile: str, datamodule, seed: int, output: str | Path, setti
     backbone = create_backbone(profile, num_classes=datamodule.num_classes, drop_path_rate=recipe.drop_path_rate)
     module = reference_method().factory(backbone, lr=recipe.lr, weight_decay=recipe.weight_decay,
                                         warmup_frac=recipe.warmup_frac, label_smoothing=recipe.label_smoothing,
-                                        distill_logits=0.0)
+                                        distill_logits=0.0, lr_batch=None)  # the recipe's lr is the peak
     start = time.perf_counter()
     metrics = fit_and_test(module, datamodule, folder / "run", replace(settings, epochs=recipe.epochs))
     seconds = time.perf_counter() - start

@@ -70,8 +70,15 @@ class BenchModule(pl.LightningModule):
         keep_rate: the method's keep rate in (0, 1] (token keep rate or attention keep rate; 1.0 is
             the no-op setting and must reproduce full attention).
         teacher: frozen full-attention model for distillation (``None`` disables distillation).
-        lr: peak learning rate of AdamW.
-        min_lr: final learning rate of the cosine schedule.
+        lr: base peak learning rate of AdamW, for a global batch of ``lr_batch`` images: the peak used is
+            ``lr x global_batch / lr_batch`` (DeiT's linear scaling rule, Touvron et al. 2021, which the
+            paper's recipe follows; global batch = per-process batch x processes x accumulated batches).
+            5e-4 is DeiT's base value; at the CPU profiles' batch of 128 the peak is 1.25e-4.
+        lr_batch: the global batch ``lr`` is given for (images, default 512 as DeiT); ``None``: ``lr`` is
+            the peak itself, whatever the batch. The peak and the global batch are reported with every row
+            (``lr_peak``, ``global_batch``).
+        min_lr: final learning rate of the cosine schedule, for ``lr_batch`` images: scaled with ``lr`` (the
+            whole schedule scales, so that its shape does not depend on the batch).
         weight_decay: AdamW weight decay (not applied to norms, biases, tokens, position embeddings).
         warmup_frac: fraction of the training steps with linear warm-up.
         label_smoothing: label smoothing of the cross-entropy.
@@ -92,6 +99,7 @@ class BenchModule(pl.LightningModule):
         keep_rate: float = 1.0,
         teacher: nn.Module | None = None,
         lr: float = 5e-4,
+        lr_batch: int | None = 512,
         min_lr: float = 1e-6,
         weight_decay: float = 0.05,
         warmup_frac: float = 0.05,
@@ -103,6 +111,8 @@ class BenchModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_keep_rate(keep_rate)
+        if lr_batch is not None and lr_batch <= 0:
+            raise ValueError(f"lr_batch must be a positive number of images or None, got {lr_batch}")
         self.save_hyperparameters(ignore=["backbone", "teacher"])
         self.keep_rate = float(keep_rate)
         self.model = backbone
@@ -252,12 +262,46 @@ class BenchModule(pl.LightningModule):
                 state.setdefault(f"teacher.{k}", v)
 
     # ---------------------------------------------------------------- optimisation
+    def global_batch(self) -> int | None:
+        """Images per optimiser step over all processes (per-process batch x world size x accumulated batches),
+        read from the attached Trainer and its datamodule (or training loader); ``None`` without them."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        if size is None:
+            size = getattr(getattr(trainer, "train_dataloader", None), "batch_size", None)
+        if size is None:
+            return None
+        return int(size) * int(trainer.world_size) * int(trainer.accumulate_grad_batches)
+
+    def lr_scale(self) -> float:
+        """The factor of DeiT's linear scaling rule, ``global_batch / lr_batch`` (1.0 with ``lr_batch=None`` or
+        no Trainer)."""
+        lr_batch = self.hparams.get("lr_batch")
+        batch = self.global_batch()
+        return 1.0 if lr_batch is None or batch is None else batch / float(lr_batch)
+
     def configure_optimizers(self) -> Any:
+        """AdamW over :meth:`param_groups` with a linear warm-up and a cosine decay per step to ``min_lr``.
+        Each group's peak learning rate is its own ``lr`` (default ``hparams.lr``) x :meth:`lr_scale`, except
+        groups that set ``"lr_scaled": False`` (an absolute learning rate). The peaks are kept in
+        ``self.peak_lrs`` (one per group) and re-applied when training starts (see :meth:`on_train_start`)."""
         hp = self.hparams
-        opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr)
+        scale = self.lr_scale()
+        groups = []
+        for g in self.param_groups():
+            g = dict(g)
+            lr = float(g.get("lr", hp.lr))
+            g["lr"] = lr * scale if g.pop("lr_scaled", True) else lr
+            groups.append(g)
+        self.peak_lrs = [g["lr"] for g in groups]
+        self.lr_peak = hp.lr * scale  # the backbone's peak and the batch it is for, reported with the row
+        self.lr_global_batch = self.global_batch()
+        opt = torch.optim.AdamW(groups, lr=self.lr_peak)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warmup = int(hp.warmup_frac * total)
-        floor = hp.min_lr / hp.lr if hp.lr > 0 else 0.0
+        floor = hp.min_lr / hp.lr if hp.lr > 0 else 0.0  # scaled with the peak: the same schedule shape
 
         def factor(step: int) -> float:
             if step < warmup:
@@ -267,6 +311,25 @@ class BenchModule(pl.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Re-apply this run's peak learning rates to a restored optimiser and scheduler: a run resumed from
+        a checkpoint another configuration saved (a shared prefix, :meth:`shared_prefix`, e.g. one that differs
+        only in the backbone's learning rate while the backbone was frozen) trains on with its own
+        schedule. A run resumed from its own checkpoint is unchanged (the same peaks)."""
+        peaks = getattr(self, "peak_lrs", None)
+        if not peaks or self._trainer is None or not self.trainer.optimizers:
+            return
+        opt = self.trainer.optimizers[0]
+        configs = self.trainer.lr_scheduler_configs
+        if len(opt.param_groups) != len(peaks):
+            return
+        sched = configs[0].scheduler if configs else None
+        for i, (group, peak) in enumerate(zip(opt.param_groups, peaks)):
+            group["initial_lr"] = peak
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                sched.base_lrs[i] = peak
+                group["lr"] = peak * sched.lr_lambdas[i](sched.last_epoch)
 
     # ---------------------------------------------------------------- reporting
     def token_pruning_stages(self) -> tuple[int, ...] | None:

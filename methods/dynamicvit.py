@@ -470,6 +470,7 @@ class DynamicViT(BenchModule):
         self._frozen = frozen
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         self._freeze_steps = self.freeze_length()
         self._frozen = None
 

@@ -337,7 +337,8 @@ class Sparsifiner(BenchModule):
         train_predictor_phase2: keep training the predictor in phase 2 (paper "jointly") instead of
             freezing it (official).
         attn_distill_phase1, attn_distill_phase2: weight of eq. 10 in each phase (paper 1.0 / 0.0).
-        predictor_lr: peak learning rate of the predictor's parameter groups (None: ``lr``). Default 1e-2.
+        predictor_lr: peak learning rate of the predictor's parameter groups, absolute (not scaled by the global
+            batch; None: ``lr``, scaled as it is). Default 1e-2.
             It compensates for the number of phase-1 steps, not for the loss scale: with the per-image-sum
             loss no predictor gradient entry is below AdamW's eps (measured on ``mini197``: 0.0 %, against 19 %
             with the mean MSE on ``mini``), and AdamW's steps do not depend on the loss scale. The official
@@ -470,11 +471,13 @@ class Sparsifiner(BenchModule):
         """Phase 1 trains the predictor on the full-attention forward with a loss that never looks at the
         budget: its ``phase1_epochs`` are the same at every keep rate, so the runner trains them once and
         every other keep rate resumes phase 2 from there (``None`` when phase 1 is sized in steps or fractions,
-        or runs the sparse forward)."""
+        or runs the sparse forward). With an absolute ``predictor_lr`` phase 1 does not depend on ``lr_batch``
+        either (the frozen backbone's learning rate is unused; the schedule's shape does not depend on the
+        batch, and every run re-applies its own peaks when it resumes)."""
         hp = self.hparams
         if hp.phase1_steps is not None or not hp.get("phase1_epochs") or not hp.phase1_full_attention:
             return None
-        return int(hp.phase1_epochs), ("keep_rate",)
+        return int(hp.phase1_epochs), ("keep_rate", "lr_batch") if hp.predictor_lr else ("keep_rate",)
 
     def phase1_length(self) -> int:
         """Phase-1 length in optimiser steps: ``phase1_steps``; else the first ``phase1_epochs`` epochs' steps when
@@ -506,6 +509,7 @@ class Sparsifiner(BenchModule):
         if self.trainer.world_size > 1 and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters"):
             raise ValueError("Sparsifiner freezes the backbone (phase 1) and the predictor (phase 2): use the "
                              "strategy 'ddp_find_unused_parameters_true'")
+        super().on_train_start()
         self._phase1_steps = self.phase1_length()
         self._applied_phase = None
 
@@ -581,7 +585,8 @@ class Sparsifiner(BenchModule):
             if rest:
                 out.append({**g, "params": rest})
             if pred:
-                extra = {"lr": self.hparams.predictor_lr} if self.hparams.predictor_lr else {}
+                # predictor_lr is absolute (not scaled by the global batch, see lr_batch)
+                extra = {"lr": self.hparams.predictor_lr, "lr_scaled": False} if self.hparams.predictor_lr else {}
                 out.append({**g, "params": pred, **extra})
         self._applied_phase = None
         return out
