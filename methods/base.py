@@ -263,14 +263,16 @@ class BenchModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def global_batch(self) -> int | None:
-        """Images per optimiser step over all processes (per-process batch x world size x accumulated batches),
-        read from the attached Trainer and its datamodule (or training loader); ``None`` without them."""
+        """Images per optimiser step over all processes: the training loader's batch (per process) x world size
+        x accumulated batches, read from the attached Trainer (its training loader once the fit has set it
+        up, else the datamodule's ``batch_size`` taken as per process); ``None`` without them."""
         trainer = self._trainer
         if trainer is None:
             return None
-        size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        loader = getattr(trainer, "train_dataloader", None)
+        size = getattr(loader, "batch_size", None)
         if size is None:
-            size = getattr(getattr(trainer, "train_dataloader", None), "batch_size", None)
+            size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
         if size is None:
             return None
         return int(size) * int(trainer.world_size) * int(trainer.accumulate_grad_batches)
@@ -288,7 +290,8 @@ class BenchModule(pl.LightningModule):
         groups that set ``"lr_scaled": False`` (an absolute learning rate). The peaks are kept in
         ``self.peak_lrs`` (one per group) and re-applied when training starts (see :meth:`on_train_start`)."""
         hp = self.hparams
-        scale = self.lr_scale()
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        scale = self.lr_scale()  # after the line above: the fit's training loader is set up by then
         groups = []
         for g in self.param_groups():
             g = dict(g)
@@ -299,7 +302,6 @@ class BenchModule(pl.LightningModule):
         self.lr_peak = hp.lr * scale  # the backbone's peak and the batch it is for, reported with the row
         self.lr_global_batch = self.global_batch()
         opt = torch.optim.AdamW(groups, lr=self.lr_peak)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warmup = int(hp.warmup_frac * total)
         floor = hp.min_lr / hp.lr if hp.lr > 0 else 0.0  # scaled with the peak: the same schedule shape
 

@@ -63,6 +63,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, tiny_teacher):
         if method[0] != "teacher":
             # the global batch was kept (Sparsifiner: its phase-1 epoch before the fine-tuning epoch)
             assert a.train_steps == b.train_steps == (16 if method[0] == "sparsifiner" else 8)
+            assert a.global_batch == b.global_batch == 32 and a.lr_peak == b.lr_peak  # DeiT's scaling, one batch
             # the same training trajectory: the two runs' weights differ by well under 2% of how far training
             # moved them from the teacher (AdamW turns summation-order noise in near-zero gradients into
             # lr-sized steps on a few entries, so entry-wise equality is not expected)
