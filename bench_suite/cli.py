@@ -74,6 +74,14 @@ def _common(p: ArgumentParser, *, profile: str | None = "mini", data: str = "rea
     p.add_argument("--output", type=str, default=output, help="results folder (store, tables, plots)")
     if seed:
         p.add_argument("--seed", type=NonNegativeInt, default=0, help="global seed (weights, data order, random inputs)")
+    if processes and data == "read":  # the commands that train: the data's split and training recipe
+        p.add_argument("--val-size", type=PositiveInt | None, default=None,
+                       help="training images held out for validation (default: the dataset's: 5000 Fashion-MNIST, "
+                            "10000 ImageFolder)")
+        p.add_argument("--augmentation", type=str | None, default=None,
+                       help='JSON object over DeiT\'s training recipe of ImageFolder data (keys auto_augment, re_prob, '
+                            'mixup, cutmix, smoothing; default {"auto_augment": "rand-m9-mstd0.5-inc1", '
+                            '"re_prob": 0.25, "mixup": 0.8, "cutmix": 1.0, "smoothing": 0.1})')
     if processes:
         p.add_argument("--devices", type=str, default="1", help="Lightning devices ('auto', N, or a list)")
         p.add_argument("--num-nodes", type=PositiveInt, default=1, help="Lightning num_nodes")
@@ -81,7 +89,9 @@ def _common(p: ArgumentParser, *, profile: str | None = "mini", data: str = "rea
                        help="Lightning strategy: " + ", ".join(SUPPORTED_STRATEGIES))
         p.add_argument("--accelerator", type=str, default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"],
                        help="Lightning accelerator: auto, cpu, gpu, cuda, mps")
-        p.add_argument("--num-workers", type=NonNegativeInt, default=0, help="DataLoader worker processes")
+        p.add_argument("--num-workers", type=NonNegativeInt | None, default=None,
+                       help="DataLoader worker processes per process (default: 0 for in-memory Fashion-MNIST, the "
+                            "usable CPUs up to 8 for ImageFolder data)")
         p.add_argument("--no-progress", action="store_true", help="hide progress (bars on a terminal, lines otherwise)")
         p.add_argument("--logger", type=str, default="csv",
                        help="training logs under runs/<run>/logs: csv, tensorboard or csv,tensorboard")
@@ -111,7 +121,7 @@ def build_parser() -> ArgumentParser:
     p_run.add_argument("--checkpoint-every", type=NonNegativeInt | None, default=None,
                        help="save the resumable checkpoint every N optimiser steps (default 50; 0: epoch ends only)")
     p_run.add_argument("--no-augment", action="store_true",
-                       help="fine-tune without random crop/flip (the teacher keeps its recipe's augmentation)")
+                       help="fine-tune without training augmentation (Fashion-MNIST: random crop/flip; ImageFolder: DeiT's recipe, see --augmentation; the teacher keeps its recipe's)")
     p_run.add_argument("--hparams", type=str | None, default=None,
                        help='JSON object of method settings, {"<method>": {"<setting>": value}} (see list); '
                             'a changed setting is a new configuration')

@@ -6,6 +6,7 @@ Everything here raises :class:`bench_suite.errors.UserError` (or a subclass) wit
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import socket
@@ -26,13 +27,41 @@ __all__ = ["RunOptions", "make_datamodule", "train_settings", "resolve_plan", "v
 
 
 def make_datamodule(cfg: Any, train_subset: int | None = None, batch_size: int | None = None):
-    """The datamodule for ``cfg.data`` at the profile's resolution and channels."""
+    """The datamodule for ``cfg.data`` at the profile's resolution and channels; ``--val-size``,
+    ``--num-workers`` and ``--augmentation`` where given, and the profile's timm model (whose pretrained data
+    configuration gives the evaluation transform) to datamodules that take them.
+
+    Raises:
+        UserError: for ``--augmentation`` that is not a JSON object, or one given for data without that setting.
+    """
+    import inspect
+
+    from datamodules import DATAMODULES
+
     p = get_profile(cfg.profile)
     defaults = p.run_defaults()
+    extra: dict[str, Any] = {}
+    if getattr(cfg, "val_size", None):
+        extra["val_size"] = int(cfg.val_size)
+    raw = getattr(cfg, "augmentation", None)
+    if raw:
+        try:
+            augmentation = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--augmentation is not valid JSON: {e.msg} (at character {e.pos})") from None
+        if not isinstance(augmentation, dict):
+            raise UserError('--augmentation must be a JSON object, e.g. \'{"mixup": 0.0}\'')
+        extra["augmentation"] = augmentation
+    cls = DATAMODULES.get(cfg.data)
+    accepted = set(inspect.signature(cls.__init__).parameters) if cls is not None else set()
+    if "augmentation" in extra and "augmentation" not in accepted:
+        raise UserError(f"--augmentation is a setting of ImageFolder data, not of --data {cfg.data}")
+    if "model_name" in accepted:
+        extra["model_name"] = p.model
     return create_datamodule(cfg.data, data_dir=cfg.data_dir, img_size=p.img_size, in_chans=p.in_chans,
                              batch_size=batch_size or defaults["batch_size"], train_subset=train_subset,
-                             num_workers=cfg.num_workers, split_seed=0,
-                             augment=not getattr(cfg, "no_augment", False))
+                             num_workers=getattr(cfg, "num_workers", None), split_seed=0,
+                             augment=not getattr(cfg, "no_augment", False), **extra)
 
 
 def train_settings(cfg: Any, epochs: int) -> TrainSettings:

@@ -178,7 +178,7 @@ class FashionMNISTDataModule(SplitDataModule):
         batch_size: images per batch.
         val_size: images held out of the 60k training set for validation (fixed by ``split_seed``).
         train_subset: if set, train on only this many of the remaining training images (seeded).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (``None``: 0, the images are in memory).
         augment: random crop (pad 2) and horizontal flip on the training images.
         split_seed: seed of the validation split and of the training subset.
         download: allow torchvision's download as a last resort.
@@ -203,7 +203,7 @@ class FashionMNISTDataModule(SplitDataModule):
         batch_size: int = 128,
         val_size: int = 5000,
         train_subset: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         augment: bool = True,
         split_seed: int = 0,
         download: bool = True,
@@ -212,7 +212,8 @@ class FashionMNISTDataModule(SplitDataModule):
         self.data_dir = data_dir
         self.img_size, self.in_chans = img_size, in_chans
         self.batch_size, self.val_size, self.train_subset = batch_size, val_size, train_subset
-        self.num_workers, self.augment, self.split_seed, self.download = num_workers, augment, split_seed, download
+        # in-memory tensors: worker processes only add overhead, so None (auto) means 0
+        self.num_workers, self.augment, self.split_seed, self.download = num_workers or 0, augment, split_seed, download
 
     def describe(self) -> dict[str, object]:
         """The settings that define the data a result was measured on (stored with each row)."""

@@ -24,6 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -184,10 +185,15 @@ class BenchModule(pl.LightningModule):
     # ---------------------------------------------------------------- losses
     def losses(self, out: ForwardOutput, teacher_out: ForwardOutput | None,
                batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """All weighted loss terms; their sum is the training loss."""
+        """All weighted loss terms; their sum is the training loss. Labels ``[B]`` (class indices) train with
+        cross-entropy at ``label_smoothing``; soft targets ``[B, K]`` (mixup/cutmix batches, e.g.
+        :class:`datamodules.imagefolder.ImageFolderDataModule`) with timm's ``SoftTargetCrossEntropy``."""
         hp = self.hparams
         _, y = batch
-        terms = {"ce": F.cross_entropy(out.logits, y, label_smoothing=hp.label_smoothing)}
+        if y.ndim == 2:  # soft targets [B, K] (mixup/cutmix, label smoothing already in them): timm's soft-target CE
+            terms = {"ce": SoftTargetCrossEntropy()(out.logits, y.to(out.logits.dtype))}
+        else:
+            terms = {"ce": F.cross_entropy(out.logits, y, label_smoothing=hp.label_smoothing)}
         if teacher_out is not None and hp.distill_logits > 0:
             t = hp.distill_temperature
             kl = F.kl_div(F.log_softmax(out.logits / t, -1), F.log_softmax(teacher_out.logits / t, -1),

@@ -25,7 +25,8 @@ COMMON = {
     "--profile": ["huge", ""], "--data": ["mnist", ""], "--data-dir": [NOT_A_FILE, FILE], "--output": [FILE],
     "--seed": ["-1", "abc", ""], "--devices": ["0", "-2", "abc", ""], "--num-nodes": ["0", "-1", "abc"],
     "--strategy": ["ddp_spawn", ""], "--accelerator": ["quantum", ""], "--num-workers": ["-1", "abc"],
-    "--logger": ["wandb", "", "csv,nope"],
+    "--logger": ["wandb", "", "csv,nope"], "--val-size": POSITIVE,
+    "--augmentation": ["{", "[1]", '{"mixup": 0}'],  # the last: Fashion-MNIST (the default data) has no such setting
 }
 BAD: dict[str, dict[str, list[str]]] = {
     "run": {**COMMON, "--methods": ["nosuch", ",", "evit,nosuch"], "--keep-rates": RATE[:-1] + [","],
