@@ -158,7 +158,7 @@ def build_parser() -> ArgumentParser:
         "scale (DeiT-S, LV-ViT-S, DeiT-T-384; random weights), top-1 from the results store of --profile/--data. "
         "Writes <output>/tables/table<N>.{md,csv,tex}, Figures 3-7 and <output>/report.html, report.md."))
     p_tables.add_argument("--table", type=int | None, default=None, choices=[None, *TABLES], help="only table N (1-4); default: all and the report page")
-    _common(p_tables)  # --profile/--data: whose stored top-1 results are shown
+    _common(p_tables)  # --data: whose stored top-1 the rows show (each from its own backbone); a proxy --profile: own tables
     p_tables.add_argument("--no-figures", action="store_true", help="skip Figures 3-7")
     sub.add_subcommand("tables", p_tables, help="the paper's Tables 1-4 and Figures 3-7, beside the paper's numbers")
 

@@ -68,12 +68,12 @@ def _perturbed_subset(path: Path) -> pd.DataFrame:
     return sub
 
 
-def _store_row(method: str, keep: float, seed: int, top1: float, hparams: dict) -> dict:
+def _store_row(method: str, keep: float, seed: int, top1: float, hparams: dict, profile: str = "deit_s") -> dict:
     from bench_suite.store import config_key
 
-    config = {"kind": "train", "method": method, "keep_rate": keep, "profile": "tiny", "seed": seed,
+    config = {"kind": "train", "method": method, "keep_rate": keep, "profile": profile, "seed": seed,
               "epochs": 1, "data": {"dataset": "fashion_mnist", "train_subset": 256}, "hparams": hparams}
-    return {"key": config_key(config), "status": "ok", "method": method, "keep_rate": keep, "profile": "tiny",
+    return {"key": config_key(config), "status": "ok", "method": method, "keep_rate": keep, "profile": profile,
             "dataset": "fashion_mnist", "seed": seed, "config": config,
             "metrics": {"top1": top1, "mhsa_mflops": 0.05 + keep / 100}, "units": {"top1": "%", "mhsa_mflops": "MFLOPs"},
             "versions": {}, "git": "test", "error": None}
@@ -95,6 +95,9 @@ def subset_run(tmp_path_factory):
         store.put(_store_row("evit", 0.5, 0, 12.0, evit | {"keep_rate": 0.5, "lr": 1.0}))  # other settings
         store.put(_store_row("full", 1.0, 0, 60.0, full | {"keep_rate": 1.0}))
         store.put(_store_row("full", 1.0, 1, 62.0, full | {"keep_rate": 1.0}))
+        # a proxy profile's results: never in the paper-scale rows, in a table of their own
+        store.put(_store_row("full", 1.0, 0, 33.0, full | {"keep_rate": 1.0}, profile="tiny"))
+        store.put(_store_row("evit", 0.7, 0, 77.0, evit | {"keep_rate": 0.7}, profile="tiny"))
     run = make_tables(out, tables=[1, 3, 4], profile="tiny", data="fashion_mnist", figures=True, report=True,
                       data_file=data_file, workers=1, log=lambda _: None)
     return run, sub, out
@@ -186,16 +189,32 @@ def test_every_number_is_measured_or_the_papers(subset_run):
 
 def test_top1_comes_from_the_store_with_matching_settings(subset_run):
     run, _, out = subset_run
-    assert _row(run, 1, 2)["suite_top1"] == pytest.approx(41.5)  # EViT 0.7 on tiny / fashion_mnist
+    assert _row(run, 1, 2)["suite_top1"] == pytest.approx(41.5)  # EViT 0.7 on deit_s / fashion_mnist
     full = _row(run, 1, 1)
     assert full["suite_top1"] == pytest.approx(61.0) and full["suite_top1_runs"] == 2  # two seeds averaged
     other = _row(run, 1, 6)  # EViT 0.5 is stored only with another lr: not this row's result
     assert math.isnan(other["suite_top1"])
-    assert other["suite_top1_command"] == (f"python -m bench_suite run --methods evit --keep-rates 0.5 --profile tiny "
+    assert other["suite_top1_command"] == (f"python -m bench_suite run --methods evit --keep-rates 0.5 --profile deit_s "
                                            f"--data fashion_mnist --output {out}")
     md = run.tables[1].paths[0].read_text(encoding="utf-8")
-    assert "no result yet" in md and f"python -m bench_suite run --table 1 --profile tiny" in md
-    assert "profile tiny, dataset fashion_mnist" in run.tables[1].caption
+    assert "no result yet" in md and f"python -m bench_suite run --table 1 --profile deit_s" in md
+    assert "own backbone profile (deit_s, lvvit_s), dataset fashion_mnist" in run.tables[1].caption
+
+
+def test_each_row_takes_only_its_own_backbones_top1_and_proxies_get_their_own_table(subset_run):
+    run, _, out = subset_run
+    lvvit = _row(run, 1, 10)  # LV-ViT-S full attention: nothing on lvvit_s (deit_s's and tiny's full are not it)
+    assert math.isnan(lvvit["suite_top1"]) and "--profile lvvit_s" in lvvit["suite_top1_command"]
+    assert math.isnan(_row(run, 3, 1)["suite_top1"])  # DeiT-T-384: from deit_t384 only
+    for res in run.tables.values():  # the tiny (proxy) values appear in no paper-scale row
+        assert not res.frame["suite_top1"].isin([33.0, 77.0]).any()
+    proxy = run.proxy[1].frame.set_index("suite_config")["suite_top1"]
+    assert proxy["full keep 1"] == pytest.approx(33.0) and proxy["evit keep 0.7"] == pytest.approx(77.0)
+    assert proxy.isna().sum() == len(proxy) - 2
+    md = (out / "tables" / "table1_proxy_tiny_fashion_mnist.md").read_text(encoding="utf-8")
+    assert "Top-1 (%) [suite, tiny / fashion_mnist]" in md and "not comparable" in md and "paper" in md
+    assert "LV-ViT-S (lvvit_s)" in md and "DeiT-S (deit_s)" in md  # the rows each configuration stands for
+    assert "Table 1 on tiny / fashion_mnist (proxy)" in (out / "report.html").read_text(encoding="utf-8")
 
 
 def test_report_page_and_figures(subset_run):

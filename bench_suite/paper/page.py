@@ -104,6 +104,12 @@ def render_html(run: Any, base: Path) -> str:
             parts.append("<p class='notes'>[run] Rows without a suite top-1; to produce them (the first command runs "
                          "the whole table, skipping stored configurations):</p><ul class='notes'>"
                          + "".join(f"<li><code>{html.escape(c)}</code></li>" for c in res.missing_commands) + "</ul>")
+    for n, res in getattr(run, "proxy", {}).items():  # a proxy profile's results, apart from the paper's rows
+        links = " · ".join(f"<a href='{_rel(p, base)}'>{p.suffix[1:]}</a>" for p in res.paths)
+        md = res.paths[0].read_text(encoding="utf-8").split("\n\n")[0] if res.paths else ""
+        parts.append(f"<h2 id='table{n}-proxy'>Table {n} on {html.escape(cfg['profile'])} / "
+                     f"{html.escape(cfg['dataset'])} (proxy)</h2><pre>{html.escape(md)}</pre>"
+                     f"<p class='caption'>{html.escape(res.caption)}</p><p class='notes'>Files: {links}</p>")
     drawn = [f for f in run.figures if not f.missing]
     if drawn:
         parts.append("<h2 id='figures'>Figures</h2>")
@@ -146,7 +152,9 @@ def _config_rows(cfg: dict[str, Any]) -> list[tuple[str, str]]:
         ("command", cfg.get("command", "python -m bench_suite tables")),
         ("generated", cfg.get("generated", "")),
         ("wall time", f"{cfg.get('seconds', '?')} s"),
-        ("suite top-1 from", f"profile {cfg['profile']}, dataset {cfg['dataset']}, store {cfg['output']}/results.sqlite"),
+        ("suite top-1 from", f"each row's own backbone profile (deit_s / lvvit_s / deit_t384), dataset {cfg['dataset']}, "
+                             f"store {cfg['output']}/results.sqlite" + (f"; proxy tables: profile {cfg['profile']}"
+                                                                         if cfg.get("proxy_tables") else "")),
         ("FLOPs counted on", f"profiles deit_s / lvvit_s / deit_t384 (random weights, 1000 classes); {cfg['image_source']}; "
                              f"Sparsifiner's sparse attention ran with the {cfg.get('sparse_attention_impl', 'torch')} "
                              f"implementation (the count does not depend on it)"),

@@ -20,9 +20,11 @@ from bench_suite.paper.figures import make_figures
 from bench_suite.paper.page import write_report_page
 from bench_suite.paper.tables import (
     TableResult,
+    build_proxy_table,
     build_table,
     suite_top1,
     write_paper_table,
+    write_proxy_table,
 )
 from bench_suite.plan import check_data_dir, check_output
 from bench_suite.store import STORE_FILENAME, ResultsStore
@@ -43,6 +45,7 @@ class TablesRun:
     figures: list[Any] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    proxy: dict[int, TableResult] = field(default_factory=dict)  # tables of a proxy profile's results
 
 
 def make_tables(output: str | Path = "results", tables: int | Iterable[int] | None = None,
@@ -56,8 +59,10 @@ def make_tables(output: str | Path = "results", tables: int | Iterable[int] | No
         output: the results folder (its ``results.sqlite`` provides the suite's top-1; files go to
             ``<output>/tables/`` and the report page to ``<output>/report.html`` / ``report.md``).
         tables: table number(s) 1-4; None for all.
-        profile, data: profile and dataset whose stored top-1 the tables show (``run --table N`` on that
-            profile and dataset produces them).
+        profile, data: the dataset whose stored top-1 the tables show, each row from its own backbone profile
+            (``deit_s``, ``lvvit_s``, ``deit_t384``; ``run --table N --profile <it>`` produces them); a
+            ``profile`` that is no paper backbone (a proxy such as ``mini``) gets tables of its own results,
+            ``table<N>_proxy_<profile>_<data>.*``.
         data_dir: the dataset's folder (also the source of the image the FLOPs are counted on).
         figures: also draw Figures 3-7 (:mod:`bench_suite.paper.figures`).
         report: write the report page (default: when all four tables are generated).
@@ -94,7 +99,12 @@ def make_tables(output: str | Path = "results", tables: int | Iterable[int] | No
     try:
         log(f"bench_suite tables: counting {len(job.todo)} configuration(s) at paper scale"
             + (f" in {job.workers} processes" if job.workers > 1 else ""))
-        top1 = suite_top1(output, profile, data, paper["config"])
+        top1 = {}
+        for backbone in dict.fromkeys(paper["backbone"]):  # each row's top-1 from its own backbone only
+            mine = paper[paper["backbone"] == backbone]["config"]
+            top1.update({(backbone, c): v for c, v in suite_top1(output, backbone, data, mine).items()})
+        proxy_top1 = suite_top1(output, profile, data, paper["config"]) if profile not in set(paper["backbone"]) \
+            else None
         figs = []
         if figures:  # drawn here while the worker processes count
             figs = make_figures(output, paper_results=load_paper_results(data_file), profile=profile, dataset=data,
@@ -108,10 +118,16 @@ def make_tables(output: str | Path = "results", tables: int | Iterable[int] | No
         res = build_table(n, paper, flops, top1, profile, data, image_source, output, data_dir)
         paths += write_paper_table(res, out_dir, profile, data)
         results[n] = res
+    proxy: dict[int, TableResult] = {}
+    if proxy_top1 is not None:
+        for n in numbers:
+            proxy[n] = build_proxy_table(n, paper, proxy_top1, profile, data, output, data_dir)
+            paths += write_proxy_table(proxy[n], out_dir, profile, data)
     run = TablesRun(results, {"output": str(output), "tables": list(numbers), "profile": profile, "dataset": data,
                               "data_dir": data_dir, "image_source": image_source, "data_file": str(data_file),
                               "command": command or f"make_tables(tables={list(numbers)})", "versions": versions(),
-                              "sparse_attention_impl": fast_impl() or "torch"}, flops, paths=paths)
+                              "sparse_attention_impl": fast_impl() or "torch", "proxy_tables": sorted(proxy)},
+                    flops, proxy=proxy, paths=paths)
     run.figures = figs
     run.paths += [p for fig in figs for p in fig.paths]
     run.seconds = time.perf_counter() - start

@@ -22,8 +22,12 @@ Every number in a generated table is one of two kinds, and its column name says 
     weights are not as sparse as trained ones.
   - ``suite_vs_paper_*_pct``: ``100 * (suite - paper) / paper``.
   - Top-1: the suite's own measured test top-1 (mean over the stored seeds) of the same method, keep rate
-    and hyperparameters on the chosen profile and dataset, read from the results store
+    and hyperparameters on the row's own backbone profile (DeiT-S rows from ``deit_s``, LV-ViT-S rows from
+    ``lvvit_s``, DeiT-T-384 rows from ``deit_t384``) and the chosen dataset, read from the results store
     ``<output>/results.sqlite``. A row without a result says so and names the command that produces it.
+    Results of a proxy profile (``mini``, ``mini197``, ...) never enter these rows: they get a table of their
+    own (:func:`build_proxy_table`, ``table<N>_proxy_<profile>_<dataset>.*``), labelled with their profile
+    and data.
 
 Checks (``mhsa_check``, ``overall_check``): ``reproduced`` when the suite number is within half a unit of
 the paper's last printed digit (the paper's rule where the row has one, else the measured count);
@@ -49,7 +53,8 @@ from bench_suite.latex import latex_table
 from bench_suite.paper.counts import FlopCount
 from bench_suite.paper.data import PAPER_NUMBERS, TABLE_TITLES, SuiteConfig
 
-__all__ = ["Top1", "suite_top1", "HEADERS", "TEXT_COLUMNS", "column_header", "TableResult", "build_table", "display_frame", "write_paper_table"]
+__all__ = ["Top1", "suite_top1", "HEADERS", "TEXT_COLUMNS", "column_header", "TableResult", "build_table", "display_frame",
+           "write_paper_table", "build_proxy_table", "write_proxy_table", "PROXY_COLUMNS"]
 
 
 # --------------------------------------------------------------------------- top-1 from the store
@@ -145,7 +150,7 @@ HEADERS: dict[str, str] = {
     "suite_vs_paper_overall_pct": "Δ overall vs paper (%)",
     "overall_check": "Overall check",
     "suite_predictor_sparsity": "Predictor at count [suite]",
-    "suite_top1": "Top-1 (%) [suite, {profile} / {dataset}]",
+    "suite_top1": "Top-1 (%) [suite, row's backbone / {dataset}]",
     "paper_top1": "Top-1 (%) [paper, ImageNet]",
 }
 _SHOWN: dict[int, tuple[str, ...]] = {
@@ -222,9 +227,13 @@ class TableResult:
 
 
 def build_table(number: int, paper: pd.DataFrame, flops: Mapping[tuple[str, SuiteConfig], FlopCount],
-                top1: Mapping[SuiteConfig, Top1], profile: str, dataset: str, image_source: str,
+                top1: Mapping[tuple[str, SuiteConfig], Top1], profile: str, dataset: str, image_source: str,
                 output: str | Path = "results", data_dir: str | None = None) -> TableResult:
     """Assemble table ``number`` from the data file's rows, the suite's counts and the store's top-1.
+
+    Args:
+        top1: measured top-1 by ``(backbone profile, configuration)``: a row shows only the result of its own
+            backbone (``profile`` does not enter the rows; it is kept for the caller's labels).
 
     Returns:
         :class:`TableResult` whose ``frame`` holds the shown columns (see :data:`HEADERS`) and the CSV
@@ -237,7 +246,7 @@ def build_table(number: int, paper: pd.DataFrame, flops: Mapping[tuple[str, Suit
         cfg: SuiteConfig = r["config"]
         proxy = r["suite_role"] != "same"
         fc = flops[(r["backbone"], cfg)]
-        acc = top1.get(cfg, Top1(None, 0)) if not proxy else Top1(None, 0)
+        acc = top1.get((r["backbone"], cfg), Top1(None, 0)) if not proxy else Top1(None, 0)
         rule = fc.mhsa_mflops_paper_rule
         compared = rule if rule is not None else fc.mhsa_mflops
         rec: dict[str, Any] = {
@@ -283,10 +292,11 @@ def build_table(number: int, paper: pd.DataFrame, flops: Mapping[tuple[str, Suit
                 if "not reproducible" in rec[col]:
                     rec[col] += f" [{nid}]"
         if acc.top1 is None and not proxy:
-            cmd = _run_command(number, cfg, profile, dataset, data_dir, output)
+            cmd = _run_command(number, cfg, r["backbone"], dataset, data_dir, output)
             rec["suite_top1_command"] = cmd
-            if not commands:  # first: the whole table at once (configurations already stored are skipped)
-                commands.append(_run_command(number, None, profile, dataset, data_dir, output))
+            whole = _run_command(number, None, r["backbone"], dataset, data_dir, output)
+            if whole not in commands:  # first: the whole table at once (configurations already stored are skipped)
+                commands.append(whole)
             if cmd not in commands:
                 commands.append(cmd)
         records.append(rec)
@@ -297,12 +307,13 @@ def build_table(number: int, paper: pd.DataFrame, flops: Mapping[tuple[str, Suit
         elif col.startswith(("suite_", "paper_")) and col not in TEXT_COLUMNS:
             frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     notes = [f"[{i}] {text}" for text, i in note_ids.items()]
-    caption = _caption(number, frame, top1, profile, dataset, image_source)
+    used = {k: v for k, v in top1.items() if k[0] in set(rows["backbone"])}
+    caption = _caption(number, frame, used, sorted(set(rows["backbone"])), dataset, image_source)
     decimals = {c: [None if pd.isna(d) else int(d) for d in rows[f"{c}_decimals"]] for c in PAPER_NUMBERS}
     return TableResult(number, frame, caption, notes, commands, decimals)
 
 
-def _caption(number: int, frame: pd.DataFrame, top1: Mapping[SuiteConfig, Top1], profile: str, dataset: str,
+def _caption(number: int, frame: pd.DataFrame, top1: Mapping[Any, Top1], profiles: list[str], dataset: str,
              image_source: str) -> str:
     have = int(frame["suite_top1"].notna().sum())
     wanted = int((frame["suite_role"] == "same").sum())
@@ -331,13 +342,70 @@ def _caption(number: int, frame: pd.DataFrame, top1: Mapping[SuiteConfig, Top1],
         parts.append("Sparsifiner counts depend on the predictor's sparsity: with random weights the "
                      "coefficients/W_up are not as sparse as trained ones (paper: about 87% / 90% zero), "
                      "the count's sparsity is shown")
-    parts.append(f"[suite] top-1: measured test top-1 on profile {profile}, dataset {dataset} "
-                 f"({have} of {wanted} configuration rows have a result{train}); the same method, keep rate "
-                 f"and settings on every backbone of the paper map to one suite configuration")
+    parts.append(f"[suite] top-1: measured test top-1 on each row's own backbone profile ({', '.join(profiles)}), "
+                 f"dataset {dataset} ({have} of {wanted} configuration rows have a result{train}); results of "
+                 f"other (proxy) profiles are never shown here")
     parts.append("checks say what they compare ('paper rule vs paper': the suite's count with the paper's "
                  "hand-counting rule; 'measured vs paper': the fvcore count); 'reproduced' = within half a unit of "
                  "the paper's last printed digit")
     return ". ".join(parts) + "."
+
+
+# --------------------------------------------------------------------------- proxy results
+PROXY_COLUMNS = ("suite_config", "paper_models", "suite_top1", "suite_top1_runs", "suite_top1_seeds",
+                 "suite_top1_command")
+"""Columns of a proxy table (one row per suite configuration of the paper table)."""
+
+
+def build_proxy_table(number: int, paper: pd.DataFrame, top1: Mapping[SuiteConfig, Top1], profile: str,
+                      dataset: str, output: str | Path = "results", data_dir: str | None = None) -> TableResult:
+    """Table ``number``'s suite configurations measured on a proxy profile (e.g. ``mini`` on Fashion-MNIST): one
+    row per configuration with the paper rows it stands for and its top-1 on ``profile`` / ``dataset``
+    (``top1`` by configuration, :func:`suite_top1` on that profile). No paper number appears: a proxy
+    top-1 is not comparable with the paper's ImageNet top-1."""
+    rows = paper[(paper["table"] == number) & (paper["suite_role"] == "same")]
+    records, commands = [], []
+    for cfg in dict.fromkeys(rows["config"]):
+        models = [f"{m} ({b})" for m, b, c in zip(rows["model"], rows["backbone"], rows["config"]) if c == cfg]
+        acc = top1.get(cfg, Top1(None, 0))
+        cmd = "" if acc.top1 is not None else _run_command(number, cfg, profile, dataset, data_dir, output)
+        if cmd and _run_command(number, None, profile, dataset, data_dir, output) not in commands:
+            commands.append(_run_command(number, None, profile, dataset, data_dir, output))
+        if cmd and cmd not in commands:
+            commands.append(cmd)
+        records.append({"suite_config": cfg.label(), "paper_models": "; ".join(models), "suite_top1": acc.top1,
+                        "suite_top1_runs": acc.runs, "suite_top1_seeds": " ".join(map(str, acc.seeds)),
+                        "suite_top1_command": cmd})
+    frame = pd.DataFrame.from_records(records, columns=list(PROXY_COLUMNS))
+    frame["suite_top1"] = pd.to_numeric(frame["suite_top1"], errors="coerce").astype(float)
+    caption = (f"Table {number} on a proxy: the suite's configurations of Table {number} ({TABLE_TITLES[number]}) "
+               f"fine-tuned and measured on profile {profile}, dataset {dataset} (test top-1, mean over the stored "
+               f"seeds); not the paper's backbone or data, so not comparable with the paper's ImageNet top-1, which "
+               f"is left out. The paper-scale table (table{number}.md) shows only results of each row's own backbone.")
+    return TableResult(number, frame, caption, [], commands)
+
+
+def write_proxy_table(result: TableResult, out_dir: str | Path, profile: str, dataset: str) -> list[Path]:
+    """Write ``table<N>_proxy_<profile>_<dataset>.md`` / ``.csv`` / ``.tex`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"table{result.number}_proxy_{profile}_{dataset}"
+    f = result.frame
+    display = pd.DataFrame({
+        "Suite configuration": f["suite_config"], "Stands for [paper rows]": f["paper_models"],
+        f"Top-1 (%) [suite, {profile} / {dataset}]": [
+            "no result yet [run]" if pd.isna(v) else f"{v:.2f}" + (f" (n={int(n)})" if n > 1 else "")
+            for v, n in zip(f["suite_top1"], f["suite_top1_runs"])]})
+    md = [_markdown(display), "", result.caption]
+    if result.missing_commands:
+        md += ["", "[run] Configurations without a result; to produce them:", *[f"- `{c}`" for c in result.missing_commands]]
+    paths = [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".tex")]
+    paths[0].write_text("\n".join(md) + "\n", encoding="utf-8")
+    f.to_csv(paths[1], index=False)
+    paths[2].write_text(latex_table(display, result.caption, f"tab:sparsifiner-table{result.number}-{profile}", left=2),
+                        encoding="utf-8")
+    result.paths = paths
+    return paths
 
 
 # --------------------------------------------------------------------------- display and files
