@@ -200,6 +200,9 @@ class Profile:
         epochs, train_subset, batch_size: the profile's fine-tuning protocol, used by ``run`` unless its
             options say otherwise (default: the paper's 30 epochs on all training images, batch 64; the
             CPU profiles keep short recipes).
+        paper_recipes: ``run`` fine-tunes each method with its own paper recipe here (the method's
+            ``paper_recipe``: its official epochs and learning rates; see ``list``) unless ``--epochs`` /
+            ``--hparams`` say otherwise; the CPU profiles share one short protocol instead.
     """
 
     name: str
@@ -211,6 +214,7 @@ class Profile:
     epochs: int = 30
     train_subset: int | None = None
     batch_size: int = 64
+    paper_recipes: bool = False
 
     def run_defaults(self) -> dict[str, Any]:
         """``{"epochs", "train_subset", "batch_size"}`` of the profile's fine-tuning protocol."""
@@ -228,12 +232,14 @@ PROFILES: dict[str, Profile] = {
                 epochs=1, train_subset=10000, batch_size=128),
         Profile("tiny", "bench_vit_tiny", 28, 1, "test-sized ViT: 4 blocks, width 32, 17 tokens at 28x28",
                 epochs=1, train_subset=512, batch_size=64),
-        Profile("deit_s", "deit_small_patch16_224", 224, 3, "DeiT-S, 12 blocks, width 384, 197 tokens at 224"),
+        Profile("deit_s", "deit_small_patch16_224", 224, 3, "DeiT-S, 12 blocks, width 384, 197 tokens at 224",
+                paper_recipes=True),
         # timm ships DeiT-T only at 224; the paper's DeiT-T-384 is the same architecture at 384x384
         # (timm resizes the position embedding grid for img_size=384: 24x24 patches + CLS = 577 tokens).
-        Profile("deit_t384", "deit_tiny_patch16_224", 384, 3, "DeiT-T, 12 blocks, width 192, 577 tokens at 384"),
+        Profile("deit_t384", "deit_tiny_patch16_224", 384, 3, "DeiT-T, 12 blocks, width 192, 577 tokens at 384",
+                paper_recipes=True),
         Profile("lvvit_s", "bench_lvvit_s", 224, 3,
-                "LV-ViT-S (timm layers, conv stem), 16 blocks, width 384, 197 tokens at 224"),
+                "LV-ViT-S (timm layers, conv stem), 16 blocks, width 384, 197 tokens at 224", paper_recipes=True),
     ]
 }
 

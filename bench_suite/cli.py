@@ -214,15 +214,21 @@ def build_parser() -> ArgumentParser:
 
 def _cmd_list(cfg: Any) -> None:
     print("Methods (name, default keep rates, source; * = in the default run):")
+    paper = [p.name for p in PROFILES.values() if p.paper_recipes]
     for spec in method_specs():
         rates = ", ".join(f"{r:g}" for r in spec.keep_rates)
         star = "*" if spec.in_default_run else " "
         print(f"{star} {spec.name:<14} keep rates [{rates}]  ({spec.source})  {spec.description}")
         defaults = ", ".join(f"{k}={v!r}" for k, v in spec.defaults().items() if k != "keep_rate")
         print(f"  {'':<14} defaults: {defaults}")
+        if spec.paper_recipe:
+            recipe = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in spec.paper_recipe.items())
+            print(f"  {'':<14} paper recipe (profiles {', '.join(paper)}): {recipe}")
     print("Profiles:")
     for p in PROFILES.values():
-        print(f"  {p.name:<10} {p.model} @ {p.img_size}px: {p.description}")
+        recipe = "each method's paper recipe" if p.paper_recipes else \
+            f"{p.epochs} epoch(s) on {p.train_subset or 'all'} images for every method"
+        print(f"  {p.name:<10} {p.model} @ {p.img_size}px: {p.description}; batch {p.batch_size}, {recipe}")
 
 
 def _cmd_teacher(cfg: Any) -> None:

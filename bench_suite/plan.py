@@ -111,12 +111,36 @@ class RunOptions:
             raise UserError(f"--epochs must be >= 0, got {self.epochs}")
 
 
-def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
+def method_recipe(spec: MethodSpec, profile: Any) -> dict[str, Any]:
+    """``spec``'s paper recipe (``{"epochs": ..., <setting>: ...}``, :attr:`MethodSpec.paper_recipe`) on a
+    profile that runs the paper's protocol (``profile.paper_recipes``); ``{}`` elsewhere (the CPU profiles share
+    one short protocol) or for a method without one."""
+    if profile is None or not getattr(profile, "paper_recipes", False):
+        return {}
+    return spec.paper_recipe
+
+
+def recipe_settings(spec: MethodSpec, profile: Any) -> dict[str, Any]:
+    """The method settings of :func:`method_recipe` (without ``epochs``)."""
+    return {k: v for k, v in method_recipe(spec, profile).items() if k != "epochs"}
+
+
+def recipe_epochs(spec: MethodSpec, profile: Any, epochs: int, given: bool) -> int:
+    """Fine-tuning epochs of ``spec``: ``epochs`` when ``--epochs`` was ``given`` or the method has no paper recipe
+    on ``profile``, else the recipe's; 0 for a method that is evaluated only."""
+    if not spec.fine_tunes:
+        return 0
+    recipe = method_recipe(spec, profile)
+    return int(epochs) if given or "epochs" not in recipe else int(recipe["epochs"])
+
+
+def resolve_plan(plan: Any, profile: Any = None) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
     """Normalise plan entries ``(method, keep_rate)`` or ``(method, keep_rate, overrides)`` into
     ``(spec, keep_rate, overrides)``; ``method`` is a name or a :class:`MethodSpec`, ``overrides`` a dict of
     hyperparameters for the method's factory (e.g. a second keep rate), in their one canonical spelling
-    (:func:`bench_suite.options.canonical_settings`: settings equal to the default left out, numbers of the
-    default's type), so that equal configurations get one key. Repeats are dropped.
+    (:func:`bench_suite.options.canonical_settings`: settings equal to the default, the method's paper recipe on
+    ``profile`` included, left out; numbers of the default's type), so that equal configurations get one key.
+    Repeats are dropped.
 
     Raises:
         UnknownMethodError: for an unknown method name.
@@ -132,7 +156,7 @@ def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
         spec = method if isinstance(method, MethodSpec) else get_method(str(method))
         if not 0.0 < rate <= 1.0 or rate != rate:
             raise UserError(f"plan entry {spec.name}: keep rate {rate:g} is outside (0, 1]")
-        defaults = {k: v for k, v in spec.defaults().items() if k != "keep_rate"}
+        defaults = {k: v for k, v in (spec.defaults() | recipe_settings(spec, profile)).items() if k != "keep_rate"}
         overrides = canonical_settings(spec.name, overrides, defaults, spec.setting_types())
         ident = (spec.name, rate, canonical_json(overrides))
         if ident not in seen:
@@ -141,13 +165,23 @@ def resolve_plan(plan: Any) -> list[tuple[MethodSpec, float, dict[str, Any]]]:
     return out
 
 
+def resolved_hparams(spec: MethodSpec, rate: float, overrides: dict[str, Any], profile: Any = None) -> dict[str, Any]:
+    """Every setting of one configuration: the method's defaults, its paper recipe on ``profile``, the
+    overrides, the keep rate (what ``run`` stores as ``config["hparams"]`` and the tables match on)."""
+    return spec.defaults() | recipe_settings(spec, profile) | dict(overrides) | {"keep_rate": float(rate)}
+
+
 def train_config(spec: MethodSpec, rate: float, overrides: dict[str, Any], base: dict[str, Any],
-                 epochs: int) -> dict[str, Any]:
+                 epochs: int, profile: Any = None) -> dict[str, Any]:
     """The stored configuration of one fine-tuning row; its :func:`bench_suite.store.config_key` is the row's
     key. ``overrides`` must be canonical (:func:`resolve_plan`): then every spelling of one configuration gives
-    one key. ``base`` holds what the sweep shares (profile, data and its fingerprint, seed, teacher)."""
+    one key. ``base`` holds what the sweep shares (profile, data and its fingerprint, seed, teacher). On a paper
+    profile the method's recipe enters the settings (``hparams``) and is recorded (``recipe``)."""
     config = {"kind": "train", "method": spec.name, "keep_rate": float(rate), **base, "epochs": int(epochs),
-              "hparams": spec.defaults() | overrides | {"keep_rate": float(rate)}}
+              "hparams": resolved_hparams(spec, rate, overrides, profile)}
+    recipe = method_recipe(spec, profile)
+    if recipe:
+        config["recipe"] = {"name": "paper", **recipe}
     if overrides:  # the settings that differ from the method's defaults label the row in tables and plots
         config["overrides"] = dict(overrides)
     return config
@@ -222,7 +256,8 @@ def validate_plan(plan: list[tuple[MethodSpec, float, dict[str, Any]]], profile,
             raise UserError(f"{why}; the smallest keep rate here is 1/{n} (e.g. {smallest:g})")
         kept.append((spec, rate, overrides))
         try:
-            spec.factory(copy.deepcopy(reference), keep_rate=rate, teacher=None, **overrides)
+            spec.factory(copy.deepcopy(reference), keep_rate=rate, teacher=None,
+                         **(recipe_settings(spec, profile) | overrides))
         except (ValueError, TypeError, NotImplementedError) as e:
             raise UserError(f"{spec.name} at keep rate {rate:g}"
                               + "".join(f", {k}={v!r}" for k, v in overrides.items())

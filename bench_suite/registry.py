@@ -125,6 +125,13 @@ class MethodSpec:
         return bool(self._declared("fine_tune", True, inherited=False))
 
     @property
+    def paper_recipe(self) -> dict[str, Any]:
+        """The method's fine-tuning recipe at paper scale (class attribute ``paper_recipe``, inherited: ``epochs``
+        and method settings, e.g. the official learning rates), used by ``run`` on the profiles that run the
+        paper's protocol (:attr:`bench_suite.backbones.Profile.paper_recipes`); ``{}``: the profile's protocol."""
+        return dict(self._declared("paper_recipe", {}) or {})
+
+    @property
     def reference(self) -> bool:
         """Whether this is the dense baseline every ratio and the teacher's evaluation refer to."""
         return bool(self._declared("reference", False, inherited=False))

@@ -49,8 +49,9 @@ from bench_suite.flops import count_flops
 from bench_suite.locks import ConfigLock
 from bench_suite.measure import EVAL_TIMING, measure_latency, peak_memory_mib
 from bench_suite.options import parse_hparams, parse_keep_rates
-from bench_suite.plan import (RunOptions, check_output, make_datamodule, resolve_plan, setup_data, train_config,
-                              train_settings, validate_plan)
+from bench_suite.backbones import get_profile
+from bench_suite.plan import (RunOptions, check_output, make_datamodule, recipe_epochs, recipe_settings, resolve_plan,
+                              setup_data, train_config, train_settings, validate_plan)
 from bench_suite.registry import MethodSpec, declared_metrics, default_methods, parse_methods, reference_method
 from bench_suite.store import STORE_FILENAME, ResultsStore, config_key
 from bench_suite.teacher import load_given_teacher, resolve_teacher_locked
@@ -148,10 +149,11 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
         # a method without a keep rate (full attention: grid (1.0,)) runs once, at 1.0, whatever --keep-rates says
         plan = [(spec, r) for spec in specs
                 for r in (spec.keep_rates if spec.keep_rates == (1.0,) else (rates_override or spec.keep_rates))]
-    plan = resolve_plan(plan)
+    profile = get_profile(cfg.profile)
+    plan = resolve_plan(plan, profile)
     extra = parse_hparams(getattr(cfg, "hparams", None), [spec.name for spec, _, _ in plan])
     if extra:  # the user's settings win over a plan's (e.g. --table N with --hparams)
-        plan = resolve_plan([(spec, r, ov | extra.get(spec.name, {})) for spec, r, ov in plan])
+        plan = resolve_plan([(spec, r, ov | extra.get(spec.name, {})) for spec, r, ov in plan], profile)
 
     # ---------------------------------------------------------------- 1. validate (nothing trained or written)
     opts = RunOptions(cfg)
@@ -208,8 +210,8 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
     jobs.append(_Job("teacher", "teacher", 1.0, {}, teacher_cfg, config_key(teacher_cfg)))
     runs = [(seed, entry) for seed in opts.seeds for entry in plan]  # seed-major: a full sweep per seed, in order
     for i, (seed, (spec, rate, overrides)) in enumerate(runs, 1):
-        config = train_config(spec, rate, overrides, {**base, "seed": seed},
-                              epochs=opts.epochs if spec.fine_tunes else 0)  # training-free: evaluated only
+        config = train_config(spec, rate, overrides, {**base, "seed": seed}, profile=opts.profile,
+                              epochs=recipe_epochs(spec, opts.profile, opts.epochs, cfg.epochs is not None))
         tag = (f"[{i}/{len(runs)}] {spec.name} keep {rate:g}" + "".join(f", {k}={v!r}" for k, v in overrides.items())
                + (f", seed {seed}" if len(opts.seeds) > 1 else ""))
         jobs.append(_Job(tag, spec, rate, overrides, config, config_key(config)))
@@ -380,7 +382,8 @@ class _Sweep:
         seed = int(job.config["seed"])  # the fine-tuning seed (--seeds), not the teacher's
         pl.seed_everything(seed, workers=True, verbose=False)
         backbone = copy.deepcopy(self.teacher).train().requires_grad_(True)  # the teacher itself stays frozen
-        module = job.spec.factory(backbone, keep_rate=job.rate, teacher=self.teacher, **job.overrides)
+        settings_ = recipe_settings(job.spec, self.opts.profile) | job.overrides  # the paper recipe, then the user's
+        module = job.spec.factory(backbone, keep_rate=job.rate, teacher=self.teacher, **settings_)
         settings = replace(self.settings, seed=seed, epochs=module.train_epochs(int(job.config["epochs"])),
                            strategy=ddp_strategy_for(module, self.settings.strategy))
         prefix = self._shared_prefix(job, module, settings.epochs)

@@ -350,6 +350,11 @@ class DynamicViT(BenchModule):
     """
 
     display_name = "DynamicViT"
+    # DynamicViT's README: 30 epochs (8 x 96 per step), backbone lr x 0.01, backbone frozen for the first 5 epochs
+    # (backbone_lr_scale, backbone_freeze_frac: the defaults); lr DeiT's base 5e-4 (its main.py default, scaled by
+    # the batch as DeiT's), wd 0.05.
+    paper_recipe = {"epochs": 30, "lr": 5e-4, "weight_decay": 0.05, "backbone_lr_scale": 0.01,
+                    "backbone_freeze_frac": 5 / 30}
     plot_color, plot_marker = "#d55e00", "D"
     reported_metrics = (
         Metric("mean_token_ratio", "fraction", description="mean over blocks of the tokens kept at inference / N"),

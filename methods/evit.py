@@ -291,6 +291,10 @@ class EViT(BenchModule):
 
     in_default_run = True
     display_name = "EViT"
+    # EViT's fine-tune (finetune.sh: 8 x 128 = 1024 images per step): 30 epochs, lr 2e-5 down to 2e-6, wd 1e-6, no
+    # warm-up, constant keep rate; lr / min_lr as DeiT-base values (x 512 / 1024).
+    paper_recipe = {"epochs": 30, "lr": 2e-5 * 512 / 1024, "min_lr": 2e-6 * 512 / 1024, "weight_decay": 1e-6,
+                    "warmup_frac": 0.0}
     plot_color, plot_marker = "#029e73", "^"
     reported_metrics = (
         Metric("tokens_in", "tokens", description="tokens entering the first block"),

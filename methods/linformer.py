@@ -161,6 +161,10 @@ class Linformer(BenchModule):
     """
 
     display_name = "Linformer"
+    # No official ViT recipe: the paper's Table 4 compares it with Sparsifiner, so it gets Sparsifiner's fine-tuning
+    # (50 epochs in all, phase 2's learning rates as DeiT-base values, wd 0.05, 3 warm-up epochs).
+    paper_recipe = {"epochs": 50, "lr": 8e-5 * 512 / 1344, "min_lr": 2e-6 * 512 / 1344, "weight_decay": 0.05,
+                    "warmup_frac": 3 / 50}
     plot_color, plot_marker = "#cc78bc", "v"
     reported_metrics = (
         Metric("k", "tokens", description="projected length of keys and values"),

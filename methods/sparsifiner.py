@@ -360,6 +360,12 @@ class Sparsifiner(BenchModule):
     """
 
     display_name = "Sparsifiner"
+    # The official recipe (experiments/sparsifiner_default_config.yaml; global batch 8 x 168 = 1344): phase 1
+    # ("attn_recon") 5 epochs at 3e-4, phase 2 ("cls_distill") 45 epochs peaking at 8e-5 down to 2e-6, 3 warm-up
+    # epochs, AdamW wd 0.05. Here: lr / min_lr are DeiT-base values (x 512 / 1344, scaled back by lr_batch),
+    # predictor_lr absolute; one warm-up + cosine over the 50 epochs (the official code restarts it per phase).
+    paper_recipe = {"epochs": 45, "phase1_epochs": 5, "lr": 8e-5 * 512 / 1344, "min_lr": 2e-6 * 512 / 1344,
+                    "predictor_lr": 3e-4, "weight_decay": 0.05, "warmup_frac": 3 / 50}
     plot_color, plot_marker = "#de8f05", "s"
     # phase 1 freezes the backbone, phase 2 the predictor: DDP must look for unused parameters
     ddp_find_unused_parameters = True

@@ -81,6 +81,8 @@ def _store_row(method: str, keep: float, seed: int, top1: float, hparams: dict, 
 
 @pytest.fixture(scope="module")
 def subset_run(tmp_path_factory):
+    from bench_suite.backbones import PROFILES
+    from bench_suite.plan import resolved_hparams
     from bench_suite.registry import get_method
     from bench_suite.store import ResultsStore
 
@@ -89,7 +91,8 @@ def subset_run(tmp_path_factory):
     sub = _perturbed_subset(data_file)
     out = tmp / "results"
     with ResultsStore(out / "results.sqlite") as store:
-        evit = get_method("evit").defaults()
+        deit_s = PROFILES["deit_s"]  # what run stores on a paper profile: the defaults with the paper recipe
+        evit = {k: v for k, v in resolved_hparams(get_method("evit"), 0.7, {}, deit_s).items() if k != "keep_rate"}
         full = get_method("full").defaults()
         store.put(_store_row("evit", 0.7, 0, 41.5, evit | {"keep_rate": 0.7}))
         store.put(_store_row("evit", 0.5, 0, 12.0, evit | {"keep_rate": 0.5, "lr": 1.0}))  # other settings
@@ -97,7 +100,9 @@ def subset_run(tmp_path_factory):
         store.put(_store_row("full", 1.0, 1, 62.0, full | {"keep_rate": 1.0}))
         # a proxy profile's results: never in the paper-scale rows, in a table of their own
         store.put(_store_row("full", 1.0, 0, 33.0, full | {"keep_rate": 1.0}, profile="tiny"))
-        store.put(_store_row("evit", 0.7, 0, 77.0, evit | {"keep_rate": 0.7}, profile="tiny"))
+        store.put(_store_row("evit", 0.7, 0, 77.0, get_method("evit").defaults() | {"keep_rate": 0.7}, profile="tiny"))
+        # the same method without its paper recipe on deit_s: another configuration, not this row's result
+        store.put(_store_row("evit", 0.7, 1, 5.0, get_method("evit").defaults() | {"keep_rate": 0.7}))
     run = make_tables(out, tables=[1, 3, 4], profile="tiny", data="fashion_mnist", figures=True, report=True,
                       data_file=data_file, workers=1, log=lambda _: None)
     return run, sub, out

@@ -83,16 +83,20 @@ def suite_top1(output: str | Path, profile: str, dataset: str,
     """Look up each configuration's measured top-1 in ``<output>/results.sqlite``.
 
     A stored row matches when it finished (status ``ok``), has the profile, dataset, method and keep rate,
-    and its ``config["hparams"]`` equals the method's current defaults with the overrides and the keep
-    rate (what ``python -m bench_suite run`` stores), so a result of other settings is never shown as
+    and its ``config["hparams"]`` equals the method's current defaults with its paper recipe on a paper profile,
+    the overrides and the keep rate (:func:`bench_suite.plan.resolved_hparams`, what ``python -m bench_suite run``
+    stores), so a result of other settings is never shown as
     this row's. Several seeds are averaged.
 
     Raises:
         bench_suite.store.StoreCorruptError: if the store exists but cannot be read.
     """
+    from bench_suite.backbones import PROFILES
+    from bench_suite.plan import resolved_hparams
     from bench_suite.registry import get_method
     from bench_suite.store import STORE_FILENAME, ResultsStore
 
+    prof = PROFILES.get(profile)  # a paper profile's rows carry the method's paper recipe in their settings
     configs = list(dict.fromkeys(configs))
     db = Path(output) / STORE_FILENAME
     rows = pd.DataFrame()
@@ -105,7 +109,7 @@ def suite_top1(output: str | Path, profile: str, dataset: str,
             out[cfg] = Top1(None, 0)
             continue
         same = rows[(rows["method"] == cfg.method) & ((rows["keep_rate"] - cfg.keep_rate).abs() < 1e-9)]
-        want = _normalise(get_method(cfg.method).defaults() | cfg.overrides_dict | {"keep_rate": cfg.keep_rate})
+        want = _normalise(resolved_hparams(get_method(cfg.method), cfg.keep_rate, cfg.overrides_dict, prof))
         hit = same.loc[np.array([_normalise((c or {}).get("hparams")) == want for c in same["config"]], dtype=bool)]
         hit = hit[hit["top1"].notna()]
         configs_ = list(hit["config"])
