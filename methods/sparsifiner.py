@@ -348,9 +348,11 @@ class Sparsifiner(BenchModule):
             rose from 0.26 (random) to 0.44; at 3e-2 to 0.58 and 0.31.
         attention_impl: sparse attention implementation (:data:`bench_suite.kernels.SPARSE_ATTENTION_IMPLS`):
             ``"auto"`` (default) the fused C++ kernels (forward and backward, training and evaluation) on CPU
-            float tensors when they can be built, else the PyTorch gather path; ``"cpp"`` the kernels or an
-            error; ``"torch"`` the PyTorch reference. All give the same results up to float rounding
-            (tests); the kernels are 5-15x faster on the CPU.
+            float tensors when they can be built, FlexAttention on CUDA (compiled, forward and backward, no
+            gathered key/value copies), else the PyTorch gather path; ``"cpp"`` the kernels or an error;
+            ``"flex"`` FlexAttention; ``"torch"`` the PyTorch reference. All give the same results up to float
+            rounding (tests; FlexAttention's CUDA backward is not testable on the CPU); the kernels are 5-15x
+            faster on the CPU.
         distill_logits, distill_tokens: phase-2 weights of eq. 9 and eq. 8 (paper 0.5 / 0.5); phase 1
             uses 0 / 0 and no cross-entropy.
         **kwargs: other :class:`methods.base.BenchModule` settings (lr, weight_decay = 0.05, ...).

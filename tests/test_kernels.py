@@ -480,3 +480,67 @@ def test_connectivity_topk_promotes_mixed_dtypes(impl):
     assert torch.equal(got.sort(-1).values, want)
     if impl in CONNECTIVITY_TOPK_IMPLS:
         assert torch.equal(CONNECTIVITY_TOPK_IMPLS[impl](coef, w_up, 4).sort(-1).values, want)
+
+
+# ----------------------------------------------------------------- FlexAttention (the GPU path), forward on the CPU
+FLEX_SHAPES = [  # (B, H, Nq, Nk, d, Bk): budget 1, Nq < Nk (the CLS row kept full), dense, DeiT-S keep 0.1
+    (1, 1, 17, 17, 16, 1), (2, 3, 16, 17, 16, 5), (2, 2, 17, 17, 16, 17), (1, 2, 196, 197, 64, 20)]
+
+
+@pytest.mark.parametrize("shape", FLEX_SHAPES)
+def test_flex_attention_equals_the_dense_masked_reference(shape) -> None:
+    from methods.sparse_attention import dense_masked_attention, indices_to_mask
+
+    b, h, nq, nk, d, bk = shape
+    q, k, v, idx = random_case(b, h, nq, nk, d, bk, seed=31)
+    scale = d ** -0.5
+    with torch.no_grad():
+        out = kernels.sparse_attention(q, k, v, idx, scale, impl="flex")
+        want, _ = dense_masked_attention(q, k, v, indices_to_mask(idx, nk), scale)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(out, kernels.sparse_attention_torch(q, k, v, idx, scale), rtol=1e-5, atol=2e-6)
+
+
+def test_flex_block_mask_keeps_exactly_the_connectivity_mask() -> None:
+    from methods.sparse_attention import indices_to_mask
+
+    _, _, _, idx = random_case(2, 3, 16, 17, 16, 4, seed=32)
+    block = kernels.connectivity_block_mask(idx, 17)
+    b, h, qi, ki = torch.meshgrid(*(torch.arange(n) for n in (2, 3, 16, 17)), indexing="ij")
+    assert torch.equal(block.mask_mod(b, h, qi, ki), indices_to_mask(idx, 17))
+
+
+def test_flex_on_the_cpu_trains_through_the_torch_path_and_auto_never_picks_it_there(monkeypatch) -> None:
+    """FlexAttention has no CPU backward: a CPU call that needs a gradient takes the gather path (the same
+    gradients); ``auto`` picks FlexAttention on CUDA only."""
+    q, k, v, idx = random_case(1, 2, 9, 9, 16, 3, seed=33)
+    grads = []
+    for impl in ("flex", "torch"):
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = kernels.sparse_attention(qq, kk, vv, idx, impl=impl)
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        grads.append([t.grad for t in (qq, kk, vv)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert "flex" in kernels.IMPLS and "flex" in kernels.DIFFERENTIABLE_IMPLS
+
+    def boom(*args, **kwargs):
+        raise AssertionError("auto took FlexAttention on the CPU")
+
+    monkeypatch.setattr(kernels, "sparse_attention_flex", boom)
+    with torch.no_grad():
+        out = kernels.sparse_attention(q, k, v, idx, impl="auto")
+    torch.testing.assert_close(out, kernels.sparse_attention_torch(q, k, v, idx), rtol=1e-5, atol=2e-6)
+
+
+def test_sparsifiner_model_with_flex_equals_torch_in_evaluation() -> None:
+    from bench_suite.registry import get_method
+    from tests.conftest import random_images, tiny_vit
+
+    x = random_images(2)
+    outs = []
+    for impl in ("torch", "flex"):
+        module = get_method("sparsifiner").factory(tiny_vit(), keep_rate=0.25, attention_impl=impl).eval()
+        with torch.no_grad():
+            outs.append(module(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
