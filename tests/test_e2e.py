@@ -51,3 +51,66 @@ def test_run_writes_rows_table_plot_and_resumes(tmp_path):
     assert len([line for line in skipped if line.startswith("[")]) == 3  # every configuration
     assert any(line.startswith("teacher:") for line in skipped)  # and the teacher's evaluation
     assert len(ResultsStore(out / "results.sqlite").rows()) == len(rows)
+
+
+def _fashion_mnist_image_folder(root, classes: int = 3, train: int = 8, val: int = 2):
+    """Real Fashion-MNIST test images written as RGB PNGs in ImageNet's layout (``train/<class>``,
+    ``val/<class>``): the first ``train + val`` images of each of the first ``classes`` classes."""
+    from PIL import Image
+
+    from datamodules.fashion_mnist import load_split, locate
+
+    images, labels = load_split(locate(download=False), "test")
+    for c in range(classes):
+        picks = (labels == c).nonzero().flatten()[: train + val].tolist()
+        for i, n in enumerate(picks):
+            split = "train" if i < train else "val"
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[n].numpy()).convert("RGB").save(folder / f"{n}.png")  # uint8 [28, 28]
+    return root
+
+
+def test_paper_path_deit_s_imagefolder_timm_teacher_bf16_into_the_deit_s_rows_only(tmp_path):
+    """The real user's path on the CPU: an ImageFolder of real images, profile deit_s, a timm-format .safetensors
+    teacher, bf16-mixed, a step or two of full, EViT and Sparsifiner with their paper recipes (epochs shortened);
+    the rows carry the teacher's provenance, and the paper tables put their top-1 into the DeiT-S rows only."""
+    import timm
+    from safetensors.torch import save_file
+
+    from bench_suite.paper.run import make_tables
+
+    data = _fashion_mnist_image_folder(tmp_path / "imagefolder")
+    teacher = timm.create_model("deit_small_patch16_224", num_classes=3)
+    weights = tmp_path / "deit_s_teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(weights))
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench_suite", "run", "--profile", "deit_s", "--data", "imagenet", "--data-dir",
+           str(data), "--teacher", str(weights), "--precision", "bf16-mixed", "--methods", "full,evit,sparsifiner",
+           "--keep-rates", "0.7", "--epochs", "1", "--batch-size", "8", "--val-size", "8", "--train-subset", "8",
+           "--num-workers", "0", "--accelerator", "cpu", "--output", str(out), "--no-progress",
+           "--hparams", '{"sparsifiner": {"phase1_epochs": 1}}']  # one step per epoch; 1 phase-1 epoch, not 5
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = ResultsStore(out / "results.sqlite").rows()
+    assert (rows.status == "ok").all() and set(zip(rows.method, rows.keep_rate)) == {
+        ("teacher", 1.0), ("full", 1.0), ("evit", 0.7), ("sparsifiner", 0.7)}
+    for _, r in rows.iterrows():
+        assert r.config["teacher_provenance"]["file"] == str(weights)
+        assert r.config["trainer"]["precision"] == "bf16-mixed" and r.profile == "deit_s"
+        assert 0.0 <= r.top1 <= 100.0
+    by = rows.set_index("method")
+    assert by.loc["evit", "config"]["recipe"]["name"] == "paper"  # the paper recipe, epochs shortened by --epochs
+    assert by.loc["evit", "config"]["hparams"]["lr"] == pytest.approx(1e-5)
+    assert by.loc["sparsifiner", "train_steps"] == 2  # its phase-1 epoch + the fine-tuning epoch, 1 step each
+    assert by.loc["sparsifiner", "config"]["hparams"]["predictor_lr"] == pytest.approx(3e-4)  # the rest: its recipe
+    assert by.loc["full", "global_batch"] == 8 and by.loc["full", "lr_peak"] == pytest.approx(5e-4 * 8 / 512)
+
+    run = make_tables(out, tables=[1], profile="deit_s", data="imagenet", data_dir=str(data), figures=False,
+                      report=False, workers=1, log=lambda _: None)
+    frame = run.tables[1].frame.set_index("paper_row")
+    assert frame.loc[1, "suite_top1"] == pytest.approx(by.loc["full", "top1"])  # DeiT-S full attention
+    assert frame.loc[2, "suite_top1"] == pytest.approx(by.loc["evit", "top1"])  # DeiT-S EViT 0.7
+    others = frame.drop(index=[1, 2])["suite_top1"]
+    assert others.isna().all()  # the LV-ViT-S rows (and the rest) show no DeiT-S result
+    assert not run.proxy  # deit_s is the rows' own profile: no proxy table

@@ -14,7 +14,7 @@ from bench_suite import kernels
 from bench_suite.backbones import keep_count
 from bench_suite.kernels import (KernelBuildError, check_inputs, sparse_attention, sparse_attention_cpp,
                                  sparse_attention_torch)
-from bench_suite.kernels import loader
+from bench_suite.kernels import flex, loader
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -505,7 +505,7 @@ def test_flex_block_mask_keeps_exactly_the_connectivity_mask() -> None:
     from methods.sparse_attention import indices_to_mask
 
     _, _, _, idx = random_case(2, 3, 16, 17, 16, 4, seed=32)
-    block = kernels.connectivity_block_mask(idx, 17)
+    block = flex.connectivity_block_mask(idx, 17)
     b, h, qi, ki = torch.meshgrid(*(torch.arange(n) for n in (2, 3, 16, 17)), indexing="ij")
     assert torch.equal(block.mask_mod(b, h, qi, ki), indices_to_mask(idx, 17))
 
@@ -527,7 +527,7 @@ def test_flex_on_the_cpu_trains_through_the_torch_path_and_auto_never_picks_it_t
     def boom(*args, **kwargs):
         raise AssertionError("auto took FlexAttention on the CPU")
 
-    monkeypatch.setattr(kernels, "sparse_attention_flex", boom)
+    monkeypatch.setattr(flex, "sparse_attention_flex", boom)
     with torch.no_grad():
         out = kernels.sparse_attention(q, k, v, idx, impl="auto")
     torch.testing.assert_close(out, kernels.sparse_attention_torch(q, k, v, idx), rtol=1e-5, atol=2e-6)

@@ -21,7 +21,7 @@ This module is the one home of sparse attention: the PyTorch reference, the regi
   the scatter into ``dk``/``dv`` needs no atomics and is deterministic), so it trains too.
 - ``"torch"``: :func:`sparse_attention_torch`, gather-based and differentiable on any device and dtype
   (the reference; it materialises ``[B, H, Nq, Bk, d]`` copies of the keys and values).
-- ``"flex"``: :func:`sparse_attention_flex`, PyTorch's FlexAttention with the connectivity mask as its block
+- ``"flex"``: :func:`bench_suite.kernels.flex.sparse_attention_flex`, PyTorch's FlexAttention with the connectivity mask as its block
   mask (a ``[B, H, Nq, Nk]`` boolean mask scattered from ``idx``; no gathered key/value copies): compiled to a
   fused kernel on CUDA, forward and backward (``torch.compile(flex_attention)``). On the CPU FlexAttention runs
   its forward only (unfused, for tests); a CPU call that needs a gradient takes the ``"torch"`` path.
@@ -81,7 +81,6 @@ __all__ = [
     "load_kernel",
     "sparse_attention",
     "sparse_attention_cpp",
-    "sparse_attention_flex",
     "sparse_attention_torch",
 ]
 
@@ -235,6 +234,13 @@ def _use_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return True
 
 
+def _flex_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
+    """``SPARSE_ATTENTION_IMPLS["flex"]``: :func:`bench_suite.kernels.flex.sparse_attention_flex`."""
+    from bench_suite.kernels import flex
+
+    return flex.sparse_attention_flex(q, k, v, idx, scale)
+
+
 def _cpp_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
     """``SPARSE_ATTENTION_IMPLS["cpp"]``: the kernel (forward and backward) for CPU float inputs, else the
     PyTorch path, so that a model built with the kernel still runs on CUDA. Unlike ``"auto"`` it never hides
@@ -247,75 +253,13 @@ def _cpp_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tens
 def _auto_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
     """``SPARSE_ATTENTION_IMPLS["auto"]``: the C++ kernel where it applies and can be built, FlexAttention on
     CUDA, else the PyTorch path (one warning if the build fails). Same results up to float rounding."""
-    if q.device.type == "cuda" and _flex_available():
-        return sparse_attention_flex(q, k, v, idx, scale)
+    if q.device.type == "cuda":
+        from bench_suite.kernels import flex
+
+        if flex.flex_available():
+            return flex.sparse_attention_flex(q, k, v, idx, scale)
     fn = sparse_attention_cpp if _use_cpp(q, k, v) else sparse_attention_torch
     return fn(q, k, v, idx, scale)
-
-
-# --------------------------------------------------------------------------- FlexAttention (GPU)
-def _flex_available() -> bool:
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:  # torch < 2.5
-        return False
-    return True
-
-
-_compiled_flex: Callable[..., Tensor] | None = None
-
-
-def connectivity_block_mask(idx: Tensor, n_keys: int) -> object:
-    """FlexAttention ``BlockMask`` of the connectivity mask: query row ``i`` of ``[b, h]`` may attend to key ``j``
-    iff ``j`` is in ``idx[b, h, i]``. ``idx [B, H, Nq, Bk]`` -> a boolean ``[B, H, Nq, n_keys]`` mask read by the
-    ``mask_mod`` (FlexAttention skips the key blocks that hold no kept key)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    b, h, nq, _ = idx.shape
-    dense = torch.zeros(b, h, nq, n_keys, dtype=torch.bool, device=idx.device).scatter_(-1, idx.long(), True)
-
-    def mask_mod(bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-        return dense[bi, hi, qi, ki]
-
-    return create_block_mask(mask_mod, b, h, nq, n_keys, device=idx.device, _compile=idx.device.type == "cuda")
-
-
-def sparse_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                          scale: float | None = None) -> torch.Tensor:
-    """Sparse attention through PyTorch's FlexAttention (Dong et al., 2024) with :func:`connectivity_block_mask`:
-    exactly the top-B softmax of eq. 4-6 (the masked keys get ``-inf``), without gathered key/value copies. On
-    CUDA the compiled fused kernel runs, forward and backward, in the inputs' dtype (bf16/fp16 too); on the CPU
-    FlexAttention's unfused forward (it has no CPU backward: a call that needs a gradient there takes
-    :func:`sparse_attention_torch`).
-
-    Args:
-        q: ``[B, H, Nq, d]``; k, v: ``[B, H, Nk, d]``; idx: ``[B, H, Nq, Bk]`` distinct key indices per row.
-        scale: score scale; default ``d ** -0.5``.
-
-    Returns:
-        ``[B, H, Nq, d]``.
-
-    Raises:
-        ValueError, TypeError: see :func:`check_inputs`. RuntimeError: FlexAttention is not in this torch.
-    """
-    global _compiled_flex
-    check_inputs(q, k, v, idx)
-    if not _flex_available():
-        raise RuntimeError("FlexAttention needs torch >= 2.5 (torch.nn.attention.flex_attention)")
-    s = _default_scale(q, scale)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q.device.type == "cpu" and needs_grad:
-        return sparse_attention_torch(q, k, v, idx, s)
-    from torch.nn.attention.flex_attention import flex_attention
-
-    block_mask = connectivity_block_mask(idx, k.shape[2])
-    if q.device.type == "cuda":
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, scale=s)
-    with warnings.catch_warnings():  # the CPU forward is the unfused reference: used by the tests only
-        warnings.simplefilter("ignore", UserWarning)
-        return flex_attention(q, k, v, block_mask=block_mask, scale=s)
 
 
 # --------------------------------------------------------------------------- connectivity top-B (eq. 3)
@@ -414,7 +358,7 @@ def _auto_topk_impl(coef: torch.Tensor, w_up: torch.Tensor, budget: int) -> torc
 
 # --------------------------------------------------------------------------- the registries and the dispatcher
 SPARSE_ATTENTION_IMPLS: dict[str, SparseAttentionFn] = {
-    "torch": sparse_attention_torch, "cpp": _cpp_impl, "auto": _auto_impl, "flex": sparse_attention_flex}
+    "torch": sparse_attention_torch, "cpp": _cpp_impl, "auto": _auto_impl, "flex": _flex_impl}
 """Name -> sparse attention implementation (the contract is :data:`SparseAttentionFn`)."""
 
 DIFFERENTIABLE_IMPLS: set[str] = {"torch", "cpp", "auto", "flex"}
