@@ -374,6 +374,8 @@ class _Sweep:
             config.get("hparams", {}).pop(name, None)
             config.get("overrides", {}).pop(name, None)
             config.pop(name, None)
+        if "overrides" in config and not config["overrides"]:  # only free settings were overridden
+            del config["overrides"]
         config["shared_prefix_epochs"] = int(n)
         config["train_epochs"] = int(epochs)  # the learning-rate schedule spans the whole run
         return self.opts.output / "prefixes" / f"{job.spec.name}-{config_key(config)}.ckpt", int(n)

@@ -73,5 +73,5 @@ def test_two_process_ddp_equals_one_process(tmp_path, tiny_teacher):
             shared = [k for k in one_w if k in start]
             moved = torch.cat([(one_w[k] - start[k]).flatten() for k in shared]).norm()
             apart = torch.cat([(one_w[k] - two_w[k]).flatten() for k in one_w]).norm()
-            assert moved > 0.01 and apart < 0.02 * moved, (method, float(apart), float(moved))
+            assert moved > 1e-3 and apart < 0.02 * moved, (method, float(apart), float(moved))
     assert (tmp_path / "two" / "pareto_tiny_fashion_mnist.csv").is_file()
