@@ -278,6 +278,10 @@ def pareto_table(df: pd.DataFrame, x: str = "mhsa_mflops") -> pd.DataFrame:
                                           + (f", {v['gpu']}" if v.get("gpu") else "") + ")"
                                           for v in rows["versions"] if isinstance(v, Mapping) and v.get("cpu")})) \
         if "versions" in rows.columns else ""
+    timed = rows[rows["img_per_s"].notna()] if "img_per_s" in rows.columns else rows.iloc[:0]
+    passes = timed["speed_pass"] if "speed_pass" in timed.columns else pd.Series([float("nan")] * len(timed))
+    # one interleaved timing pass over all timed rows (bench_suite.speed_pass): their speeds compare
+    attrs["speed_pass"] = int(passes.iloc[0]) if len(timed) and passes.notna().all() and passes.nunique() == 1 else None
     _check_units(rows)
     if "method" not in rows.columns or Y_COLUMN not in rows.columns:
         raise ReportError("the rows need 'method' and 'top1' columns")
@@ -381,10 +385,18 @@ def _caption(table: pd.DataFrame, show_paper: bool) -> str:
                      "dominates it contains 0)")
     if "img_per_s" in table.columns and table["img_per_s"].notna().any():
         t = EVAL_TIMING
-        parts.append(f"throughput and latency: eval of one batch of {t['batch']} test images, median of {t['repeats']} "
-                     f"timed runs after {t['warmup']} untimed, on {a.get('hardware') or 'unrecorded hardware'}; each "
-                     f"row is timed right after its own training, under that moment's load, so compare them with "
-                     f"care ('python -m bench_suite speed' times methods interleaved)")
+        if a.get("speed_pass"):
+            parts.append(f"throughput and latency: one interleaved timing pass over all {len(table)} rows at the end "
+                         f"of the sweep (UTC {a['speed_pass']}: every model once per round on the same batch of "
+                         f"{t['batch']} test images, rotating order, median of {t['repeats']} rounds after "
+                         f"{t['warmup']} untimed; one process, one thread count), on "
+                         f"{a.get('hardware') or 'unrecorded hardware'}: they compare")
+        else:
+            parts.append(f"throughput and latency: eval of one batch of {t['batch']} test images, median of "
+                         f"{t['repeats']} timed runs after {t['warmup']} untimed, on "
+                         f"{a.get('hardware') or 'unrecorded hardware'}; NOT COMPARABLE between rows: they were "
+                         f"timed at different moments under different load (no shared timing pass; 'run' makes one "
+                         f"at the end of a sweep, 'python -m bench_suite speed' times methods interleaved)")
     return "; ".join(parts) + "."
 
 

@@ -35,7 +35,7 @@ import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
@@ -229,7 +229,24 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
     if sweep.failures:
         say(f"{sweep.failures} configuration(s) failed; their rows have status 'failed' and the error; "
             f"re-running the same command retries them")
+    if rank == 0 and getattr(cfg, "speed_pass", True):
+        _speed_pass(opts, dm, teacher, bool(sweep.written), say)
     return sweep.written
+
+
+def _speed_pass(opts: RunOptions, dm: Any, teacher: torch.nn.Module, wrote: bool, say: Callable[[str], None]) -> None:
+    """The table's speed columns from one interleaved timing pass (:func:`bench_suite.speed_pass.timing_pass`),
+    when this run wrote rows or the table's rows do not share one pass yet."""
+    from bench_suite.speed_pass import timing_pass
+
+    dataset = dm.describe()["dataset"]
+    with ResultsStore(opts.output / STORE_FILENAME) as store:
+        rows = store.rows(profile=opts.profile.name, dataset=dataset, status="ok")
+    shared = "speed_pass" in rows.columns and rows["speed_pass"].notna().all() and rows["speed_pass"].nunique() == 1
+    if rows.empty or (shared and not wrote):
+        return
+    batch, _ = dm.sample_batch(SPEED_BATCH, "test")
+    timing_pass(opts.output, opts.profile.name, dataset, batch, teacher=teacher, log=say)
 
 
 def _quiet(msg: str) -> None:

@@ -338,6 +338,23 @@ class ResultsStore:
             conn.execute(f"INSERT INTO results ({cols}) VALUES ({', '.join('?' * len(values))}) "
                          f"ON CONFLICT(key) DO UPDATE SET {updates}", values)
 
+    def update_metrics(self, key: str, metrics: Mapping[str, Any], units: Mapping[str, str] | None = None) -> bool:
+        """Merge ``metrics`` (and their ``units``) into the row under ``key``, atomically, keeping everything
+        else (``created`` included); returns whether there was such a row.
+
+        Raises:
+            TypeError: if a value has no JSON form.
+        """
+        with self._transaction() as conn:
+            rec = conn.execute("SELECT metrics, units FROM results WHERE key = ?", (key,)).fetchone()
+            if rec is None:
+                return False
+            merged = {**json.loads(rec[0] or "{}"), **dict(metrics)}
+            merged_units = {**json.loads(rec[1] or "{}"), **dict(units or {})}
+            conn.execute("UPDATE results SET metrics = ?, units = ? WHERE key = ?",
+                         (canonical_json(merged), canonical_json(merged_units), key))
+        return True
+
     def delete(self, key: str) -> bool:
         """Delete the row under ``key``; returns whether there was one."""
         with self._transaction() as conn:

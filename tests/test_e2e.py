@@ -45,8 +45,18 @@ def test_run_writes_rows_table_plot_and_resumes(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (out / "pareto_tiny_fashion_mnist.pdf").read_bytes()[:4] == b"%PDF"
 
+    # speed a reader can trust: one interleaved timing pass over every row at the end of the sweep, so the same
+    # architecture (the teacher and full attention) shows the same speed in the table
+    assert ok.speed_pass.nunique() == 1 and (ok.speed_pass_rows == len(ok)).all()
+    speed = {(m, k): v for m, k, v in zip(ok.method, ok.keep_rate, ok.img_per_s)}
+    assert abs(speed[("teacher", 1.0)] / speed[("full", 1.0)] - 1.0) <= 0.10, speed
+    assert "one interleaved timing pass over all 4 rows" in (out / "pareto_tiny_fashion_mnist.md").read_text()
+    assert "speed pass: 4 row(s)" in first.stdout
+
     second = _run(out)
     assert second.returncode == 0, second.stderr[-3000:]
+    again = ResultsStore(out / "results.sqlite").rows()
+    assert set(again.speed_pass) == set(ok.speed_pass)  # nothing new: no new pass
     skipped = [line for line in second.stdout.splitlines() if "already in the store" in line]
     assert len([line for line in skipped if line.startswith("[")]) == 3  # every configuration
     assert any(line.startswith("teacher:") for line in skipped)  # and the teacher's evaluation

@@ -419,3 +419,20 @@ def test_frontier_on_means_marks_dominance_within_noise(tmp_path):
     md = write_table(table, tmp_path, "t")[0].read_text()
     header = next(line for line in md.splitlines() if line.startswith("| Method"))
     assert "Top-1 s.d." in header and " n " in header and "Welch" in md
+
+
+def test_speed_columns_say_whether_one_timing_pass_measured_them(tmp_path):
+    """Rows that share one interleaved timing pass (bench_suite.speed_pass) compare; rows timed each after its own
+    training are labelled not comparable."""
+    for shared in (True, False):
+        with ResultsStore(tmp_path / f"{shared}.sqlite") as store:
+            for i, p in enumerate(POINTS):
+                row = make_row(*p)
+                row["metrics"]["speed_pass"] = 20261202120000 if shared or i else 20261202110000
+                row["units"]["speed_pass"] = "UTC time (YYYYMMDDhhmmss)"
+                store.put(row)
+            table = pareto_table(store.rows(), x="mhsa_mflops")
+        out = write_table(table, tmp_path, f"t{shared}")
+        caption = out[0].read_text(encoding="utf-8")
+        assert ("one interleaved timing pass over all 6 rows" in caption) is shared
+        assert ("NOT COMPARABLE" in caption) is not shared

@@ -176,3 +176,17 @@ def test_foreign_sqlite_and_damaged_store_raise(tmp_path):
     with pytest.raises(StoreCorruptError):
         ResultsStore(good)
     assert good.read_bytes() == bytes(data)
+
+
+def test_update_metrics_merges_and_keeps_the_rest(tmp_path):
+    row = make_row()
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        store.put(row)
+        before = store.get(row["key"])
+        assert store.update_metrics(row["key"], {"img_per_s": 123.0, "speed_pass": 20261202120000},
+                                    {"img_per_s": "img/s", "speed_pass": "UTC time (YYYYMMDDhhmmss)"})
+        assert not store.update_metrics("0" * 16, {"img_per_s": 1.0})
+        after = store.get(row["key"])
+    assert after["created"] == before["created"] and after["config"] == before["config"]
+    assert after["metrics"] == {**before["metrics"], "img_per_s": 123.0, "speed_pass": 20261202120000}
+    assert after["units"]["img_per_s"] == "img/s" and after["units"]["top1"] == "%"
