@@ -22,6 +22,7 @@ from bench_suite.errors import UserError
 from bench_suite.locks import ConfigLock
 from bench_suite.logs import quiet_lightning_info
 from bench_suite.options import (
+    COMPILE_MODES,
     PRECISIONS,
     ClipValue,
     KeepRate,
@@ -135,6 +136,9 @@ def build_parser() -> ArgumentParser:
                        help="accumulate gradients over N batches per optimiser step (Lightning)")
     p_run.add_argument("--gradient-clip-val", type=ClipValue, default=0.0,
                        help="clip the gradient norm at this value (0: no clipping; Lightning)")
+    p_run.add_argument("--compile", type=str, default="none", choices=list(COMPILE_MODES),
+                       help="torch.compile the model being trained in this mode (default none: eager); part of every "
+                            "row's configuration when set")
     p_run.add_argument("--x", type=str, default="mhsa_mflops", choices=list(X_AXES), help="x axis of the Pareto plot")
     p_run.add_argument("--table", type=int | None, default=None, choices=[None, *TABLES],
                        help="run exactly the configurations of the paper's table N (1-4) on --profile "

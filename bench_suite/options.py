@@ -15,7 +15,7 @@ from bench_suite.errors import UserError
 from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt, restricted_number_type
 
 __all__ = ["PositiveInt", "NonNegativeInt", "OpenUnitInterval", "KeepRate", "ClipValue", "PRECISIONS",
-           "TRAINING_DEFAULTS", "training_recipe", "parse_keep_rates", "parse_hparams", "parse_list", "parse_devices",
+           "COMPILE_MODES", "TRAINING_DEFAULTS", "training_recipe", "parse_keep_rates", "parse_hparams", "parse_list", "parse_devices",
            "parse_loggers"]
 
 KeepRate = restricted_number_type("KeepRate", float, [(">", 0.0), ("<=", 1.0)], join="and",
@@ -29,13 +29,17 @@ ClipValue = restricted_number_type("ClipValue", float, [(">=", 0.0), ("<", math.
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 """Lightning precisions ``run --precision`` accepts (``16-mixed`` needs a GPU)."""
 
-TRAINING_DEFAULTS = {"precision": "32", "accumulate_grad_batches": 1, "gradient_clip_val": 0.0}
-"""Lightning Trainer settings of ``run`` and their defaults (fp32, no accumulation, no clipping)."""
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+"""``run --compile`` values: ``none`` (eager, the default) or a ``torch.compile`` mode."""
+
+TRAINING_DEFAULTS = {"precision": "32", "accumulate_grad_batches": 1, "gradient_clip_val": 0.0, "compile": "none"}
+"""Trainer settings of ``run`` and their defaults (fp32, no accumulation, no clipping, eager: no
+``torch.compile``)."""
 
 
 def training_recipe(cfg: Any) -> dict[str, Any]:
-    """The Trainer settings of ``cfg`` (``--precision``, ``--accumulate-grad-batches``, ``--gradient-clip-val``)
-    that differ from :data:`TRAINING_DEFAULTS`, in canonical types: they enter every row's configuration key
+    """The Trainer settings of ``cfg`` (``--precision``, ``--accumulate-grad-batches``, ``--gradient-clip-val``,
+    ``--compile``) that differ from :data:`TRAINING_DEFAULTS`, in canonical types: they enter every row's configuration key
     (under ``"trainer"``) and the Trainer; a run at the defaults keeps its earlier keys."""
     out: dict[str, Any] = {}
     for name, default in TRAINING_DEFAULTS.items():

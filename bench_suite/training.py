@@ -42,7 +42,7 @@ from bench_suite.distributed import broadcast, world_info
 from bench_suite.logs import make_loggers, progress_callback
 
 __all__ = ["TrainSettings", "make_trainer", "fit_and_test", "NonFiniteLossError", "AtomicCheckpointIO",
-           "ResumableSampler", "inspect_checkpoint", "STAMP_KEY"]
+           "ResumableSampler", "inspect_checkpoint", "STAMP_KEY", "CompileModel"]
 
 STAMP_KEY = "bench_suite_run"  # checkpoint entry naming the configuration the checkpoint belongs to
 
@@ -95,6 +95,29 @@ class _RunStamp(Callback):
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
+
+class CompileModel(Callback):
+    """``run --compile <mode>``: ``torch.compile`` the LightningModule's ``model`` (the network being trained,
+    not the frozen teacher) in place before training and evaluation.
+
+    ``nn.Module.compile`` keeps the module and its ``state_dict`` keys (checkpoints stay loadable without
+    compilation); graph breaks (the C++ sparse attention kernels, data-dependent token counts) fall back to
+    eager for those parts. Compiled and eager results agree to float rounding, not bit for bit, so the mode
+    enters every row's configuration (``config["trainer"]["compile"]``).
+
+    Args:
+        mode: a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``).
+        backend: a ``torch.compile`` backend (``"inductor"``; tests use ``"eager"``).
+    """
+
+    def __init__(self, mode: str = "default", backend: str = "inductor") -> None:
+        self.mode, self.backend = mode, backend
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        model = getattr(pl_module, "model", None)
+        if isinstance(model, torch.nn.Module) and getattr(model, "_compiled_call_impl", None) is None:
+            model.compile(mode=None if self.backend != "inductor" else self.mode, backend=self.backend)
+
 
 class _EpochEndCheckpoint(ModelCheckpoint):
     """Writes ``last.ckpt`` at the end of every training epoch, and nothing else.
@@ -331,7 +354,8 @@ class TrainSettings:
         deterministic: Lightning's ``deterministic`` (``True``: deterministic algorithms, error where an
             op has none; ``"warn"``: warn instead; ``False``: off).
         seed: seed of the training order (``None``: the ``PL_GLOBAL_SEED`` set by ``seed_everything``, else 0).
-        extra: more ``pl.Trainer`` keyword arguments.
+        extra: more ``pl.Trainer`` keyword arguments, and ``compile`` (a ``torch.compile`` mode or ``"none"``,
+            see :class:`CompileModel`).
     """
 
     epochs: int = 1
@@ -364,6 +388,9 @@ def make_trainer(run_dir: str | Path, settings: TrainSettings, callbacks: list[C
                     # the frozen teacher (a submodule for distillation) is in eval mode on purpose
                     r".*module\(s\) in eval mode at the start of training.*"):
         warnings.filterwarnings("ignore", message=pattern)
+    extra = dict(settings.extra)
+    compile_mode = extra.pop("compile", "none")
+    compiling = [CompileModel(compile_mode)] if compile_mode not in (None, "none") else []
     deterministic = settings.deterministic
     if deterministic is True and settings.accelerator not in ("cpu",) and torch.cuda.is_available():
         deterministic = "warn"  # some CUDA kernels (scatter/index_put backward) have no deterministic version
@@ -374,7 +401,7 @@ def make_trainer(run_dir: str | Path, settings: TrainSettings, callbacks: list[C
         strategy=settings.strategy,
         max_epochs=settings.epochs,
         limit_train_batches=settings.limit_train_batches,
-        callbacks=[*(callbacks or []), _FiniteLoss(), *saves, *progress_callback(settings.progress)],
+        callbacks=[*(callbacks or []), *compiling, _FiniteLoss(), *saves, *progress_callback(settings.progress)],
         plugins=[AtomicCheckpointIO()],
         logger=make_loggers(run_dir, settings.loggers),
         enable_progress_bar=settings.progress,
@@ -383,7 +410,7 @@ def make_trainer(run_dir: str | Path, settings: TrainSettings, callbacks: list[C
         log_every_n_steps=10,
         deterministic=deterministic,
         default_root_dir=str(run_dir),
-        **settings.extra,
+        **extra,
     )
 
 
