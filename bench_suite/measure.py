@@ -123,7 +123,8 @@ def measure_callables(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeat
     Every callable runs ``warmup`` untimed calls; then ``repeats`` rounds, each timing every callable once
     (one sample = ``inner`` back-to-back calls, divided by ``inner``), the order rotating by one position per
     round. ``inner`` is 1 unless ``min_sample_ms`` > 0, then the smallest count whose estimated duration
-    (from the slowest warm-up call) reaches ``min_sample_ms``.
+    (from the last warm-up call: the first one pays for allocation and caches, and estimating from it gave the
+    first callable fewer calls per sample than the others) reaches ``min_sample_ms``.
 
     Returns:
         ``{name: {"median_ms", "p90_ms", "min_ms" (ms per call), "inner", "repeats", "threads"}}``.
@@ -141,13 +142,13 @@ def measure_callables(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeat
     times: dict[str, list[float]] = {n: [] for n in names}
     with fixed_threads(num_threads) as threads, torch.inference_mode():
         for name in names:
-            slowest = 0.0
+            last = 0.0
             for _ in range(max(1, warmup)):
                 start = time.perf_counter()
                 fns[name]()
                 _sync(dev)
-                slowest = max(slowest, (time.perf_counter() - start) * 1000.0)
-            inner[name] = 1 if min_sample_ms <= 0 else max(1, int(math.ceil(min_sample_ms / max(slowest, 1e-3))))
+                last = (time.perf_counter() - start) * 1000.0
+            inner[name] = 1 if min_sample_ms <= 0 else max(1, int(math.ceil(min_sample_ms / max(last, 1e-3))))
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 fn, count = fns[name], inner[name]

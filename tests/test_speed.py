@@ -1,6 +1,8 @@
 """Tests of ``python -m bench_suite speed`` and the interleaved timing helpers (no timed assertions)."""
 from __future__ import annotations
 
+import time
+
 import csv
 import math
 from pathlib import Path
@@ -66,6 +68,20 @@ def test_measure_callables_loops_short_calls() -> None:
     res = measure_callables({"f": f}, warmup=1, repeats=3, min_sample_ms=1.0)
     inner = int(res["f"]["inner"])
     assert inner > 1 and n["x"] == 1 + 3 * inner
+
+
+def test_measure_callables_calibrates_samples_on_a_warm_call() -> None:
+    """The first call of a model pays for allocations and caches; a sample's call count comes from the last
+    warm-up call, or the first model of a pass would get fewer calls per sample than the others."""
+    n = {"x": 0}
+
+    def f() -> None:
+        n["x"] += 1
+        if n["x"] == 1:
+            time.sleep(0.03)  # a cold first call, 30 ms, three times the sample length
+
+    res = measure_callables({"f": f}, warmup=2, repeats=2, min_sample_ms=10.0)
+    assert res["f"]["inner"] > 1 and n["x"] == 2 + 2 * int(res["f"]["inner"])
 
 
 def test_summarize_times_nearest_rank() -> None:
