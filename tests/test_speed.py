@@ -1,10 +1,9 @@
 """Tests of ``python -m bench_suite speed`` and the interleaved timing helpers (no timed assertions)."""
 from __future__ import annotations
 
-import time
-
 import csv
 import math
+import time
 from pathlib import Path
 
 import pytest
