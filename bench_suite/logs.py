@@ -80,7 +80,10 @@ def progress_callback(progress: bool) -> list[Callback]:
 
 
 LIGHTNING_INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
-                          "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+                          "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                          # "`weights_only` was not set, defaulting to `False`." at every checkpoint save
+                          "pytorch_lightning.trainer.connectors.checkpoint_connector",
+                          "lightning.pytorch.trainer.connectors.checkpoint_connector")
 
 
 def quiet_lightning_info() -> None:
