@@ -58,9 +58,10 @@ def find_checkpoints(output: str | Path, method: str, profile: str, dataset: str
     return out
 
 
-def load_trained(method: str, path: str | Path, profile: str) -> Any:
+def load_trained(method: str, path: str | Path, profile: str, overrides: dict[str, Any] | None = None) -> Any:
     """Load a method's LightningModule from a runner checkpoint onto a fresh backbone of ``profile`` (the
-    classifier size is read from the checkpoint; ``teacher=None``), in eval mode on the CPU.
+    classifier size is read from the checkpoint; ``teacher=None``), in eval mode on the CPU. ``overrides``
+    replace saved settings that do not change the weights (e.g. ``attention_impl``).
 
     Raises:
         UserError: for a missing file, or a file that is not a checkpoint of ``method`` on ``profile``.
@@ -74,7 +75,8 @@ def load_trained(method: str, path: str | Path, profile: str) -> Any:
         state = torch.load(str(path), map_location="cpu", weights_only=False)
         num_classes = int(state["state_dict"]["model.head.weight"].shape[0])
         module = spec.factory.load_from_checkpoint(
-            str(path), backbone=create_backbone(profile, num_classes=num_classes), teacher=None, map_location="cpu")
+            str(path), backbone=create_backbone(profile, num_classes=num_classes), teacher=None, map_location="cpu",
+            **(overrides or {}))
     except Exception as e:  # noqa: BLE001 - unpickling, missing keys, shape mismatches: all one user error
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load {path} as {method} on the {profile} profile: {first}") from None

@@ -187,9 +187,20 @@ def build_parser() -> ArgumentParser:
                          help="comma-separated method names (default: all registered)")
     p_speed.add_argument("--keep-rates", type=str | None, default=None,
                          help="comma-separated keep rates (default: each method's grid; core/kernel 0.25,0.1,0.05)")
-    p_speed.add_argument("--batch-size", type=PositiveInt, default=8, help="images (sequences) per timed batch")
-    p_speed.add_argument("--threads", type=PositiveInt | None, default=None,
-                         help="intra-op threads, fixed and recorded (default: torch's, usually all cores)")
+    p_speed.add_argument("--batch-size", type=str, default="8",
+                         help="images (sequences) per timed batch; models: a grid, e.g. 1,8,64,max (max: the largest "
+                              "power of two whose predicted peak memory fits --memory-budget)")
+    p_speed.add_argument("--threads", type=str | None, default=None,
+                         help="intra-op threads, fixed and recorded; models: a grid, e.g. 1,all (default: torch's, "
+                              "usually all cores)")
+    p_speed.add_argument("--precision", type=str, default="fp32",
+                         help="models: fp32 and/or bf16 (autocast; where the CPU has bf16 instructions), e.g. fp32,bf16")
+    p_speed.add_argument("--weights", type=str, default="random", choices=["random", "store"],
+                         help="models: random weights, or the newest trained checkpoint of each configuration in "
+                              "<output>/results.sqlite where one exists (real sparsity)")
+    p_speed.add_argument("--max-batch", type=PositiveInt, default=1024, help="the largest batch --batch-size max tries")
+    p_speed.add_argument("--memory-budget", type=PositiveInt | None, default=None,
+                         help="MiB that --batch-size max may fill (default: half the memory available now)")
     p_speed.add_argument("--repeats", type=PositiveInt, default=10, help="timed rounds (candidates interleaved)")
     p_speed.add_argument("--warmup", type=NonNegativeInt, default=3, help="untimed runs per candidate first")
     p_speed.add_argument("--impl", type=str, default="cpp",

@@ -32,7 +32,7 @@ import csv
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -45,7 +45,8 @@ from bench_suite.kernel_bench import (DEFAULT_KERNEL_KEEP_RATES, DEFAULT_KERNEL_
                                       KERNEL_TRAIN_COLUMNS, kernel_benchmark, random_key_indices, random_qkv,
                                       spot_check, write_kernel_csv)
 from bench_suite.kernels import build_info, load_kernel, sparse_attention
-from bench_suite.measure import measure_callables, measure_models, peak_memory_callable_mib, peak_memory_mib
+from bench_suite.measure import (fixed_threads, measure_callables, measure_models, peak_memory_callable_mib,
+                                 peak_memory_mib)
 from bench_suite.options import canonical_settings, parse_hparams, parse_list
 from bench_suite.plan import check_output
 from bench_suite.registry import declared_metrics, get_method, method_specs, parse_methods, reference_method
@@ -96,6 +97,12 @@ class SpeedOptions:
         kernel_n: token counts of the kernel grid.
         hparams: method name -> extra factory arguments of that method (``--hparams``).
         coef_density: emulate trained coefficient densities (passed to each method's ``prepare_timing``).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast) of one timed cell. weights: ``"random"`` or ``"store"``
+        (the newest trained checkpoint of each configuration in ``<output>/results.sqlite`` where one exists).
+        batch_rule: how the cell's batch was chosen (``--batch-size max``), stored in its rows.
+        batch_sizes, thread_counts, precisions: the model grid's axes (:mod:`bench_suite.speed_grid`; empty:
+        the single ``batch_size`` / ``threads`` / ``precision``). max_batch, memory_budget_mib: the limits of
+        ``--batch-size max``.
     """
 
     profile: str = "deit_t384"
@@ -115,6 +122,14 @@ class SpeedOptions:
     kernel_n: tuple[int, ...] = DEFAULT_KERNEL_N
     hparams: dict[str, Any] | None = None
     coef_density: float | None = None
+    precision: str = "fp32"
+    weights: str = "random"
+    batch_rule: str | None = None
+    batch_sizes: tuple[int | str, ...] = ()
+    thread_counts: tuple[int | None, ...] = ()
+    precisions: tuple[str, ...] = ()
+    max_batch: int = 1024
+    memory_budget_mib: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "repeats"):
@@ -134,6 +149,8 @@ class SpeedOptions:
             raise ValueError(f"--coef-density must lie in (0, 1), got {self.coef_density}")
         if self.hparams is not None and not isinstance(self.hparams, dict):
             raise ValueError(f"--hparams must be a JSON object, got {self.hparams!r}")
+        if self.precision not in ("fp32", "bf16") or self.weights not in ("random", "store"):
+            raise ValueError(f"precision fp32/bf16 and weights random/store, got {self.precision}/{self.weights}")
         bad = [i for i in self.impls if i not in ("cpp", "torch")]
         if bad or not self.impls:
             raise ValueError(f"--impl takes cpp and/or torch, got {','.join(self.impls) or 'nothing'}")
@@ -170,9 +187,46 @@ def _row(opts: SpeedOptions, config: dict[str, Any], metrics: dict[str, Any]) ->
 
 
 def _base_config(opts: SpeedOptions, scope: str, threads: int) -> dict[str, Any]:
-    return {"kind": "speed", "scope": scope, "profile": opts.profile, "batch_size": opts.batch_size,
-            "threads": threads, "repeats": opts.repeats, "warmup": opts.warmup, "seed": opts.seed,
-            "weights": "random", "inputs": "random normal", "device": "cpu", "dtype": "float32"}
+    config = {"kind": "speed", "scope": scope, "profile": opts.profile, "batch_size": opts.batch_size,
+              "threads": threads, "repeats": opts.repeats, "warmup": opts.warmup, "seed": opts.seed,
+              "weights": "random", "inputs": "random normal", "device": "cpu", "dtype": "float32"}
+    if opts.precision != "fp32":
+        config.update(precision=opts.precision, dtype="bfloat16 (autocast)")
+    if opts.batch_rule:
+        config["batch_rule"] = opts.batch_rule
+    return config
+
+
+class _Autocast(torch.nn.Module):
+    """A model whose forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (``--precision bf16``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x)
+
+
+def _trained_checkpoint(opts: SpeedOptions, method: str, rate: float) -> tuple[str, Path] | None:
+    """``(key, path)`` of the newest finished trained row of ``method`` at ``rate`` on the profile in
+    ``<output>/results.sqlite`` whose checkpoint exists; ``None`` without one."""
+    from bench_suite.checkpoints import checkpoint_path
+
+    db = opts.output / "results.sqlite"
+    if not db.is_file():
+        return None
+    with ResultsStore(db, create=False) as store:
+        rows = store.rows(method=method, profile=opts.profile, status="ok")
+    if rows.empty:
+        return None
+    rows = rows[(rows["dataset"] != DATASET) & ((rows["keep_rate"] - rate).abs() < 1e-9)]
+    for _, r in rows.sort_values("created", ascending=False).iterrows():
+        path = checkpoint_path(opts.output, r["key"], r["method"], r["keep_rate"])
+        if path.is_file():
+            return str(r["key"]), path
+    return None
 
 
 # --------------------------------------------------------------------------- MHSA core
@@ -252,16 +306,24 @@ def core_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> li
 
 
 # --------------------------------------------------------------------------- whole models
-def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Eval speed of whole models with random weights (see the module docstring); returns store rows.
+class _Built:
+    """The models of one timed cell: label -> module (and its autocast wrapper), the (spec, keep rate, impl)
+    of each label, the extra settings, what ``prepare_timing`` set, and the trained rows' keys."""
 
-    Raises:
-        bench_suite.registry.UnknownMethodError: for an unknown method name.
-        bench_suite.backbones.UnknownProfileError: for an unknown profile.
-    """
+    def __init__(self) -> None:
+        self.models: dict[str, Any] = {}
+        self.timed: dict[str, torch.nn.Module] = {}
+        self.labels: dict[str, tuple[Any, float, str | None]] = {}
+        self.extras: dict[str, dict[str, Any]] = {}
+        self.prepared: dict[str, Any] = {}
+        self.trained: dict[str, str] = {}
+
+
+def _build_models(opts: SpeedOptions, images: torch.Tensor) -> _Built:
+    """Every method (``opts.methods``) at its keep rates and implementations, random weights (or the store's
+    trained checkpoint, ``opts.weights == "store"``), in eval mode; wrapped in autocast under bf16."""
     profile = get_profile(opts.profile)
     specs = parse_methods(opts.methods) if opts.methods else method_specs()
-    threads = _threads(opts)
     hparams = {name: canonical_settings(name, values, get_method(name).defaults(), get_method(name).setting_types())
                for name, values in (opts.hparams or {}).items()}
     plan = []
@@ -271,27 +333,66 @@ def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> l
         for r in rates:
             for impl in impls:
                 plan.append((spec, float(r), impl))
-    gen = torch.Generator().manual_seed(opts.seed)
-    images = torch.randn(opts.batch_size, profile.in_chans, profile.img_size, profile.img_size, generator=gen)
-    models, labels, extras, prepared = {}, {}, {}, {}
+    if opts.precision == "bf16":  # the C++ kernels are float32 only: under bf16 the PyTorch path runs
+        plan = list(dict.fromkeys((spec, r, None if impl is None else "torch") for spec, r, impl in plan))
+    built = _Built()
     for spec, r, impl in plan:
         torch.manual_seed(opts.seed)
         extra = dict(hparams.get(spec.name, {}))
         if impl is not None:
             extra["attention_impl"] = impl
-        module = spec.factory(create_backbone(profile, num_classes=10), keep_rate=r, **extra)
         label = f"{spec.name}@{r:g}" + (f"/{impl}" if impl else "")
-        if opts.coef_density is not None:
-            prepared[label] = module.prepare_timing(images, coef_density=opts.coef_density)
-        models[label] = module.eval()
-        labels[label] = (spec, r, impl)
-        extras[label] = {k: v for k, v in extra.items() if k != "attention_impl"}
+        found = _trained_checkpoint(opts, spec.name, r) if opts.weights == "store" else None
+        if found is not None:
+            from bench_suite.checkpoints import load_trained
+
+            module = load_trained(spec.name, found[1], profile.name, overrides=extra)
+            built.trained[label] = found[0]
+        else:
+            module = spec.factory(create_backbone(profile, num_classes=10), keep_rate=r, **extra)
+            if opts.coef_density is not None:
+                built.prepared[label] = module.prepare_timing(images, coef_density=opts.coef_density)
+        built.models[label] = module.eval()
+        built.timed[label] = _Autocast(module) if opts.precision == "bf16" else module
+        built.labels[label] = (spec, r, impl)
+        built.extras[label] = {k: v for k, v in extra.items() if k != "attention_impl"}
     if any(impl == "cpp" for *_, impl in plan):
         load_kernel()
+    return built
+
+
+def peak_probe(opts: SpeedOptions, batch: int) -> float:
+    """The largest peak eval memory (MiB) among the models of ``opts`` at ``batch`` random images (random
+    weights; ``--batch-size max``)."""
+    profile = get_profile(opts.profile)
+    images = torch.randn(batch, profile.in_chans, profile.img_size, profile.img_size,
+                         generator=torch.Generator().manual_seed(opts.seed))
+    built = _build_models(replace(opts, weights="random"), images)
+    with fixed_threads(opts.threads), torch.inference_mode():
+        return max(peak_memory_mib(m, images) for m in built.timed.values())
+
+
+def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Eval speed of whole models, random weights or the store's trained checkpoints (see the module
+    docstring), in one cell (batch, threads, precision); returns store rows.
+
+    Raises:
+        bench_suite.registry.UnknownMethodError: for an unknown method name.
+        bench_suite.backbones.UnknownProfileError: for an unknown profile.
+    """
+    profile = get_profile(opts.profile)
+    threads = _threads(opts)
+    gen = torch.Generator().manual_seed(opts.seed)
+    images = torch.randn(opts.batch_size, profile.in_chans, profile.img_size, profile.img_size, generator=gen)
+    built = _build_models(opts, images)
+    models, timed, labels, extras, prepared, trained = (built.models, built.timed, built.labels, built.extras,
+                                                        built.prepared, built.trained)
+    weights = "random weights" if not trained else f"trained weights for {len(trained)} of {len(models)}"
     log(f"models on {profile.name} ({profile.img_size}px), batch {opts.batch_size}, {threads} thread(s), "
-        f"random weights: {', '.join(models)}; {opts.repeats} interleaved rounds after {opts.warmup} warm-up")
+        f"{opts.precision}, {weights}: {', '.join(models)}; {opts.repeats} interleaved rounds after "
+        f"{opts.warmup} warm-up")
     load = _load_avg()
-    res = measure_models(models, images, warmup=opts.warmup, repeats=opts.repeats, num_threads=threads)
+    res = measure_models(timed, images, warmup=opts.warmup, repeats=opts.repeats, num_threads=threads)
     reference = reference_method().name
     full_ms = next((res[lab]["latency_ms_median"] for lab, (s, *_) in labels.items() if s.name == reference), None)
     rows = []
@@ -305,13 +406,15 @@ def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> l
                   "hparams": {**spec.defaults(), "keep_rate": rate, **extras[label],
                               **({"attention_impl": impl} if impl else {})}}
         config.update(prepared.get(label) or {})  # what the method's prepare_timing set (e.g. emulated thresholds)
+        if label in trained:  # a trained checkpoint of the store: its configuration key
+            config.update(weights="store", trained_key=trained[label])
         metrics: dict[str, Any] = {k: r[k] for k in ("latency_ms_median", "latency_ms_p90", "latency_ms_min",
                                                      "img_per_s")}
         metrics["latency_ratio_to_full"] = None if full_ms is None else r["latency_ms_median"] / full_ms
         metrics["load_avg_1min"] = load
         if opts.memory:
             with torch.inference_mode():
-                metrics["peak_mib"] = peak_memory_mib(module, images)
+                metrics["peak_mib"] = peak_memory_mib(timed[label], images)
         metrics.update({k: float(v) for k, v in module.sparsity_report().items()})
         rows.append(_row(opts, config, metrics))
         ratio = "" if full_ms is None else f", {r['latency_ms_median'] / full_ms:.3f}x full's latency"
@@ -362,7 +465,25 @@ def run_speed(opts: SpeedOptions, core: bool = False, kernel: bool = False,
     if core:
         out["rows"] += core_benchmark(opts, log)
     if not core and not kernel:
-        out["rows"] += model_benchmark(opts, log)
+        from bench_suite import speed_grid as grid
+
+        budget = opts.memory_budget_mib
+        if budget is None:
+            free = available_memory_bytes()
+            budget = None if free is None else free / 2 / (1024 * 1024)
+        out["rows"] += grid.run_grid(opts, opts.batch_sizes or (opts.batch_size,),
+                                     opts.thread_counts or (opts.threads,), opts.precisions or (opts.precision,),
+                                     lambda cell: model_benchmark(cell, log), peak_probe, budget, opts.max_batch, log)
+        frame = grid.grid_frame(out["rows"])
+        ver = versions()
+        hardware = f"{ver.get('cpu') or 'unknown CPU'} ({ver.get('cpus')} CPUs)"
+        out["paths"] += grid.write_grid(frame, opts.output, hardware)
+        out["paths"] += grid.plot_grid(frame, opts.output)
+        db = opts.output / "results.sqlite"
+        if db.is_file():
+            with ResultsStore(db, create=False) as store:
+                top1 = grid.trained_top1(store.rows(), opts.profile)
+            out["paths"] += grid.plot_top1_latency(frame, top1, opts.output)
     if out["rows"]:
         with ResultsStore(opts.output / "results.sqlite") as store:
             for row in out["rows"]:
@@ -446,9 +567,24 @@ def run_command(cfg: Any) -> dict[str, Any]:
         raise UserError(f"--methods {cfg.methods!r} names no method")
     specs = parse_methods(methods) if methods else method_specs()
     names = [s.name for s in specs]
+    from bench_suite.speed_grid import parse_batches, parse_precisions, parse_threads
+
+    batches = parse_batches(cfg.batch_size)
+    thread_counts = parse_threads(cfg.threads)
+    precisions = parse_precisions(getattr(cfg, "precision", "fp32"))
+    models = not cfg.core and not cfg.kernel
+    if not models and (len(batches) > 1 or "max" in batches or len(thread_counts) > 1 or precisions != ["fp32"]
+                       or getattr(cfg, "weights", "random") != "random"):
+        raise UserError("--core and --kernel take one --batch-size and one --threads, fp32 and random weights; "
+                        "grids, --precision and --weights are for whole models")
+    first_batch = next((b for b in batches if b != "max"), 8)
     try:
         opts = SpeedOptions(profile=cfg.profile, methods=methods, keep_rates=rates,
-                            batch_size=cfg.batch_size, threads=cfg.threads, repeats=cfg.repeats, warmup=cfg.warmup,
+                            batch_size=int(first_batch), threads=thread_counts[0], repeats=cfg.repeats,
+                            warmup=cfg.warmup, precision=precisions[0], weights=getattr(cfg, "weights", "random"),
+                            batch_sizes=tuple(batches), thread_counts=tuple(thread_counts),
+                            precisions=tuple(precisions), max_batch=int(getattr(cfg, "max_batch", 1024)),
+                            memory_budget_mib=getattr(cfg, "memory_budget", None),
                             output=Path(cfg.output), seed=cfg.seed,
                             impls=tuple(parse_list(cfg.impl, str, "--impl") or ()), memory=not cfg.no_memory,
                             n=cfg.n, heads=cfg.heads, head_dim=cfg.head_dim,
