@@ -179,9 +179,10 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("visualize", p_vis, help="plot a trained model's attention maps (the paper's Fig. 3)")
 
     p_speed = ArgumentParser(description=(
-        "Wall-clock eval speed on the CPU (random weights): latency (median, p90), throughput and peak memory "
-        "of methods (default), of one MHSA core (--core), or the sparse attention kernel against dense SDPA "
-        "(--kernel, writes kernel.csv). Rows go to <output>/results.sqlite and speed.csv."))
+        "Wall-clock eval speed on the CPU: latency (median, p90), throughput and peak memory of methods "
+        "(default; random weights or --weights store; a grid over --batch-size, --threads and --precision, "
+        "written as speed_grid.{csv,md,png}), of one MHSA core (--core), or the sparse attention kernel against "
+        "dense SDPA (--kernel, writes kernel.csv). Rows go to <output>/results.sqlite and speed.csv."))
     _common(p_speed, profile="deit_t384", data="none", seed=True)
     p_speed.add_argument("--methods", type=str | None, default=None,
                          help="comma-separated method names (default: all registered)")

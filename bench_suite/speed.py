@@ -14,6 +14,8 @@ which the candidates run *interleaved*, so that load from other processes hits t
   :meth:`~methods.base.BenchModule.prepare_timing` (``--coef-density 0.13`` emulates the paper's density of
   learned sparse coefficients). ``--hparams '{"<method>": {"<setting>": value}}'`` (the same format as
   ``run``) passes settings to a method.
+  Over a grid of ``--batch-size``, ``--threads`` and ``--precision`` values, and on the store's trained
+  checkpoints with ``--weights store``: :mod:`bench_suite.speed_grid` (``speed_grid.{csv,md,png,pdf}``).
 * **core** (``--core``): one MHSA core (after the QKV projection, before the output projection) at ``N``
   tokens, ``H`` heads of dim ``d`` (default: the profile's), batch ``--batch-size``: dense
   ``F.scaled_dot_product_attention`` against the sparse attention kernel (``cpp``) and the gather
