@@ -55,27 +55,36 @@ GRID_COLUMNS = ("method", "keep_rate", "attention_impl", "batch_size", "threads"
 DEFAULT_MAX_BATCH = 1024
 
 
+def _parse_axis(text: str | int, option: str, word: str, resolve: Callable[[], int | str]) -> list[int | str]:
+    """A comma list of positive integers and ``word`` (resolved by ``resolve``), distinct, in the given order.
+
+    Raises:
+        UserError: for a value that is neither a positive integer nor ``word``.
+    """
+    out: list[int | str] = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        if part == word:
+            value: int | str = resolve()
+        else:
+            try:
+                value = int(part)
+            except ValueError:
+                raise UserError(f"{option} takes positive integers and '{word}', got {part!r}") from None
+            if value < 1:
+                raise UserError(f"{option} must be at least 1, got {value}")
+        if value not in out:
+            out.append(value)
+    return out
+
+
 def parse_batches(text: str | int) -> list[int | str]:
     """``--batch-size 1,8,64,max`` -> ``[1, 8, 64, "max"]`` (distinct, in the given order).
 
     Raises:
         UserError: for a value that is neither a positive integer nor ``max``.
     """
-    out: list[int | str] = []
-    for part in str(text).split(","):
-        part = part.strip().lower()
-        if part == "max":
-            value: int | str = "max"
-        else:
-            try:
-                value = int(part)
-            except ValueError:
-                raise UserError(f"--batch-size takes positive integers and 'max', got {part!r}") from None
-            if value < 1:
-                raise UserError(f"--batch-size must be at least 1, got {value}")
-        if value not in out:
-            out.append(value)
-    return out
+    return _parse_axis(text, "--batch-size", "max", lambda: "max")
 
 
 def usable_cpus() -> int:
@@ -94,21 +103,7 @@ def parse_threads(text: str | int | None) -> list[int | None]:
     """
     if text is None:
         return [None]
-    out: list[int | None] = []
-    for part in str(text).split(","):
-        part = part.strip().lower()
-        if part == "all":
-            value = usable_cpus()
-        else:
-            try:
-                value = int(part)
-            except ValueError:
-                raise UserError(f"--threads takes positive integers and 'all', got {part!r}") from None
-            if value < 1:
-                raise UserError(f"--threads must be at least 1, got {value}")
-        if value not in out:
-            out.append(value)
-    return out
+    return list(_parse_axis(text, "--threads", "all", usable_cpus))  # type: ignore[arg-type]
 
 
 def cpu_has_bf16() -> bool:
@@ -206,59 +201,72 @@ def _facet_label(batch: int, threads: int) -> str:
     return f"batch {batch}, {threads} thread{'s' if threads != 1 else ''}"
 
 
-def plot_grid(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """``speed_grid.{png,pdf}``: latency (ms/batch, log scale) against keep rate, one line per method (dashed:
-    bf16), one panel per batch size and thread count. Methods without a keep rate (full attention) are a
-    horizontal line."""
+def _panels(cells: Sequence[Any], methods: Sequence[str], draw: Callable[[Any, Any, Any], None], out_dir: Path,
+            stem: str) -> list[Path]:
+    """One panel per cell (3 per row), ``draw(ax, cell, palette)`` fills it; one legend below; writes
+    ``<stem>.png`` and ``<stem>.pdf``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
-    from matplotlib.ticker import FormatStrFormatter
 
     from bench_suite.plots import method_palette
 
-    data = frame.dropna(subset=["latency_ms_median"]).copy()
-    if data.empty:
-        return []
-    data["label"] = [m if not isinstance(i, str) or not i else f"{m} ({i})"
-                     for m, i in zip(data["method"], data["attention_impl"])]
-    cells = sorted({(int(b), int(t)) for b, t in zip(data["batch_size"], data["threads"])})
     cols = min(len(cells), 3)
     rows = math.ceil(len(cells) / cols)
-    palette = method_palette(sorted(set(data["method"])))
+    palette = method_palette(sorted(set(methods)))
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-        for ax, (b, t) in zip(axes.flat, cells):
-            cell = data[(data["batch_size"] == b) & (data["threads"] == t)]
-            for (label, method, precision), part in cell.groupby(["label", "method", "precision"], sort=True):
-                style = "--" if precision == "bf16" else "-"
-                name = label + (" bf16" if precision == "bf16" else "")
-                if part["keep_rate"].nunique() == 1 and float(part["keep_rate"].iloc[0]) == 1.0:
-                    ax.axhline(float(part["latency_ms_median"].iloc[0]), color=palette[method], ls=style, lw=1.2,
-                               label=name)
-                    continue
-                part = part.sort_values("keep_rate")
-                ax.plot(part["keep_rate"], part["latency_ms_median"], style, marker="o", ms=4,
-                        color=palette[method], label=name)
-            ax.set_title(_facet_label(b, t))
-            ax.set_xlabel("keep rate")
-            ax.set_ylabel("latency (ms/batch)")
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        for ax, cell in zip(axes.flat, cells):
+            draw(ax, cell, palette)
         for ax in list(axes.flat)[len(cells):]:
             ax.set_visible(False)
         handles, labels = axes.flat[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False,
                    bbox_to_anchor=(0.5, -0.02))
         fig.tight_layout(rect=(0, 0.08, 1, 1))
-        paths = [out_dir / "speed_grid.png", out_dir / "speed_grid.pdf"]
-        for p in paths:
-            fig.savefig(p, dpi=160, bbox_inches="tight")
+        paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
+        for path in paths:
+            fig.savefig(path, dpi=160, bbox_inches="tight")
         plt.close(fig)
     return paths
+
+
+def plot_grid(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """``speed_grid.{png,pdf}``: latency (ms/batch, log scale) against keep rate, one line per method (dashed:
+    bf16), one panel per batch size and thread count. Methods without a keep rate (full attention) are a
+    horizontal line."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    data = frame.dropna(subset=["latency_ms_median"]).copy()
+    if data.empty:
+        return []
+    data["label"] = [m if not isinstance(i, str) or not i else f"{m} ({i})"
+                     for m, i in zip(data["method"], data["attention_impl"])]
+
+    def draw(ax: Any, cell: tuple[int, int], palette: dict[str, Any]) -> None:
+        b, t = cell
+        part_of = data[(data["batch_size"] == b) & (data["threads"] == t)]
+        for (label, method, precision), part in part_of.groupby(["label", "method", "precision"], sort=True):
+            style = "--" if precision == "bf16" else "-"
+            name = label + (" bf16" if precision == "bf16" else "")
+            if part["keep_rate"].nunique() == 1 and float(part["keep_rate"].iloc[0]) == 1.0:
+                ax.axhline(float(part["latency_ms_median"].iloc[0]), color=palette[method], ls=style, lw=1.2,
+                           label=name)
+                continue
+            part = part.sort_values("keep_rate")
+            ax.plot(part["keep_rate"], part["latency_ms_median"], style, marker="o", ms=4, color=palette[method],
+                    label=name)
+        ax.set_title(_facet_label(b, t))
+        ax.set_xlabel("keep rate")
+        ax.set_ylabel("latency (ms/batch)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+
+    cells = sorted({(int(b), int(t)) for b, t in zip(data["batch_size"], data["threads"])})
+    return _panels(cells, list(data["method"]), draw, out_dir, "speed_grid")
 
 
 def trained_top1(store_rows: pd.DataFrame, profile: str) -> pd.DataFrame:
@@ -279,44 +287,23 @@ def plot_top1_latency(frame: pd.DataFrame, top1: pd.DataFrame, out_dir: Path) ->
     """``speed_top1_latency.{png,pdf}``: top-1 (%) of each trained (method, keep rate) against its latency in
     every cell of the grid (one panel per batch size, thread count and precision). Nothing when no timed
     configuration has a trained row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    from bench_suite.plots import method_palette
-
     merged = frame.merge(top1, on=["method", "keep_rate"], how="inner").dropna(subset=["latency_ms_median"])
     if merged.empty:
         return []
+
+    def draw(ax: Any, cell: tuple[int, int, str], palette: dict[str, Any]) -> None:
+        b, t, p = cell
+        part_of = merged[(merged["batch_size"] == b) & (merged["threads"] == t) & (merged["precision"] == p)]
+        for method, part in part_of.groupby("method", sort=True):
+            part = part.sort_values("latency_ms_median")
+            ax.plot(part["latency_ms_median"], part["top1"], marker="o", ms=4, color=palette[method], label=method)
+        ax.set_title(_facet_label(b, t) + ("" if p == "fp32" else f", {p}"))
+        ax.set_xlabel("latency (ms/batch)")
+        ax.set_ylabel("top-1 (%)")
+
     cells = sorted({(int(b), int(t), str(p)) for b, t, p in
                     zip(merged["batch_size"], merged["threads"], merged["precision"])})
-    cols = min(len(cells), 3)
-    rows = math.ceil(len(cells) / cols)
-    palette = method_palette(sorted(set(merged["method"])))
-    with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-        for ax, (b, t, p) in zip(axes.flat, cells):
-            cell = merged[(merged["batch_size"] == b) & (merged["threads"] == t) & (merged["precision"] == p)]
-            for method, part in cell.groupby("method", sort=True):
-                part = part.sort_values("latency_ms_median")
-                ax.plot(part["latency_ms_median"], part["top1"], marker="o", ms=4, color=palette[method],
-                        label=method)
-            ax.set_title(_facet_label(b, t) + ("" if p == "fp32" else f", {p}"))
-            ax.set_xlabel("latency (ms/batch)")
-            ax.set_ylabel("top-1 (%)")
-        for ax in list(axes.flat)[len(cells):]:
-            ax.set_visible(False)
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False,
-                   bbox_to_anchor=(0.5, -0.02))
-        fig.tight_layout(rect=(0, 0.08, 1, 1))
-        paths = [out_dir / "speed_top1_latency.png", out_dir / "speed_top1_latency.pdf"]
-        for path in paths:
-            fig.savefig(path, dpi=160, bbox_inches="tight")
-        plt.close(fig)
-    return paths
+    return _panels(cells, list(merged["method"]), draw, out_dir, "speed_top1_latency")
 
 
 def run_grid(opts: Any, batches: Sequence[int | str], threads: Sequence[int | None], precisions: Sequence[str],
