@@ -2,7 +2,7 @@
 and precisions, on random weights or on the trained checkpoints of a results store.
 
 ``speed --batch-size 1,8,64,max --threads 1,all --precision fp32,bf16 [--weights store]`` runs the model
-benchmark (:func:`bench_suite.speed.model_benchmark`: every method and keep rate timed *interleaved*) once per
+benchmark (:func:`bench_suite.speed_models.model_benchmark`: every method and keep rate timed *interleaved*) once per
 cell of the grid and writes, next to the store rows and ``speed.csv``:
 
 * ``speed_grid.{csv,md}``: one line per (method, keep rate, implementation, batch, threads, precision) with the

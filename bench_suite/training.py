@@ -38,11 +38,12 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
+from bench_suite.compiling import CompileModel
 from bench_suite.distributed import broadcast, world_info
 from bench_suite.logs import make_loggers, progress_callback
 
 __all__ = ["TrainSettings", "make_trainer", "fit_and_test", "NonFiniteLossError", "AtomicCheckpointIO",
-           "ResumableSampler", "inspect_checkpoint", "STAMP_KEY", "CompileModel"]
+           "ResumableSampler", "inspect_checkpoint", "STAMP_KEY"]
 
 STAMP_KEY = "bench_suite_run"  # checkpoint entry naming the configuration the checkpoint belongs to
 
@@ -95,29 +96,6 @@ class _RunStamp(Callback):
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
-
-class CompileModel(Callback):
-    """``run --compile <mode>``: ``torch.compile`` the LightningModule's ``model`` (the network being trained,
-    not the frozen teacher) in place before training and evaluation.
-
-    ``nn.Module.compile`` keeps the module and its ``state_dict`` keys (checkpoints stay loadable without
-    compilation); graph breaks (the C++ sparse attention kernels, data-dependent token counts) fall back to
-    eager for those parts. Compiled and eager results agree to float rounding, not bit for bit, so the mode
-    enters every row's configuration (``config["trainer"]["compile"]``).
-
-    Args:
-        mode: a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``).
-        backend: a ``torch.compile`` backend (``"inductor"``; tests use ``"eager"``).
-    """
-
-    def __init__(self, mode: str = "default", backend: str = "inductor") -> None:
-        self.mode, self.backend = mode, backend
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        model = getattr(pl_module, "model", None)
-        if isinstance(model, torch.nn.Module) and getattr(model, "_compiled_call_impl", None) is None:
-            model.compile(mode=None if self.backend != "inductor" else self.mode, backend=self.backend)
-
 
 class _EpochEndCheckpoint(ModelCheckpoint):
     """Writes ``last.ckpt`` at the end of every training epoch, and nothing else.
@@ -355,7 +333,7 @@ class TrainSettings:
             op has none; ``"warn"``: warn instead; ``False``: off).
         seed: seed of the training order (``None``: the ``PL_GLOBAL_SEED`` set by ``seed_everything``, else 0).
         extra: more ``pl.Trainer`` keyword arguments, and ``compile`` (a ``torch.compile`` mode or ``"none"``,
-            see :class:`CompileModel`).
+            see :class:`bench_suite.compiling.CompileModel`).
     """
 
     epochs: int = 1
@@ -390,7 +368,7 @@ def make_trainer(run_dir: str | Path, settings: TrainSettings, callbacks: list[C
         warnings.filterwarnings("ignore", message=pattern)
     extra = dict(settings.extra)
     compile_mode = extra.pop("compile", "none")
-    compiling = [CompileModel(compile_mode)] if compile_mode not in (None, "none") else []
+    compiling = [CompileModel(compile_mode)] if compile_mode not in (None, "none") else []  # run --compile
     deterministic = settings.deterministic
     if deterministic is True and settings.accelerator not in ("cpu",) and torch.cuda.is_available():
         deterministic = "warn"  # some CUDA kernels (scatter/index_put backward) have no deterministic version

@@ -9,7 +9,8 @@ import torch
 
 from bench_suite.options import TRAINING_DEFAULTS, training_recipe
 from bench_suite.registry import get_method
-from bench_suite.training import CompileModel, TrainSettings, make_trainer
+from bench_suite.compiling import CompileModel
+from bench_suite.training import TrainSettings, make_trainer
 from tests.conftest import fit_steps, random_images, tiny_vit
 
 
