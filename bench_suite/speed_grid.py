@@ -123,7 +123,7 @@ def parse_precisions(text: str | None) -> list[str]:
         UserError: for an unknown precision, or bf16 on a CPU without bf16 instructions.
     """
     out = []
-    for part in str(text or "fp32").split(","):
+    for part in str("fp32" if text is None else text).split(","):
         part = part.strip().lower()
         if part not in PRECISIONS:
             raise UserError(f"--precision takes {', '.join(PRECISIONS)}, got {part!r}")
