@@ -34,11 +34,11 @@ def checkpoint_path(output: str | Path, key: str, method: str, keep_rate: float)
     return path if path.exists() or not old.exists() else old
 
 
-def find_checkpoints(output: str | Path, method: str, profile: str, dataset: str,
+def find_checkpoints(output: str | Path, method: str, profile: str, dataset: str | None,
                      keep_rate: float | None = None) -> list[tuple[float, str, Path]]:
     """Trained checkpoints of ``method`` in the store: ``(keep_rate, key, path)`` of every finished row of
-    the profile and dataset (and ``keep_rate`` if given) whose checkpoint file exists, newest first; ``[]``
-    without a store.
+    the profile and dataset (any dataset if ``None``; and ``keep_rate`` if given) whose checkpoint file exists,
+    newest first; ``[]`` without a store.
 
     Raises:
         bench_suite.errors.StoreCorruptError: for an unreadable store.

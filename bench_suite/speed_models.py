@@ -17,7 +17,7 @@ from bench_suite.kernels import load_kernel
 from bench_suite.measure import fixed_threads, measure_models, peak_memory_mib
 from bench_suite.options import canonical_settings
 from bench_suite.registry import declared_metrics, get_method, method_specs, parse_methods, reference_method
-from bench_suite.store import ResultsStore, config_key
+from bench_suite.store import config_key
 from bench_suite.versions import versions
 
 __all__ = ["DATASET", "UNITS", "SpeedOptions", "model_benchmark", "peak_probe"]
@@ -155,22 +155,11 @@ class _Autocast(torch.nn.Module):
 
 def _trained_checkpoint(opts: SpeedOptions, method: str, rate: float) -> tuple[str, Path] | None:
     """``(key, path)`` of the newest finished trained row of ``method`` at ``rate`` on the profile in
-    ``<output>/results.sqlite`` whose checkpoint exists; ``None`` without one."""
-    from bench_suite.checkpoints import checkpoint_path
+    ``<output>/results.sqlite`` whose checkpoint exists (speed rows have none); ``None`` without one."""
+    from bench_suite.checkpoints import find_checkpoints
 
-    db = opts.output / "results.sqlite"
-    if not db.is_file():
-        return None
-    with ResultsStore(db, create=False) as store:
-        rows = store.rows(method=method, profile=opts.profile, status="ok")
-    if rows.empty:
-        return None
-    rows = rows[(rows["dataset"] != DATASET) & ((rows["keep_rate"] - rate).abs() < 1e-9)]
-    for _, r in rows.sort_values("created", ascending=False).iterrows():
-        path = checkpoint_path(opts.output, r["key"], r["method"], r["keep_rate"])
-        if path.is_file():
-            return str(r["key"]), path
-    return None
+    found = find_checkpoints(opts.output, method, opts.profile, None, keep_rate=rate)
+    return (found[0][1], found[0][2]) if found else None
 
 
 
