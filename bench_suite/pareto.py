@@ -333,13 +333,16 @@ _SIG_DIGITS = {"img_per_s": 3, "latency_ms": 3, "peak_mib": 3}
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
     """The table as display strings: fixed decimals per column (top-1 with 2; FLOPs with 4 and speed
     and memory with 3 significant digits at the column's smallest value), keep rate as given, ``–``
-    for missing."""
+    for missing and for ``top1_sd`` where ``n < 2`` (one seed measures no spread)."""
     out = pd.DataFrame(index=table.index)
     for col in table.columns:
         s = table[col]
         if col == "keep_rate":
             out[col] = [f"{v:g}" if pd.notna(v) else "–" for v in s]
-        elif col in ("top1", "top1_sd"):
+        elif col == "top1_sd":  # one seed has no spread: shown as missing, not as 0.00
+            ns = table["n"] if "n" in table.columns else pd.Series(2, index=table.index)
+            out[col] = [f"{v:.2f}" if pd.notna(v) and pd.notna(m) and m >= 2 else "–" for v, m in zip(s, ns)]
+        elif col == "top1":
             out[col] = [f"{v:.2f}" if pd.notna(v) else "–" for v in s]
         elif col == "n":
             out[col] = [f"{int(v)}" if pd.notna(v) else "–" for v in s]

@@ -241,5 +241,5 @@ class ToMeOffShelf(ToMe):
     it only (``fine_tune = False``). Args as :class:`ToMe`."""
 
     display_name = "ToMe (off the shelf)"
-    plot_color, plot_marker = "#f0a0d0", "H"
+    plot_color, plot_marker = "#9467bd", "H"
     fine_tune = False

@@ -304,6 +304,18 @@ def test_palette_is_consistent_across_plots(store_dir, tmp_path):
         plot_pareto(rows, "flops", tmp_path, "p", "t")
 
 
+def test_declared_method_colours_are_distinguishable():
+    # every pair of registered methods that declare a colour differs by a visible amount (RGB distance),
+    # so two curves of one Pareto plot are never told apart by their markers alone
+    from itertools import combinations
+
+    from bench_suite.registry import list_methods
+
+    pal = method_palette(list_methods())
+    for a, b in combinations(sorted(pal), 2):
+        assert np.linalg.norm(np.subtract(pal[a], pal[b])) > 0.12, (a, b, pal[a], pal[b])
+
+
 def test_summary_text(store_dir):
     table = pareto_table(rows_of(store_dir, profile="tiny"))
     text = summary_text(table)
@@ -419,6 +431,20 @@ def test_frontier_on_means_marks_dominance_within_noise(tmp_path):
     md = write_table(table, tmp_path, "t")[0].read_text()
     header = next(line for line in md.splitlines() if line.startswith("| Method"))
     assert "Top-1 s.d." in header and " n " in header and "Welch" in md
+
+
+def test_one_seed_shows_no_standard_deviation(tmp_path):
+    # evit has three seeds, full one: full's s.d. is unmeasured ("–"), not 0.00
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        for seed, top1 in enumerate([75.0, 76.0, 74.6]):
+            store.put(make_row("evit", 0.5, 0.02, top1, seed=seed))
+        store.put(make_row("full", 1.0, 0.05, 77.0, seed=0))
+        table = pareto_table(store.rows())
+    from bench_suite.pareto import format_table
+
+    shown = format_table(table).set_index(table["method"].to_numpy())
+    assert shown.loc["full", "top1_sd"] == "–" and shown.loc["full", "n"] == "1"
+    assert shown.loc["evit", "top1_sd"] == f"{np.std([75.0, 76.0, 74.6], ddof=1):.2f}"
 
 
 def test_speed_columns_say_whether_one_timing_pass_measured_them(tmp_path):
