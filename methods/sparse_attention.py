@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from bench_suite.backbones import keep_count
 from bench_suite.flops import mark_macs, register_flop_handle, zero_flop_handle
 from bench_suite.kernels import CONNECTIVITY_TOPK_IMPLS, DEFAULT_IMPL, sparse_attention
+from bench_suite.kernels.fused import fused_applies, lowrank_coefficients_cpp, sparse_attention_rows_cpp
 
 __all__ = [
     "attention_budget",
@@ -334,16 +335,17 @@ class PredictorOutput:
     """What the connectivity mask predictor computed (paper eq. 1-3).
 
     Attributes:
-        a_down: low-rank attention ``A_down [B, H, Nq, n_down]`` (eq. 1).
+        a_down: low-rank attention ``A_down [B, H, Nq, n_down]`` (eq. 1); ``None`` on the fused inference
+            path, which computes ``coef`` directly (:func:`bench_suite.kernels.fused.lowrank_coefficients_cpp`).
         coef: sparse coefficients ``A~_down`` (eq. 2), same shape.
         w_up: the sparse basis used, ``[Hw, n_down, Nk]`` or per sample ``[B, Hw, n_down, Nk]``.
         scores: connectivity scores ``A~_down @ W_up`` ``[B, H, Nq, Nk]`` (eq. 3, 10).
     """
 
-    a_down: Tensor
+    a_down: Tensor | None
     coef: Tensor
     w_up: Tensor
-    scores: Tensor
+    scores: Tensor | None
 
 
 class ConnectivityPredictor(nn.Module):
@@ -373,6 +375,7 @@ class ConnectivityPredictor(nn.Module):
             FLOP counting) both thresholds always apply. The Sparsifiner LightningModule turns both off for
             its phase-1 training forward, as the official code trains the predictor on the dense
             coefficients and the unthresholded basis (``USE_ATTN_RECON``).
+        allow_fused: let inference take the fused coefficient kernel (default True; see :meth:`forward`).
 
     Raises:
         ValueError: for sizes < 1, ``n_down > num_tokens``, or thresholds < 0.
@@ -393,6 +396,7 @@ class ConnectivityPredictor(nn.Module):
         self.tau, self.w_up_threshold, self.coef_topk = float(tau), float(w_up_threshold), coef_topk
         self.threshold_coef = True
         self.threshold_w_up = True
+        self.allow_fused = True
         hw = 1 if shared_heads else num_heads
         self.w_down = nn.Parameter(torch.empty(hw, n_down, num_tokens))
         self.w_up = nn.Parameter(torch.empty(hw, n_down, num_tokens))
@@ -431,7 +435,7 @@ class ConnectivityPredictor(nn.Module):
         return float((self.w_up.abs() < self.w_up_threshold).float().mean())
 
     def forward(self, q: Tensor, k: Tensor, positions: Tensor | None = None,
-                need_scores: bool = True) -> PredictorOutput:
+                need_scores: bool = True, fused_impl: str | None = None) -> PredictorOutput:
         """Eq. 1-3 up to the scores.
 
         Args:
@@ -439,11 +443,21 @@ class ConnectivityPredictor(nn.Module):
             k: keys ``[B, H, Nk, d]``.
             positions: ``None`` when the ``Nk`` tokens are the ``N`` original tokens in order; else the
                 row-stochastic soft positions ``[B, Nk, N]`` of the tokens (:func:`mix_positions`).
+            need_scores: compute the dense scores ``A~_down @ W_up`` (else ``scores`` is ``None``).
+            fused_impl: the sparse attention implementation of the caller; in evaluation, without
+                ``positions``, ``reduce_c_factor`` or a gradient, and where
+                :func:`bench_suite.kernels.fused.fused_applies`, eq. 1-2 run as one fused kernel on the strided
+                ``q``/``k`` (no copies) and ``a_down`` is ``None``.
 
         Raises:
             ValueError: if ``Nk`` does not match the weights and no positions are given.
         """
         n_keys = k.shape[2]
+        if (fused_impl is not None and not need_scores and positions is None and self.proj_c_q is None
+                and self.allow_fused and not self.training and n_keys == self.num_tokens and self.n_down <= 64
+                and fused_applies(fused_impl, q, k)):
+            coef = lowrank_coefficients_cpp(q, k, self.w_down, self.channels ** -0.5, self.tau, self.coef_topk)
+            return PredictorOutput(None, coef, self.sparse_w_up(), None)
         w_down, w_up = self.w_down, self.sparse_w_up()
         if positions is not None:
             w_down, w_up = mix_positions(w_down, positions), mix_positions(w_up, positions)
@@ -539,11 +553,15 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
             res.records = _records(res, q, k, scale, cls_full_row, n)
         return res
     fused = None
+    name = DEFAULT_IMPL if impl is None else impl
     if not (record or need_scores or torch.jit.is_tracing()
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))):
-        fused = CONNECTIVITY_TOPK_IMPLS.get(DEFAULT_IMPL if impl is None else impl)
-    pred = predictor(q_rows, k, positions, need_scores=fused is None)
+        fused = CONNECTIVITY_TOPK_IMPLS.get(name)
+    pred = predictor(q_rows, k, positions, need_scores=fused is None, fused_impl=name if fused else None)
     idx = topk_connectivity(pred.scores, budget) if fused is None else fused(pred.coef, pred.w_up, budget)
+    if (fused is not None and cls_full_row and not need_cls_attn and cls_zero_keys == 0
+            and fused_applies(name, q, k, v)):  # the dense CLS row inside the kernel, output [B, N, H, d]
+        return SparsifinerResult(sparse_attention_rows_cpp(q, k, v, idx, scale, 1), None, budget, idx=idx, pred=pred)
     out_rows = sparse_attention(q_rows, k, v, idx, scale, impl)
     cls_attn = None
     if cls_full_row:

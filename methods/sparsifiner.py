@@ -179,7 +179,8 @@ class SparsifinerAttention(Attention):
                                     need_scores=self.collect_scores, budget=budget, cls_zero_keys=zero_keys)
         last: dict[str, Any] = {"n": x.shape[1], "budget": res.budget, "positions": positions}
         if res.pred is not None:
-            last["coef_sparsity"] = (res.pred.coef.detach() == 0).float().mean()
+            coef = res.pred.coef.detach()
+            last["coef_sparsity"] = 1.0 - torch.count_nonzero(coef).float() / max(coef.numel(), 1)
             if self.collect_scores:
                 last["scores"] = res.pred.scores
         if self.collect_scores and self.self_target:
@@ -267,6 +268,8 @@ def emulate_coef_density(model: torch.nn.Module, images: torch.Tensor, density: 
         return None
     was_training = model.training
     model.eval()
+    for p in preds:  # the hook reads A_down, which the fused coefficient kernel does not return
+        p.allow_fused = False
     try:
         for _ in range(passes):
             seen: dict[int, torch.Tensor] = {}
@@ -284,6 +287,8 @@ def emulate_coef_density(model: torch.nn.Module, images: torch.Tensor, density: 
                 p.tau = float(torch.quantile(sample, 1.0 - density))
     finally:
         model.train(was_training)
+        for p in preds:
+            p.allow_fused = True
     return [p.tau for p in preds]
 
 

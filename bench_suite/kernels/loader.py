@@ -1,10 +1,10 @@
 """Just-in-time build and loading of the C++ kernels.
 
-The kernels (``csrc/sparse_attention.cpp``, ``csrc/connectivity_topk.cpp``) are compiled on first use with
-:func:`torch.utils.cpp_extension.load` (ninja + the system C++ compiler, OpenMP, ``-O3`` and
-``-march=native``) into one library that registers the operators
-``torch.ops.bench_suite_kernels.sparse_attention`` (and its ``sparse_attention_backward``) and
-``torch.ops.bench_suite_kernels.connectivity_topk``.
+The kernels (``csrc/sparse_attention.cpp``, ``csrc/connectivity_topk.cpp``, ``csrc/lowrank_coefficients.cpp``)
+are compiled on first use with :func:`torch.utils.cpp_extension.load` (ninja + the system C++ compiler, OpenMP,
+``-O3`` and ``-march=native``) into one library that registers the operators
+``torch.ops.bench_suite_kernels.sparse_attention`` (its ``sparse_attention_backward``, and
+``sparse_attention_rows`` with dense leading rows), ``connectivity_topk`` and ``lowrank_coefficients``.
 The build is cached in torch's extension folder (``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) under a name that hashes the sources, the flags, the torch version and
 the CPU's instruction-set flags, so a second process loads the cached library in well under a second,
@@ -36,7 +36,7 @@ from bench_suite.errors import KernelBuildError
 __all__ = ["KernelBuildError", "SOURCES", "OP_NAMESPACE", "load_kernel", "kernel_available", "build_info"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "sparse_attention.cpp", CSRC / "connectivity_topk.cpp")
+SOURCES = (CSRC / "sparse_attention.cpp", CSRC / "connectivity_topk.cpp", CSRC / "lowrank_coefficients.cpp")
 HEADERS = (CSRC / "vec16.h",)
 OP_NAMESPACE = "bench_suite_kernels"
 _BASE_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unknown-pragmas"]

@@ -59,6 +59,7 @@ struct Problem {
   int64_t is_b, is_h, is_n, is_j;
   int64_t os_b, os_h, os_n;
   scalar_t scale;
+  int64_t dense_rows;  // the first dense_rows query rows of every (b, h) attend all Nk keys (idx covers the rest)
 };
 
 // Per-thread scratch (scores and validated key indices of one query row), reused across calls.
@@ -102,31 +103,60 @@ inline void row_coords(int64_t t, int64_t H, int64_t Nq, int64_t& b, int64_t& h,
   b = bh / H;
 }
 
+// 0 .. n-1 as index_t, thread-local: the key list of a dense row.
+template <typename index_t>
+const index_t* arange_keys(int64_t n) {
+  thread_local std::vector<index_t> a;
+  if (static_cast<int64_t>(a.size()) < n) {
+    a.resize(static_cast<size_t>(n));
+    for (int64_t x = 0; x < n; ++x) a[static_cast<size_t>(x)] = static_cast<index_t>(x);
+  }
+  return a.data();
+}
+
+// The key list of query row i of slice (b, h): a dense row (i < dense_rows) reads all Nk keys in order, the
+// others their idx row i - dense_rows. Sets ir, its stride is_j and the row's budget bk.
+template <typename scalar_t, typename index_t>
+inline void row_keys(const Problem<scalar_t>& P, int64_t b, int64_t h, int64_t i, const index_t*& ir, int64_t& is_j,
+                     int64_t& bk) {
+  if (i < P.dense_rows) {
+    ir = arange_keys<index_t>(P.Nk);
+    is_j = 1;
+    bk = P.Nk;
+  } else {
+    ir = static_cast<const index_t*>(P.idx) + b * P.is_b + h * P.is_h + (i - P.dense_rows) * P.is_n;
+    is_j = P.is_j;
+    bk = P.Bk;
+  }
+}
+
+inline int64_t max_row_keys(int64_t bk, int64_t nk, int64_t dense_rows) { return dense_rows > 0 ? std::max(bk, nk) : bk; }
+
 // ------------------------------------------------------------------------------------------------
 // Generic path: any head dim, float32 or float64 (plain loops the compiler may vectorise).
 template <typename scalar_t, typename index_t>
 void attend_rows_generic(const Problem<scalar_t>& P, int64_t begin, int64_t end, std::atomic<int64_t>& bad) {
-  const int64_t d = P.d, Bk = P.Bk;
+  const int64_t d = P.d;
   Scratch<scalar_t>& S = scratch<scalar_t>();
-  S.fit(Bk, d);
+  S.fit(max_row_keys(P.Bk, P.Nk, P.dense_rows), d);
   scalar_t* s = S.scores.data();
   int64_t* keys = S.keys.data();
   scalar_t* qsc = S.qbuf.data();
   scalar_t* acc = S.abuf.data();
-  const index_t* idx = static_cast<const index_t*>(P.idx);
   const uint64_t nk = static_cast<uint64_t>(P.Nk);
   for (int64_t t = begin; t < end; ++t) {
-    int64_t b, h, i;
+    int64_t b, h, i, is_j, Bk;
     row_coords(t, P.H, P.Nq, b, h, i);
+    const index_t* ir;
+    row_keys(P, b, h, i, ir, is_j, Bk);
     const scalar_t* qr = P.q + b * P.qs_b + h * P.qs_h + i * P.qs_n;
     const scalar_t* kb = P.k + b * P.ks_b + h * P.ks_h;
     const scalar_t* vb = P.v + b * P.vs_b + h * P.vs_h;
-    const index_t* ir = idx + b * P.is_b + h * P.is_h + i * P.is_n;
     scalar_t* orow = P.out + b * P.os_b + h * P.os_h + i * P.os_n;
     for (int64_t c = 0; c < d; ++c) qsc[c] = qr[c] * P.scale;
     scalar_t m = -std::numeric_limits<scalar_t>::infinity();
     for (int64_t j = 0; j < Bk; ++j) {
-      keys[j] = checked_key(ir, j, P.is_j, nk, bad);
+      keys[j] = checked_key(ir, j, is_j, nk, bad);
       const scalar_t* kr = kb + keys[j] * P.ks_n;
       scalar_t a = 0;
       for (int64_t c = 0; c < d; ++c) a += qsc[c] * kr[c];
@@ -153,55 +183,28 @@ void attend_rows_generic(const Problem<scalar_t>& P, int64_t begin, int64_t end,
 // Fast path: float32, head dim D = 16 * NV, with the 16-float vectors of vec16.h.
 using namespace bench_suite_kernels;
 
-// exp(x) for x <= 0 (the softmax argument s_j - max), 16 lanes at a time: Cephes-style range reduction
-// x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n from the exponent bits.
-// Relative error about 2e-7; exactly 0 below -87 (e^-87 ~ 1.6e-38) and for the -inf padding.
-inline v16f exp16_nonpositive(v16f x) {
-  const v16f lo = splat(-87.0f);
-  const v16i under = x < lo;
-  const v16f xc = under ? lo : x;
-  v16f n = xc * 1.44269504088896341f + 0.5f;
-  // floor for negative and positive values: truncate, then subtract 1 where truncation rounded up
-  const v16i ni = __builtin_convertvector(n, v16i);
-  v16f nf = __builtin_convertvector(ni, v16f);
-  nf = (nf > n) ? nf - 1.0f : nf;
-  v16f r = xc - nf * 0.693359375f;
-  r = r + nf * 2.12194440e-4f;
-  v16f p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const v16i bits = (__builtin_convertvector(nf, v16i) + 127) << 23;
-  v16f pow2;
-  std::memcpy(&pow2, &bits, sizeof(pow2));
-  const v16f e = p * pow2;
-  return under ? v16f{} : e;
-}
+// exp16_nonpositive (the vectorised exp of the softmax numerators) lives in vec16.h.
 
 constexpr int64_t kPrefetch = 8;  // software prefetch distance in keys (rows at random addresses)
 
 template <typename index_t, int NV>
 void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::atomic<int64_t>& bad) {
-  const int64_t Bk = P.Bk;
-  const int64_t Bk16 = (Bk + 15) / 16 * 16;
   Scratch<float>& S = scratch<float>();
-  S.fit(Bk, 16 * NV);
+  S.fit(max_row_keys(P.Bk, P.Nk, P.dense_rows), 16 * NV);
   float* s = S.scores.data();
   int64_t* keys = S.keys.data();
-  const index_t* idx = static_cast<const index_t*>(P.idx);
   const uint64_t nk = static_cast<uint64_t>(P.Nk);
   const float ninf = -std::numeric_limits<float>::infinity();
 
   for (int64_t t = begin; t < end; ++t) {
-    int64_t b, h, i;
+    int64_t b, h, i, is_j, Bk;
     row_coords(t, P.H, P.Nq, b, h, i);
+    const index_t* ir;
+    row_keys(P, b, h, i, ir, is_j, Bk);
+    const int64_t Bk16 = (Bk + 15) / 16 * 16;
     const float* qr = P.q + b * P.qs_b + h * P.qs_h + i * P.qs_n;
     const float* kb = P.k + b * P.ks_b + h * P.ks_h;
     const float* vb = P.v + b * P.vs_b + h * P.vs_h;
-    const index_t* ir = idx + b * P.is_b + h * P.is_h + i * P.is_n;
     float* orow = P.out + b * P.os_b + h * P.os_h + i * P.os_n;
 
     v16f qv[NV];
@@ -210,10 +213,10 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
     // pass 1: scores s_j = (scale q) . k_{idx_j}, and their max
     float m = ninf;
     for (int64_t j = 0; j < Bk; ++j) {
-      const int64_t kj = checked_key(ir, j, P.is_j, nk, bad);
+      const int64_t kj = checked_key(ir, j, is_j, nk, bad);
       keys[j] = kj;
       if (j + kPrefetch < Bk) {  // the row kPrefetch keys ahead (an out-of-range index only prefetches junk)
-        const int64_t ka = static_cast<int64_t>(ir[(j + kPrefetch) * P.is_j]);
+        const int64_t ka = static_cast<int64_t>(ir[(j + kPrefetch) * is_j]);
         if (static_cast<uint64_t>(ka) < nk) {
           const char* pr = reinterpret_cast<const char*>(kb + ka * P.ks_n);
           for (int c = 0; c < NV * 64; c += 64) __builtin_prefetch(pr + c);
@@ -287,8 +290,10 @@ void run(const Problem<scalar_t>& P, int64_t rows_total, std::atomic<int64_t>& b
   });
 }
 
-at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& idx, double scale) {
+// The forward op; the first `dense_rows` query rows of every (b, h) slice attend all Nk keys and idx covers the
+// other Nq - dense_rows rows (Sparsifiner's dense CLS row: dense_rows = 1; plain sparse attention: 0).
+at::Tensor sparse_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& idx, double scale, int64_t dense_rows) {
   TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && idx.device().is_cpu(),
                     "sparse_attention: the C++ kernel runs on the CPU only");
   TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && idx.dim() == 4,
@@ -305,9 +310,11 @@ at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK_VALUE(k.size(0) == B && k.size(1) == H && k.size(3) == d && v.sizes() == k.sizes(),
                     "sparse_attention: k and v must be [B, H, Nk, d] matching q ", q.sizes(), ", got k ",
                     k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK_VALUE(idx.size(0) == B && idx.size(1) == H && idx.size(2) == Nq,
-                    "sparse_attention: idx must be [B, H, Nq, Bk] = [", B, ", ", H, ", ", Nq, ", Bk], got ",
-                    idx.sizes());
+  TORCH_CHECK_VALUE(dense_rows >= 0 && dense_rows <= Nq, "sparse_attention: dense_rows must lie in [0, Nq = ", Nq,
+                    "], got ", dense_rows);
+  TORCH_CHECK_VALUE(idx.size(0) == B && idx.size(1) == H && idx.size(2) == Nq - dense_rows,
+                    "sparse_attention: idx must be [B, H, Nq - dense_rows, Bk] = [", B, ", ", H, ", ",
+                    Nq - dense_rows, ", Bk], got ", idx.sizes());
   TORCH_CHECK_VALUE(Bk >= 1 || B * H * Nq == 0, "sparse_attention: the budget Bk (idx.size(3)) must be >= 1");
   TORCH_CHECK_VALUE(d == 0 || (q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1) || B * H * Nq == 0,
                     "sparse_attention: the head dimension of q, k, v must be unit-stride (call .contiguous())");
@@ -327,7 +334,7 @@ at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                         v.stride(0), v.stride(1), v.stride(2),
                         idx.stride(0), idx.stride(1), idx.stride(2), idx.stride(3),
                         out.stride(0), out.stride(1), out.stride(2),
-                        static_cast<scalar_t>(scale)};
+                        static_cast<scalar_t>(scale), dense_rows};
     if (idx.scalar_type() == at::kLong) {
       run<scalar_t, int64_t>(P, B * H * Nq, bad);
     } else {
@@ -338,6 +345,11 @@ at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK_INDEX(bad_value == std::numeric_limits<int64_t>::min(), "sparse_attention: idx holds key index ",
                     bad_value, " outside [0, ", Nk, ")");
   return out;
+}
+
+at::Tensor sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& idx, double scale) {
+  return sparse_attention_forward(q, k, v, idx, scale, 0);
 }
 
 
@@ -592,6 +604,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
 // The library's operators are declared here; connectivity_topk.cpp adds its own with a fragment.
 TORCH_LIBRARY(bench_suite_kernels, m) {
   m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor idx, float scale) -> Tensor");
+  m.def("sparse_attention_rows(Tensor q, Tensor k, Tensor v, Tensor idx, float scale, int dense_rows) -> Tensor");
+  m.def("lowrank_coefficients(Tensor q, Tensor k, Tensor w_down, float scale, float tau, int topk) -> Tensor");
   m.def("connectivity_topk(Tensor coef, Tensor w_up, int budget) -> Tensor");
   m.def("sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor idx, float scale) "
         "-> (Tensor, Tensor, Tensor)");
@@ -599,5 +613,6 @@ TORCH_LIBRARY(bench_suite_kernels, m) {
 
 TORCH_LIBRARY_IMPL(bench_suite_kernels, CPU, m) {
   m.impl("sparse_attention", &sparse_attention_cpu);
+  m.impl("sparse_attention_rows", &sparse_attention_forward);
   m.impl("sparse_attention_backward", &sparse_attention_backward_cpu);
 }

@@ -1,0 +1,156 @@
+"""Tests of Sparsifiner's fused CPU inference path (bench_suite/kernels/fused.py) against the PyTorch reference:
+the coefficient kernel against ``lowrank_attention`` + ``threshold_coefficients`` (paper eq. 1-2), the sparse
+kernel with a dense leading row against a float64 dense masked computation, and the attention core with the
+fused path against the unfused one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench_suite import kernels
+from bench_suite.kernels import KernelBuildError, sparse_attention_cpp
+from bench_suite.kernels.fused import fused_applies, lowrank_coefficients_cpp, sparse_attention_rows_cpp
+from methods.sparse_attention import (ConnectivityPredictor, lowrank_attention, sparsifiner_attention,
+                                      threshold_coefficients)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    try:
+        kernels.load_kernel()
+    except KernelBuildError as e:  # pragma: no cover - a machine without a compiler
+        pytest.skip(f"kernel cannot be built here: {e}")
+
+
+def qkv_views(b: int, h: int, n: int, d: int, seed: int = 0, dtype=torch.float32):
+    """``q, k, v [B, H, N, d]`` as the permuted views of a fused QKV projection (timm's layout)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, n, 3, h, d, generator=g, dtype=dtype)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@pytest.mark.parametrize("d,n_down,hw,n", [(16, 8, 1, 50), (32, 32, 1, 37), (64, 32, 3, 197), (128, 40, 1, 23),
+                                           (64, 64, 3, 66)])
+@pytest.mark.parametrize("mode", ["tau", "topk"])
+def test_lowrank_coefficients_equal_the_reference(d, n_down, hw, n, mode) -> None:
+    h = 3
+    q, k, _ = qkv_views(2, h, n, d)
+    g = torch.Generator().manual_seed(1)
+    w_down = torch.randn(hw, n_down, n, generator=g) * 0.1
+    scale = d ** -0.5
+    a_ref = lowrank_attention(q[:, :, 1:], k, w_down, scale)
+    if mode == "tau":
+        tau, topk = float(a_ref.flatten().quantile(0.8)), None
+    else:
+        tau, topk = 0.05, min(8, n_down)
+    ref = threshold_coefficients(a_ref, tau, topk)
+    got = lowrank_coefficients_cpp(q[:, :, 1:], k, w_down, scale, tau, topk)
+    assert got.shape == ref.shape and got.is_contiguous()
+    # a coefficient within float rounding of the threshold may fall either way; every other one agrees
+    near = (a_ref - tau).abs() < 1e-6 if mode == "tau" else torch.zeros_like(a_ref, dtype=torch.bool)
+    assert near.float().mean() < 0.01
+    torch.testing.assert_close(got[~near], ref[~near], atol=1e-6, rtol=1e-5)
+    kept = (got != 0).sum(-1)
+    if mode == "topk":
+        assert torch.equal(kept, torch.full_like(kept, topk))
+    else:
+        assert 0.1 < (got != 0).float().mean() < 0.3  # the 0.8 quantile keeps about 20 %
+
+
+def test_lowrank_coefficients_errors() -> None:
+    q, k, _ = qkv_views(1, 2, 10, 24)
+    w = torch.randn(1, 4, 10)
+    with pytest.raises(ValueError, match="head dim"):
+        lowrank_coefficients_cpp(q, k, w, 0.2, 0.05)
+    q, k, _ = qkv_views(1, 2, 10, 16)
+    with pytest.raises(ValueError, match="does not fit"):
+        lowrank_coefficients_cpp(q, k, torch.randn(1, 4, 9), 0.2, 0.05)
+    with pytest.raises(TypeError, match="float32"):
+        lowrank_coefficients_cpp(q.double(), k.double(), w.double(), 0.2, 0.05)
+
+
+def dense_cls_reference(q, k, v, idx, scale):
+    """Row 0 attends every key, rows 1.. their idx keys; float64, ``[B, H, N, d]``."""
+    q, k, v = q.double(), k.double(), v.double()
+    logits = (q @ k.transpose(-1, -2)) * scale
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[:, :, 0] = True
+    mask[:, :, 1:] = mask[:, :, 1:].scatter(-1, idx.long(), True)
+    return logits.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("d,n,bk", [(64, 197, 20), (32, 50, 13), (24, 31, 7), (16, 17, 17)])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_sparse_attention_with_a_dense_first_row(d, n, bk, index_dtype) -> None:
+    q, k, v = qkv_views(2, 3, n, d)
+    g = torch.Generator().manual_seed(2)
+    idx = torch.rand(2, 3, n - 1, n, generator=g).argsort(-1)[..., :bk].to(index_dtype)
+    out = sparse_attention_rows_cpp(q, k, v, idx, d ** -0.5, 1)
+    torch.testing.assert_close(out.double(), dense_cls_reference(q, k, v, idx, d ** -0.5), atol=2e-5, rtol=1e-4)
+    assert out.transpose(1, 2).is_contiguous()  # stored [B, N, H, d]: merging the heads is a view
+    # no dense rows: the plain kernel; all rows dense: full attention
+    plain = sparse_attention_rows_cpp(q[:, :, 1:], k, v, idx, d ** -0.5, 0)
+    assert torch.equal(plain, sparse_attention_cpp(q[:, :, 1:], k, v, idx, d ** -0.5))
+    dense = sparse_attention_rows_cpp(q, k, v, idx[:, :, :0], d ** -0.5, n)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(dense.double(), sdpa, atol=2e-5, rtol=1e-4)
+
+
+def test_sparse_attention_rows_float64_and_errors() -> None:
+    q, k, v = qkv_views(1, 2, 12, 16, dtype=torch.float64)
+    idx = torch.arange(5).expand(1, 2, 11, 5).contiguous()
+    out = sparse_attention_rows_cpp(q, k, v, idx, 0.25, 1)
+    torch.testing.assert_close(out, dense_cls_reference(q, k, v, idx, 0.25), atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="Nq - dense_rows"):
+        sparse_attention_rows_cpp(q, k, v, idx, 0.25, 2)
+    with pytest.raises(ValueError, match="dense_rows must lie"):
+        sparse_attention_rows_cpp(q, k, v, idx, 0.25, 13)
+    with pytest.raises(IndexError, match="outside"):
+        sparse_attention_rows_cpp(q, k, v, idx + 10, 0.25, 1)
+
+
+def test_fused_applies_only_where_the_kernels_run() -> None:
+    q, k, v = qkv_views(1, 2, 10, 16)
+    assert fused_applies("cpp", q, k, v) and fused_applies("auto", q, k)
+    assert not fused_applies("torch", q, k) and not fused_applies(None, q, k)
+    assert not fused_applies("cpp", q.double(), k.double())
+    q24, k24, _ = qkv_views(1, 2, 10, 24)
+    assert not fused_applies("cpp", q24, k24)
+    qg = q.detach().requires_grad_(True)
+    assert not fused_applies("cpp", qg, k)
+    with torch.no_grad():
+        assert fused_applies("cpp", qg, k)
+
+
+@pytest.mark.parametrize("keep_rate", [0.5, 0.1])
+@pytest.mark.parametrize("impl", ["cpp", "auto"])
+def test_the_core_takes_the_fused_path_with_the_same_mask_and_output(keep_rate, impl) -> None:
+    b, h, n, d = 2, 3, 50, 32
+    q, k, v = qkv_views(b, h, n, d, seed=3)
+    torch.manual_seed(0)
+    pred = ConnectivityPredictor(n, d, h, 8).eval()
+    with torch.no_grad():
+        pred.w_up.copy_(torch.rand_like(pred.w_up) + 0.05)  # distinct scores: no ties at the top-B boundary
+        pred.tau = 0.1
+        fused = sparsifiner_attention(q, k, v, pred, keep_rate, impl=impl)
+        pred.allow_fused = False
+        unfused = sparsifiner_attention(q, k, v, pred, keep_rate, impl=impl)
+        pred.allow_fused = True
+    assert fused.pred.a_down is None and unfused.pred.a_down is not None  # the fused path ran, then did not
+    torch.testing.assert_close(fused.pred.coef, unfused.pred.coef, atol=1e-6, rtol=1e-5)
+    assert torch.equal(fused.idx.sort(-1).values, unfused.idx.sort(-1).values)
+    torch.testing.assert_close(fused.out, unfused.out, atol=1e-5, rtol=1e-5)
+    assert fused.out.transpose(1, 2).is_contiguous()
+
+
+def test_the_core_keeps_the_reference_path_where_it_must() -> None:
+    b, h, n, d = 1, 2, 17, 16
+    q, k, v = qkv_views(b, h, n, d)
+    pred = ConnectivityPredictor(n, d, h, 8).eval()
+    with torch.no_grad():
+        assert sparsifiner_attention(q, k, v, pred, 0.5, impl="torch").pred.a_down is not None
+        assert sparsifiner_attention(q, k, v, pred, 0.5, impl="cpp", need_cls_attn=True).cls_attn is not None
+        assert sparsifiner_attention(q, k, v, pred, 0.5, impl="cpp", need_scores=True).pred.scores is not None
+    pred.train()  # training forward: the thresholds follow the module's flags, never the fused kernel
+    with torch.no_grad():
+        assert sparsifiner_attention(q, k, v, pred, 0.5, impl="cpp").pred.a_down is not None
