@@ -486,11 +486,17 @@ class Sparsifiner(BenchModule):
         every other keep rate resumes phase 2 from there (``None`` when phase 1 is sized in steps or fractions,
         or runs the sparse forward). With an absolute ``predictor_lr`` phase 1 does not depend on ``lr_batch``
         either (the frozen backbone's learning rate is unused; the schedule's shape does not depend on the
-        batch, and every run re-applies its own peaks when it resumes)."""
+        batch, and every run re-applies its own peaks when it resumes). Nor, when phase 1 trains on the dense
+        coefficients and the unthresholded basis (the defaults, as the official code), on the thresholds that
+        apply only afterwards: ``tau`` and ``coef_topk`` (eq. 2), ``w_up_threshold`` (``W_up`` is pruned on
+        entering phase 2)."""
         hp = self.hparams
         if hp.phase1_steps is not None or not hp.get("phase1_epochs") or not hp.phase1_full_attention:
             return None
-        return int(hp.phase1_epochs), ("keep_rate", "lr_batch") if hp.predictor_lr else ("keep_rate",)
+        free = ["keep_rate"] + (["lr_batch"] if hp.predictor_lr else [])
+        free += [] if hp.threshold_coef_in_phase1 else ["tau", "coef_topk"]
+        free += [] if hp.threshold_w_up_in_phase1 else ["w_up_threshold"]
+        return int(hp.phase1_epochs), tuple(free)
 
     def phase1_length(self) -> int:
         """Phase-1 length in optimiser steps: ``phase1_steps``; else the first ``phase1_epochs`` epochs' steps when

@@ -23,17 +23,23 @@ def _args(teacher: Path, out: Path, rates: str) -> list[str]:
 
 def test_declarations():
     assert BenchModule.shared_prefix(Sparsifiner(tiny_vit(), phase1_epochs=0)) is None
-    assert Sparsifiner(tiny_vit()).shared_prefix() == (1, ("keep_rate", "lr_batch"))
-    assert Sparsifiner(tiny_vit(), predictor_lr=None).shared_prefix() == (1, ("keep_rate",))  # lr_batch scales it
+    thresholds = ("tau", "coef_topk", "w_up_threshold")  # phase 1 trains on the dense coefficients and basis
+    assert Sparsifiner(tiny_vit()).shared_prefix() == (1, ("keep_rate", "lr_batch", *thresholds))
+    assert Sparsifiner(tiny_vit(), predictor_lr=None).shared_prefix() == (1, ("keep_rate", *thresholds))  # lr_batch scales it
+    assert Sparsifiner(tiny_vit(), threshold_coef_in_phase1=True).shared_prefix() == (
+        1, ("keep_rate", "lr_batch", "w_up_threshold"))  # the coefficient threshold shapes phase 1 then
+    assert Sparsifiner(tiny_vit(), threshold_w_up_in_phase1=True).shared_prefix() == (
+        1, ("keep_rate", "lr_batch", "tau", "coef_topk"))
     assert Sparsifiner(tiny_vit(), phase1_steps=5).shared_prefix() is None  # sized in steps: not shared
     assert Sparsifiner(tiny_vit(), phase1_full_attention=False).shared_prefix() is None  # sparse forward: keep-dependent
 
 
 @pytest.mark.slow
 def test_phase1_is_trained_once_and_resumed_exactly_at_another_keep_rate_and_learning_rate(tmp_path, tiny_teacher):  # noqa: F811
-    """Keep 0.5 trains phase 1 and saves it; keep 0.25 with another ``lr_batch`` (phase 1 depends on neither: the
-    frozen backbone's learning rate is unused there) resumes from it with its own phase-2 learning rate, and ends
-    exactly where a run of its own ends."""
+    """Keep 0.5 trains phase 1 and saves it; keep 0.25 with another ``lr_batch`` and top-3 coefficients instead
+    of ``tau`` (as the official top-8; phase 1 depends on none of them: the frozen backbone's learning rate is
+    unused there, and it trains on the dense coefficients) resumes from it with its own phase-2 learning rate
+    and thresholds, and ends exactly where a run of its own ends."""
     first_run = run_cli(_args(tiny_teacher, tmp_path / "a", "0.5"), tmp_path)
     assert first_run.returncode == 0, first_run.stderr[-3000:]
     assert len(list((tmp_path / "a" / "prefixes").glob("sparsifiner-*.ckpt"))) == 1
@@ -42,7 +48,7 @@ def test_phase1_is_trained_once_and_resumed_exactly_at_another_keep_rate_and_lea
     assert first.shared_prefix_epochs == 0 and first.resumed_from_step == 0 and first.train_steps == 8
     assert first.lr_peak == pytest.approx(5e-4 * 32 / 512) and first.global_batch == 32  # DeiT's scaling
 
-    other_lr = '{"sparsifiner": {"lr_batch": 128}}'
+    other_lr = '{"sparsifiner": {"lr_batch": 128, "coef_topk": 3}}'
     shared = run_cli(_args(tiny_teacher, tmp_path / "a", "0.25") + ["--hparams", other_lr], tmp_path)
     assert shared.returncode == 0, shared.stderr[-3000:]
     assert "resuming from the shared" in shared.stdout

@@ -20,6 +20,10 @@
 // rescale, while the score buffer (Bk floats, in L1) costs nothing measurable. Keys are read once in
 // pass 1 and values once in pass 2, each a unit-stride row of d floats.
 //
+// `sparse_attention_rows` (inference) takes a `dense_rows` count: the first dense_rows query rows of every (b, h)
+// attend all Nk keys in the same loop (Sparsifiner's dense CLS row, so no separate dense row, no concatenation),
+// and idx [B, H, Nq - dense_rows, Bk] covers the other rows.
+//
 // Work: 2 * Bk * d multiply-accumulates per query row (QK^T and AV), against 2 * Nk * d for dense.
 // Errors: TORCH_CHECK_* (ValueError / TypeError / IndexError in Python) for wrong devices, dtypes,
 // shapes, head-dim strides and out-of-range key indices (all indices are checked on the fly).
