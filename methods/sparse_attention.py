@@ -444,8 +444,8 @@ class ConnectivityPredictor(nn.Module):
             positions: ``None`` when the ``Nk`` tokens are the ``N`` original tokens in order; else the
                 row-stochastic soft positions ``[B, Nk, N]`` of the tokens (:func:`mix_positions`).
             need_scores: compute the dense scores ``A~_down @ W_up`` (else ``scores`` is ``None``).
-            fused_impl: the sparse attention implementation of the caller; in evaluation, without
-                ``positions``, ``reduce_c_factor`` or a gradient, and where
+            fused_impl: the sparse attention implementation of the caller; in evaluation (or training with
+                both thresholds on, as in phase 2), without ``positions``, ``reduce_c_factor`` or a gradient, and where
                 :func:`bench_suite.kernels.fused.fused_applies`, eq. 1-2 run as one fused kernel on the strided
                 ``q``/``k`` (no copies) and ``a_down`` is ``None``.
 
@@ -454,7 +454,8 @@ class ConnectivityPredictor(nn.Module):
         """
         n_keys = k.shape[2]
         if (fused_impl is not None and not need_scores and positions is None and self.proj_c_q is None
-                and self.allow_fused and not self.training and n_keys == self.num_tokens and self.n_down <= 64
+                and self.allow_fused and n_keys == self.num_tokens and self.n_down <= 64
+                and (not self.training or (self.threshold_coef and self.threshold_w_up))
                 and fused_applies(fused_impl, q, k)):
             coef = lowrank_coefficients_cpp(q, k, self.w_down, self.channels ** -0.5, self.tau, self.coef_topk)
             return PredictorOutput(None, coef, self.sparse_w_up(), None)
@@ -510,7 +511,10 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
     ``N`` keys densely and the predictor/mask cover the ``N - 1`` patch queries, each with
     ``B = ceil(keep_rate * N)`` keys (``nnz(M) = N + (N - 1) B`` per head); otherwise every row,
     the CLS row included, gets ``B`` predicted keys (``nnz(M) = N B``). The mask is not
-    differentiated (detached, as the official code).
+    differentiated (detached, as the official code). Without a gradient, or with a frozen predictor (no
+    parameter requiring a gradient: Sparsifiner's phase 2), the predictor runs without autograd on the fused
+    kernels (:data:`bench_suite.kernels.CONNECTIVITY_TOPK_IMPLS`, :mod:`bench_suite.kernels.fused`) where the
+    implementation has them: no dense ``[B, H, Nq, N]`` scores.
 
     Args:
         q, k, v: ``[B, H, N, d]`` (after timm's q/k norm, before scaling).
@@ -554,10 +558,17 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
         return res
     fused = None
     name = DEFAULT_IMPL if impl is None else impl
-    if not (record or need_scores or torch.jit.is_tracing()
-            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))):
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    # the mask is detached, so a frozen predictor (Sparsifiner's phase 2) needs no graph: it runs without one,
+    # on the fused kernels, while the sparse attention itself trains
+    frozen = not any(p.requires_grad for p in predictor.parameters())
+    if not (record or need_scores or torch.jit.is_tracing() or (grad and not frozen)):
         fused = CONNECTIVITY_TOPK_IMPLS.get(name)
-    pred = predictor(q_rows, k, positions, need_scores=fused is None, fused_impl=name if fused else None)
+    if fused is not None and grad:
+        with torch.no_grad():
+            pred = predictor(q_rows.detach(), k.detach(), positions, need_scores=False, fused_impl=name)
+    else:
+        pred = predictor(q_rows, k, positions, need_scores=fused is None, fused_impl=name if fused else None)
     idx = topk_connectivity(pred.scores, budget) if fused is None else fused(pred.coef, pred.w_up, budget)
     if (fused is not None and cls_full_row and not need_cls_attn and cls_zero_keys == 0
             and fused_applies(name, q, k, v)):  # the dense CLS row inside the kernel, output [B, N, H, d]

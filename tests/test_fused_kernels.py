@@ -151,6 +151,36 @@ def test_the_core_keeps_the_reference_path_where_it_must() -> None:
         assert sparsifiner_attention(q, k, v, pred, 0.5, impl="torch").pred.a_down is not None
         assert sparsifiner_attention(q, k, v, pred, 0.5, impl="cpp", need_cls_attn=True).cls_attn is not None
         assert sparsifiner_attention(q, k, v, pred, 0.5, impl="cpp", need_scores=True).pred.scores is not None
-    pred.train()  # training forward: the thresholds follow the module's flags, never the fused kernel
+    pred.train()  # training with the thresholds on (phase 2) may take the kernel; with one off (phase 1) never
     with torch.no_grad():
+        assert sparsifiner_attention(q, k, v, pred, 0.5, impl="cpp").pred.a_down is None
+        pred.threshold_coef = False
         assert sparsifiner_attention(q, k, v, pred, 0.5, impl="cpp").pred.a_down is not None
+
+
+def test_a_frozen_predictor_trains_the_attention_through_the_fused_mask() -> None:
+    """Phase 2: with the predictor frozen the fused top-B (no dense scores) picks the mask; the output and the
+    gradients of q, k, v equal the reference path's (distinct scores, so both select the same keys)."""
+    b, h, n, d = 2, 2, 33, 16
+    torch.manual_seed(4)
+    pred = ConnectivityPredictor(n, d, h, 8).train()
+    with torch.no_grad():
+        pred.w_up.copy_(torch.rand_like(pred.w_up) + 0.05)
+    pred.tau = 0.1
+    pred.requires_grad_(False)
+    results = {}
+    for impl in ("torch", "cpp"):
+        q, k, v = (t.detach().clone().requires_grad_(True) for t in qkv_views(b, h, n, d, seed=5))
+        res = sparsifiner_attention(q, k, v, pred, 0.25, impl=impl)
+        res.out.square().sum().backward()
+        results[impl] = (res, q.grad, k.grad, v.grad)
+    fast, ref = results["cpp"], results["torch"]
+    assert fast[0].pred.scores is None and ref[0].pred.scores is not None  # no dense scores on the fused path
+    assert torch.equal(fast[0].idx.sort(-1).values, ref[0].idx.sort(-1).values)
+    for got, want in zip(fast, ref):
+        if isinstance(got, torch.Tensor):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[0].out, ref[0].out, atol=1e-5, rtol=1e-5)
+    pred.requires_grad_(True)  # a trainable predictor keeps the reference path under autograd
+    q, k, v = (t.detach().requires_grad_(True) for t in qkv_views(b, h, n, d, seed=5))
+    assert sparsifiner_attention(q, k, v, pred, 0.25, impl="cpp").pred.scores is not None
