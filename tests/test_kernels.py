@@ -383,6 +383,27 @@ def test_connectivity_topk_is_a_valid_top_b(b, h, nq, nd, nk, budget, density, w
     assert same[some].float().mean() > 0.99  # the same set as torch.topk but for float near-ties
 
 
+@pytest.mark.parametrize("w_shape", [(1,), (3,)])
+def test_connectivity_topk_rows_with_one_coefficient_reuse_the_basis_row_selection(w_shape) -> None:
+    """A row with a single positive coefficient c_j selects W_up row j's top-B (computed once, copied): the same
+    keys as scoring the row; a single negative coefficient reverses the order and takes the general path."""
+    b, h, nq, nd, nk, budget = 2, 3, 60, 16, 197, 20
+    g = torch.Generator().manual_seed(7)
+    coef = torch.zeros(b, h, nq, nd)
+    j = torch.randint(0, nd, (b, h, nq, 1), generator=g)
+    coef.scatter_(-1, j, torch.rand(b, h, nq, 1, generator=g) + 0.05)
+    coef[:, :, ::3] = torch.rand(b, h, (nq + 2) // 3, nd, generator=g)  # every third row: dense coefficients
+    coef[0, 0, 1] = 0.0
+    coef[0, 0, 1, 2] = -0.5  # one negative coefficient: the bottom of W_up row 2
+    w_up = torch.randn(*w_shape, nd, nk, generator=g)
+    idx = kernels.connectivity_topk_cpp(coef, w_up, budget)
+    _assert_valid_topk(idx, coef, w_up, budget, tol=1e-6)
+    ref = kernels.connectivity_topk_torch(coef, w_up, budget)
+    assert torch.equal(idx.sort(-1).values, ref.sort(-1).values)  # continuous W_up: no ties anywhere
+    bottom = w_up[0 if w_shape == (1,) else 0, 2].argsort()[:budget]
+    assert sorted(idx[0, 0, 1].tolist()) == sorted(bottom.tolist())
+
+
 def test_connectivity_topk_ties_go_to_lower_indices() -> None:
     coef = torch.zeros(2, 2, 9, 6)  # no nonzero coefficient: every score is 0
     w_up = torch.randn(1, 6, 37)

@@ -15,6 +15,9 @@
 // broken toward lower key indices (torch.topk breaks them arbitrarily), so a row of equal scores (e.g. all
 // coefficients zero) selects keys 0 .. budget-1. NaN scores count as the largest values (as in torch.topk).
 //
+// A row with a single positive coefficient c_j selects the top-B of W_up row j, which is selected once per call and
+// copied (c > 0 keeps the order; equal products of distinct W entries, where c * w rounds two entries together,
+// are the only case where the scaled row would break a tie differently).
 // Cost per row: nnz(coef row) * Nk multiply-adds (register-blocked, 64 scores at a time, fused with the
 // conversion to keys and the row's mean and variance), then a few vectorised counting passes over the
 // Nk keys (2-3 on normal-like scores), one collecting pass and a trim of at most 2 surplus candidates.
@@ -356,6 +359,39 @@ at::Tensor connectivity_topk_cpu(const at::Tensor& coef, const at::Tensor& w_up_
   }
   const float z = static_cast<float>(0.5 * (zlo + zhi));
 
+  // The top-B of one row of a single positive coefficient c_j is the top-B of W_up row j (c > 0 keeps the order):
+  // selected once per (w batch, w head, j) and copied to every such row (after training many rows have at most
+  // one coefficient above tau). Skipped when W_up is per sample and there would be as many lists as rows.
+  const int64_t lists = Bw * Hw * nd;
+  std::vector<int64_t> single;
+  if (budget < Nk && lists * 4 <= rows) {
+    single.resize(static_cast<size_t>(lists * budget));
+    at::parallel_for(0, lists, 1, [&](int64_t begin, int64_t end) {
+      TopkScratch& S = topk_scratch();
+      S.fit(Nk, nd);
+      const int32_t j0 = 0;
+      const float one = 1.0f;
+      for (int64_t l = begin; l < end; ++l) {
+        const int64_t j = l % nd, bh = l / nd, hw = bh % Hw, bw = bh / Hw;
+        const float* wrow = wp + bw * (Bw == 1 ? 0 : w_up.stride(0)) + hw * (Hw == 1 ? 0 : w_up.stride(1)) + j * ws_j;
+        uint32_t kmin, kmax;
+        float sum, sumsq;
+        row_score_keys(wrow, 0, Nk, &j0, &one, 1, S.keys.data(), kmin, kmax, sum, sumsq);
+        int64_t* orow = single.data() + l * budget;
+        if (kmin == kmax) {
+          for (int64_t x = 0; x < budget; ++x) orow[x] = x;
+          continue;
+        }
+        const float mean = sum / static_cast<float>(Nk);
+        const float sd = std::sqrt(std::max(0.0f, sumsq / static_cast<float>(Nk) - mean * mean));
+        if (!std::isfinite(mean + z * sd) ||
+            !select_topk_search(S.keys.data(), Nk, budget, orow, S, kmin, kmax, order_key(mean + z * sd))) {
+          select_topk(S.keys.data(), Nk, budget, orow, S, kmin, kmax);
+        }
+      }
+    });
+  }
+
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     TopkScratch& S = topk_scratch();
     S.fit(Nk, nd);
@@ -371,10 +407,15 @@ at::Tensor connectivity_topk_cpu(const at::Tensor& coef, const at::Tensor& w_up_
         nz_c[nz] = crow[j];
         nz += crow[j] != 0.0f;
       }
+      int64_t* orow = op + t * budget;
+      if (nz == 1 && nz_c[0] > 0.0f && !single.empty()) {  // one positive coefficient: W_up row j's top-B
+        const int64_t l = ((Bw == 1 ? 0 : b) * Hw + (Hw == 1 ? 0 : h)) * nd + nz_j[0];
+        std::memcpy(orow, single.data() + l * budget, static_cast<size_t>(budget) * sizeof(int64_t));
+        continue;
+      }
       uint32_t kmin, kmax;
       float sum, sumsq;
       row_score_keys(wp + b * ws_b + h * ws_h, ws_j, Nk, nz_j, nz_c, nz, keys, kmin, kmax, sum, sumsq);
-      int64_t* orow = op + t * budget;
       if (budget == Nk || kmin == kmax) {  // everything, or all scores equal: keys 0 .. budget-1
         for (int64_t x = 0; x < budget; ++x) orow[x] = x;
         continue;
