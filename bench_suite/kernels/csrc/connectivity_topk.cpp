@@ -20,7 +20,8 @@
 // are the only case where the scaled row would break a tie differently).
 // Cost per row: nnz(coef row) * Nk multiply-adds (register-blocked, 64 scores at a time, fused with the
 // conversion to keys and the row's mean and variance), then a few vectorised counting passes over the
-// Nk keys (2-3 on normal-like scores), one collecting pass and a trim of at most 2 surplus candidates.
+// Nk keys (2-3 on normal-like scores), one collecting pass and a trim of at most 2 surplus candidates (or one
+// pass over a tie block at the boundary).
 // Errors: TORCH_CHECK_* (ValueError / TypeError in Python) for devices, dtypes, shapes, strides, budget.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -170,7 +171,10 @@ inline int64_t count_ge(const uint32_t* keys, int64_t n, uint32_t t) {
 // from the row's mean and standard deviation (`guess`), then interpolation in float space alternating
 // with bisection in key space -- collect those keys (AVX-512 compress where available), and drop the
 // surplus smallest (among equal keys the highest index), so ties go to the lowest indices as in
-// select_topk. Returns false (the caller falls back to select_topk) if the search does not settle.
+// select_topk. When a block of equal keys straddles the boundary (the threshold interval closes to one key;
+// common after training: many scores are exactly 0 where W_up is pruned), one pass keeps the keys above it
+// and the lowest-index keys of the block. Returns false (the caller falls back to select_topk) if the search
+// does not settle within 48 counting passes.
 bool select_topk_search(const uint32_t* keys, int64_t n, int64_t budget, int64_t* out, TopkScratch& S, uint32_t kmin,
                         uint32_t kmax, uint32_t guess) {
   const int64_t slack = 2;  // measured: a narrower window costs more counting passes, a wider one more trimming
@@ -189,7 +193,6 @@ bool select_topk_search(const uint32_t* keys, int64_t n, int64_t budget, int64_t
       chi = c;
     }
     if (hi - lo <= 1) {  // a block of equal keys straddles the boundary: take all keys >= lo, trim below
-      if (clo - budget > 64) return false;  // a large tie block: the radix path handles it in O(n)
       t = lo;
       c = clo;
       break;
@@ -227,6 +230,20 @@ bool select_topk_search(const uint32_t* keys, int64_t n, int64_t budget, int64_t
     ci[m] = static_cast<int32_t>(x);
     ck[m] = keys[x];
     m += keys[x] >= tt;
+  }
+  if (m - budget > slack) {  // the tie case: keys > tt all in, then the keys == tt of the lowest indices (one pass)
+    int64_t above = 0;
+    for (int64_t a = 0; a < m; ++a) above += ck[a] > tt;
+    int64_t eq = budget - above, w = 0;  // >= 1: fewer than budget keys lie above the tie block
+    for (int64_t a = 0; a < m && w < budget; ++a) {
+      if (ck[a] > tt) {
+        out[w++] = ci[a];
+      } else if (eq > 0) {
+        out[w++] = ci[a];
+        --eq;
+      }
+    }
+    return true;
   }
   while (m > budget) {  // drop the smallest key; among equal ones, the highest index
     int64_t pos = 0;
