@@ -69,8 +69,8 @@ struct TopkScratch {
   void fit(int64_t nk, int64_t nd) {
     if (keys.size() < static_cast<size_t>(nk)) {
       keys.resize(static_cast<size_t>(nk));
-      ckeys.resize(static_cast<size_t>(nk));
-      cand.resize(static_cast<size_t>(nk));
+      ckeys.resize(static_cast<size_t>(nk + 16));  // 16 lanes of slack for the full-vector compressed stores
+      cand.resize(static_cast<size_t>(nk + 16));
       cand2.resize(static_cast<size_t>(nk));
     }
     if (nz_j.size() < static_cast<size_t>(nd)) {
@@ -150,26 +150,42 @@ inline float key_to_float(uint32_t k) {
   return f;
 }
 
-// Number of keys >= t (16 lanes at a time).
-inline int64_t count_ge(const uint32_t* keys, int64_t n, uint32_t t) {
-  v16u acc{};
+// Number of keys >= t, and the existing keys next to t: the smallest key >= t (min_ge; 0xFFFFFFFF if none) and
+// the largest key < t (max_lt; 0 if none), so that a search can snap its interval to keys that occur.
+inline int64_t count_ge_snap(const uint32_t* keys, int64_t n, uint32_t t, uint32_t& min_ge, uint32_t& max_lt) {
+  v16u acc{}, vmin = v16u{} + 0xFFFFFFFFu, vmax{};
   const v16u tv = v16u{} + t;
   int64_t x = 0;
   for (; x + 16 <= n; x += 16) {
     v16u k;
     std::memcpy(&k, keys + x, sizeof(k));
-    acc -= (k >= tv);  // a true lane is all ones, i.e. -1
+    const v16u ge = k >= tv;
+    acc -= ge;
+    vmin = ge ? (k < vmin ? k : vmin) : vmin;
+    vmax = ge ? vmax : (k > vmax ? k : vmax);
   }
   int64_t c = 0;
-  for (int q = 0; q < 16; ++q) c += acc[q];
-  for (; x < n; ++x) c += keys[x] >= t;
+  min_ge = 0xFFFFFFFFu;
+  max_lt = 0;
+  for (int q = 0; q < 16; ++q) {
+    c += acc[q];
+    min_ge = std::min(min_ge, vmin[q]);
+    max_lt = std::max(max_lt, vmax[q]);
+  }
+  for (; x < n; ++x) {
+    const bool ge = keys[x] >= t;
+    c += ge;
+    if (ge) min_ge = std::min(min_ge, keys[x]);
+    else max_lt = std::max(max_lt, keys[x]);
+  }
   return c;
 }
 
 // Selection by threshold search, for the usual case: find a key threshold t with
 // budget <= #(keys >= t) <= budget + slack by counting (vectorised) at guessed thresholds -- the first guess
 // from the row's mean and standard deviation (`guess`), then interpolation in float space alternating
-// with bisection in key space -- collect those keys (AVX-512 compress where available), and drop the
+// with bisection in key space, each interval end snapped to the keys that occur (so a few distinct values, as in
+// sums of a few rows of a pruned W_up, settle in a few passes) -- collect those keys (AVX-512 compress where available), and drop the
 // surplus smallest (among equal keys the highest index), so ties go to the lowest indices as in
 // select_topk. When a block of equal keys straddles the boundary (the threshold interval closes to one key;
 // common after training: many scores are exactly 0 where W_up is pruned), one pass keeps the keys above it
@@ -183,13 +199,14 @@ bool select_topk_search(const uint32_t* keys, int64_t n, int64_t budget, int64_t
   uint64_t t = guess;
   if (t <= lo || t >= hi) t = lo + (hi - lo) / 2;
   for (int step = 1;; ++step) {
-    c = count_ge(keys, n, static_cast<uint32_t>(t));
+    uint32_t min_ge, max_lt;
+    c = count_ge_snap(keys, n, static_cast<uint32_t>(t), min_ge, max_lt);
     if (c >= budget && c <= budget + slack) break;
-    if (c > budget) {
-      lo = t;
+    if (c > budget) {  // snapped up to the smallest key that occurs at or above t: the same count
+      lo = min_ge;
       clo = c;
-    } else {
-      hi = t;
+    } else {  // snapped down to just above the largest key below t: the same count
+      hi = static_cast<uint64_t>(max_lt) + 1;
       chi = c;
     }
     if (hi - lo <= 1) {  // a block of equal keys straddles the boundary: take all keys >= lo, trim below
@@ -220,8 +237,10 @@ bool select_topk_search(const uint32_t* keys, int64_t n, int64_t budget, int64_t
   for (; x + 16 <= n; x += 16) {
     const __m512i k = _mm512_loadu_si512(keys + x);
     const __mmask16 msk = _mm512_cmpge_epu32_mask(k, tv);
-    _mm512_mask_compressstoreu_epi32(ci + m, msk, iv);
-    _mm512_mask_compressstoreu_epi32(ck + m, msk, k);
+    // compress in registers, then store all 16 lanes (the buffers have 16 lanes of slack): the memory form of
+    // vpcompressd is microcoded and far slower on some CPUs (AMD Zen 4)
+    _mm512_storeu_si512(ci + m, _mm512_maskz_compress_epi32(msk, iv));
+    _mm512_storeu_si512(ck + m, _mm512_maskz_compress_epi32(msk, k));
     m += __builtin_popcount(static_cast<unsigned>(msk));
     iv = _mm512_add_epi32(iv, sixteen);
   }
