@@ -7,19 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_suite import kernels
-from bench_suite.kernels import KernelBuildError, sparse_attention_cpp
+from bench_suite.kernels import sparse_attention_cpp
 from bench_suite.kernels.fused import fused_applies, lowrank_coefficients_cpp, sparse_attention_rows_cpp
 from methods.sparse_attention import (ConnectivityPredictor, lowrank_attention, sparsifiner_attention,
                                       threshold_coefficients)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    try:
-        kernels.load_kernel()
-    except KernelBuildError as e:  # pragma: no cover - a machine without a compiler
-        pytest.skip(f"kernel cannot be built here: {e}")
+from tests.test_kernels import built  # noqa: F401  (module fixture: builds the kernels or skips)
 
 
 def qkv_views(b: int, h: int, n: int, d: int, seed: int = 0, dtype=torch.float32):

@@ -216,34 +216,12 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
 
     // pass 1: scores s_j = (scale q) . k_{idx_j}, and their max; 16 keys at a time, whose 16 partial-sum
     // vectors one transposing reduction (vec16.h) turns into one vector of 16 scores, then one key at a time
-    float m = ninf;
-    int64_t j0 = 0;
-    for (; j0 + 16 <= Bk; j0 += 16) {
-      v16f a[16];
-      for (int r = 0; r < 16; ++r) {
-        const int64_t j = j0 + r;
-        const int64_t kj = checked_key(ir, j, is_j, nk, bad);
-        keys[j] = kj;
-        if (j + kPrefetch < Bk) {
-          const int64_t ka = static_cast<int64_t>(ir[(j + kPrefetch) * is_j]);
-          if (static_cast<uint64_t>(ka) < nk) {
-            const char* pr = reinterpret_cast<const char*>(kb + ka * P.ks_n);
-            for (int c = 0; c < NV * 64; c += 64) __builtin_prefetch(pr + c);
-          }
-        }
-        const float* kr = kb + kj * P.ks_n;
-        v16f acc = qv[0] * load16(kr);
-        for (int c = 1; c < NV; ++c) acc += qv[c] * load16(kr + 16 * c);
-        a[r] = acc;
-      }
-      const v16f sv = hsum16x16(a);
-      store16(s + j0, sv);
-      for (int r = 0; r < 16; ++r) m = sv[r] > m ? sv[r] : m;
-    }
-    for (int64_t j = j0; j < Bk; ++j) {
+    // key j's partial-sum vector of (scale q) . k_{idx_j} (records the checked key; prefetches the row
+    // kPrefetch keys ahead, which lies at a random address: an out-of-range index only prefetches junk)
+    auto partial = [&](int64_t j) -> v16f {
       const int64_t kj = checked_key(ir, j, is_j, nk, bad);
       keys[j] = kj;
-      if (j + kPrefetch < Bk) {  // the row kPrefetch keys ahead (an out-of-range index only prefetches junk)
+      if (j + kPrefetch < Bk) {
         const int64_t ka = static_cast<int64_t>(ir[(j + kPrefetch) * is_j]);
         if (static_cast<uint64_t>(ka) < nk) {
           const char* pr = reinterpret_cast<const char*>(kb + ka * P.ks_n);
@@ -251,9 +229,21 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
         }
       }
       const float* kr = kb + kj * P.ks_n;
-      v16f a = qv[0] * load16(kr);
-      for (int c = 1; c < NV; ++c) a += qv[c] * load16(kr + 16 * c);
-      const float sj = hsum16(a);
+      v16f acc = qv[0] * load16(kr);
+      for (int c = 1; c < NV; ++c) acc += qv[c] * load16(kr + 16 * c);
+      return acc;
+    };
+    float m = ninf;
+    int64_t j0 = 0;
+    for (; j0 + 16 <= Bk; j0 += 16) {
+      v16f a[16];
+      for (int r = 0; r < 16; ++r) a[r] = partial(j0 + r);
+      const v16f sv = hsum16x16(a);
+      store16(s + j0, sv);
+      for (int r = 0; r < 16; ++r) m = sv[r] > m ? sv[r] : m;
+    }
+    for (int64_t j = j0; j < Bk; ++j) {
+      const float sj = hsum16(partial(j));
       s[j] = sj;
       m = sj > m ? sj : m;
     }
