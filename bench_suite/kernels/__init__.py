@@ -41,7 +41,7 @@ kernel too: :func:`connectivity_topk` (``impl="cpp"``) accumulates each row's sc
 coefficients only and selects the top ``B`` (threshold search with a radix-select fallback), never
 materialising the ``[B, H, Nq, Nk]`` score tensor; ``impl="torch"`` is ``torch.topk(coef @ w_up, B)``.
 
-Sparsifiner's inference on the CPU also fuses the rest of its attention core (:mod:`bench_suite.kernels.fused`):
+Inference of the learned top-B attention on the CPU also fuses the rest of its core (:mod:`bench_suite.kernels.fused`):
 the basis coefficients of eq. 1-2 in one kernel and the dense CLS row inside the sparse kernel, both reading the
 strided ``q``/``k``/``v`` views of the fused QKV projection in place and writing the ``[B, N, H, d]`` layout
 that merges the heads without a copy.

@@ -1,4 +1,4 @@
-"""The fused CPU inference path of Sparsifiner's attention core (Wei et al., CVPR 2023, eq. 1-6).
+"""The fused CPU inference path of the learned top-B attention core of Wei et al. (CVPR 2023, eq. 1-6).
 
 Two kernels that take the strided ``[B, H, N, d]`` views of timm's fused QKV projection as they are, so that
 the core makes no copies of ``q``, ``k`` or ``v`` and its output needs none to merge the heads:
@@ -8,7 +8,7 @@ the core makes no copies of ``q``, ``k`` or ``v`` and its output needs none to m
   the PyTorch reference is :func:`methods.sparse_attention.lowrank_attention` followed by
   :func:`methods.sparse_attention.threshold_coefficients`.
 - :func:`sparse_attention_rows_cpp` (``csrc/sparse_attention.cpp``): sparse attention whose first
-  ``dense_rows`` query rows attend every key (Sparsifiner's dense CLS row) and whose output is stored
+  ``dense_rows`` query rows attend every key (the official code's dense CLS row) and whose output is stored
   ``[B, N, H, d]``; the reference is the sparse kernel on the patch rows, a dense CLS row and a concatenation.
 
 Both are forward-only (inference): training and the FLOP trace take the reference path. Results equal the
