@@ -445,9 +445,9 @@ class ConnectivityPredictor(nn.Module):
                 row-stochastic soft positions ``[B, Nk, N]`` of the tokens (:func:`mix_positions`).
             need_scores: compute the dense scores ``A~_down @ W_up`` (else ``scores`` is ``None``).
             fused_impl: the sparse attention implementation of the caller; in evaluation (or training with
-                both thresholds on, as in phase 2), without ``positions``, ``reduce_c_factor`` or a gradient, and where
-                :func:`bench_suite.kernels.fused.fused_applies`, eq. 1-2 run as one fused kernel on the strided
-                ``q``/``k`` (no copies) and ``a_down`` is ``None``.
+                both thresholds on, as in phase 2), without ``positions``, ``reduce_c_factor`` or a gradient,
+                and where :func:`bench_suite.kernels.fused.fused_applies`, eq. 1-2 run as one fused kernel on
+                the strided ``q``/``k`` (no copies) and ``a_down`` is ``None``.
 
         Raises:
             ValueError: if ``Nk`` does not match the weights and no positions are given.
