@@ -268,6 +268,7 @@ def emulate_coef_density(model: torch.nn.Module, images: torch.Tensor, density: 
         return None
     was_training = model.training
     model.eval()
+    allowed = [p.allow_fused for p in preds]
     for p in preds:  # the hook reads A_down, which the fused coefficient kernel does not return
         p.allow_fused = False
     try:
@@ -287,8 +288,8 @@ def emulate_coef_density(model: torch.nn.Module, images: torch.Tensor, density: 
                 p.tau = float(torch.quantile(sample, 1.0 - density))
     finally:
         model.train(was_training)
-        for p in preds:
-            p.allow_fused = True
+        for p, allow in zip(preds, allowed):
+            p.allow_fused = allow
     return [p.tau for p in preds]
 
 
