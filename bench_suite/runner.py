@@ -229,9 +229,7 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
     if sweep.failures:
         say(f"{sweep.failures} configuration(s) failed; their rows have status 'failed' and the error; "
             f"re-running the same command retries them")
-    # one process only: a multi-process run's store once read back malformed after the pass (not understood
-    # yet), so its table keeps the per-row timings and says they are not comparable
-    if rank == 0 and world == 1:
+    if rank == 0:  # rank 0 alone times every finished row, after the other ranks are done training
         _speed_pass(opts, dm, teacher, bool(sweep.written), say)
     return sweep.written
 

@@ -26,6 +26,7 @@ import math
 import os
 import sqlite3
 import time
+import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
 from typing import Any, Iterable, Mapping
@@ -55,7 +56,6 @@ ROW_COLUMNS = ("key", "status", "method", "keep_rate", "profile", "dataset", "se
 DICT_COLUMNS = ("config", "versions", "units")
 FILTERABLE = ("key", "status", "method", "keep_rate", "profile", "dataset", "seed", "git")
 BUSY_TIMEOUT_MS = 60_000
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -216,15 +216,33 @@ class ResultsStore:
                                  f"({why}); it was left untouched - move it away or pass another --output")
 
     def _check_header(self) -> None:
-        """Refuse a non-empty file without the SQLite header before SQLite ever opens it for writing."""
+        """Refuse a non-empty file without the SQLite header before SQLite ever opens it for writing.
+
+        The header is read through SQLite itself (a read-only connection), never with a plain ``open()``:
+        closing *any* descriptor of a file drops every POSIX record lock this process holds on it (``fcntl``
+        semantics), an open connection's included. Another process then believes it is the database's last
+        user, checkpoints and deletes the WAL under this one, and later commits here are lost or leave a
+        malformed database. SQLite shares one lock table per file within a process, so its own connections
+        never do that to each other.
+        """
         if not self.path.exists():
             return
         if not self.path.is_file():
             raise self._corrupt("not a regular file")
-        with open(self.path, "rb") as f:
-            head = f.read(len(_SQLITE_MAGIC))
-        if head and head != _SQLITE_MAGIC:
-            raise self._corrupt("no SQLite header")
+        if self.path.stat().st_size == 0:
+            return  # an empty file is an empty database to SQLite (a reader refuses it before this)
+        uri = "file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro"
+        probe = None
+        try:
+            probe = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+            probe.execute("PRAGMA schema_version").fetchone()  # reads page 1; SQLITE_NOTADB without the header
+        except sqlite3.DatabaseError as e:
+            if "not a database" in str(e):
+                raise self._corrupt("no SQLite header") from None
+            raise self._corrupt(f"{e}") from None
+        finally:
+            if probe is not None:
+                probe.close()
 
     def _init_schema(self) -> None:
         conn = self._conn

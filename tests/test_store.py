@@ -142,6 +142,32 @@ def test_two_processes_write_concurrently(tmp_path):
     con.close()
 
 
+def _open_and_close(path):
+    ResultsStore(path).close()
+
+
+def test_a_second_instance_keeps_the_first_ones_locks(tmp_path):
+    # The runner keeps its store open for the sweep and opens another instance for the speed pass. Opening
+    # one must not drop the first one's POSIX locks (a plain open()/close() of the file does): another
+    # process closing its connection would then take itself for the last user, checkpoint and delete the
+    # WAL under the first instance, whose next commit is lost (two concurrent sweeps read back malformed).
+    path = tmp_path / "results.sqlite"
+    first = ResultsStore(path)
+    first.put(make_row(seed=0))
+    ResultsStore(path).close()  # a second instance in this process
+    other = mp.get_context("spawn").Process(target=_open_and_close, args=(str(path),))
+    other.start()
+    other.join(timeout=120)
+    assert other.exitcode == 0
+    assert (tmp_path / "results.sqlite-wal").exists()  # the other process saw a live user and left the WAL
+    first.put(make_row(seed=1))
+    first.close()
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 2  # the second commit was kept
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+
+
 def test_garbage_file_raises_and_is_left_untouched(tmp_path):
     path = tmp_path / "results.sqlite"
     garbage = b"this is not a database\n" + bytes(range(256)) * 20
