@@ -168,7 +168,8 @@ def canonical_settings(method: str, overrides: dict[str, Any], defaults: dict[st
 
     Raises:
         UserError: for a setting the method does not take, a non-finite number, or a value whose type does
-            not fit the default's (a number where the default is a number, a boolean where it is one).
+            not fit the default's (a number where the default is a number, a boolean where it is one; ``None``
+            only where the annotation admits it).
     """
     out: dict[str, Any] = {}
     for name in sorted(overrides):
@@ -183,7 +184,9 @@ def canonical_settings(method: str, overrides: dict[str, Any], defaults: dict[st
             raise UserError(f"{method}: {name} must be a finite number, got {value!r}")
         if isinstance(default, bool) and not isinstance(value, bool):
             raise UserError(f"{method}: {name} must be true or false, got {value!r}")
-        if _number(default) and not _number(value):
+        if value is None and type(None) in allowed:  # an optional setting switched off (JSON null)
+            pass
+        elif _number(default) and not _number(value):
             raise UserError(f"{method}: {name} must be a number, got {value!r}")
         if isinstance(default, float) and _number(value):
             value = float(value)

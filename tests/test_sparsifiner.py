@@ -162,7 +162,7 @@ def _hand_made(m: Sparsifiner):
 def test_mhsa_flops_equal_closed_form_from_nonzeros(keep_rate, tau):
     from bench_suite.flops import count_flops
 
-    m = Sparsifiner(tiny_vit(), keep_rate=keep_rate, tau=tau).eval()
+    m = Sparsifiner(tiny_vit(), keep_rate=keep_rate, tau=tau, coef_topk=None).eval()
     row_nnz = _hand_made(m)
     b = attention_budget(keep_rate, N)
     coef_nonzero = 1.0 / NDOWN > tau  # uniform coefficients: all kept or all pruned
@@ -356,11 +356,14 @@ def test_invalid_settings_raise():
 
 
 # ------------------------------------------------------------------ phase 1 as the official code trains it
-def test_phase1_gradient_reaches_every_coefficient_and_every_w_up_entry():
+@pytest.mark.parametrize("coef_topk", [None, 8])
+def test_phase1_gradient_reaches_every_coefficient_and_every_w_up_entry(coef_topk):
     """At n_down = 32 a coefficient starts near 1/32 < tau = 0.05 and many W_up entries start under 1e-2:
-    phase 1 trains on the dense coefficients and the unthresholded basis, so all of them get a gradient."""
+    phase 1 trains on the dense coefficients and the unthresholded basis, so all of them get a gradient
+    (with the paper's tau and with the official top-8 alike)."""
     teacher = tiny_vit(seed=1).eval()
-    m = Sparsifiner(tiny_vit(), keep_rate=0.25, teacher=teacher, n_down=16)  # 1/16 > tau only if learned
+    m = Sparsifiner(tiny_vit(), keep_rate=0.25, teacher=teacher, n_down=16,  # 1/16 > tau only if learned
+                    coef_topk=coef_topk)
     m.set_phase(1)
     m.train()
     pred = m.model.blocks[1].attn.predictor
@@ -385,7 +388,14 @@ def test_phase1_gradient_reaches_every_coefficient_and_every_w_up_entry():
     m.eval()  # evaluation thresholds both, also in phase 1
     with torch.no_grad():
         ev = pred(*split_heads(m.model.blocks[1].attn, torch.randn(2, N, 32))[:2])
-    assert torch.equal(ev.coef, ev.a_down * (ev.a_down > pred.tau)) and (ev.w_up[small] == 0).all()
+    assert (ev.w_up[small] == 0).all()
+    if coef_topk is None:
+        assert torch.equal(ev.coef, ev.a_down * (ev.a_down > pred.tau))
+    else:  # exactly the 8 largest of the 16 coefficients of every row survive
+        assert ((ev.coef != 0).sum(-1) == coef_topk).all()
+        assert (ev.coef.min(-1).values <= 0).all() and torch.equal(ev.coef[ev.coef != 0], ev.a_down[ev.coef != 0])
+        kth = ev.a_down.topk(coef_topk, dim=-1).values[..., -1:]
+        assert torch.equal(ev.coef != 0, ev.a_down >= kth)
 
 
 def test_old_phase1_thresholds_are_reachable_by_flags():

@@ -97,7 +97,7 @@ def test_bad_value_exit_2_one_line_nothing_written(tmp_path, capsys, command, op
 # ----------------------------------------------------------------------------------------- one key per configuration
 SETTINGS = {  # (setting, default, spellings of one other value) of the sparsifiner method
     "tau": (0.05, [0.2, 0.20000]), "phase1_frac": (0.1, [0.5]), "n_down": (None, [8]),
-    "cls_full_row": (True, [False]), "predictor_lr": (1e-2, [1, 1.0]), "coef_topk": (None, [4, 4.0]),
+    "cls_full_row": (True, [False]), "predictor_lr": (1e-2, [1, 1.0]), "coef_topk": (8, [4, 4.0]),
 }
 
 
@@ -314,3 +314,16 @@ def test_tables_refuse_a_corrupt_store_before_counting(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a readable bench_suite results database" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "tables").exists()
+
+
+def test_an_optional_setting_takes_null_and_a_plain_one_refuses_it():
+    """``coef_topk`` (``int | None``, default 8): JSON null switches to the paper's tau, a new configuration;
+    ``tau`` (``float``) refuses null with a one-line message."""
+    from bench_suite.errors import UserError
+    from bench_suite.plan import resolve_plan
+
+    [(_, _, canon)] = resolve_plan([("sparsifiner", 0.25, {"coef_topk": None, "tau": 0.2})])
+    assert canon == {"coef_topk": None, "tau": 0.2}
+    assert _key({"coef_topk": None}) != _key({}) and _key({"coef_topk": 8}) == _key({})
+    with pytest.raises(UserError, match="tau must be a number, got None"):
+        resolve_plan([("sparsifiner", 0.25, {"tau": None})])
