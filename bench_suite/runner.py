@@ -174,10 +174,11 @@ def run_benchmark(cfg: Any, log=print, plan: Any = None, skip_infeasible: bool =
     given = None if cfg.teacher is None else load_given_teacher(
         cfg.teacher, opts.profile.name, dm, opts.seed, opts.output, settings, log)
     store_path = opts.output / STORE_FILENAME
-    if store_path.exists():
-        ResultsStore(store_path).close()  # StoreCorruptError for a damaged/foreign file, which stays untouched
+    # an existing store is opened first: StoreCorruptError for a damaged/foreign file, which stays untouched
+    store = ResultsStore(store_path) if store_path.exists() else None
     check_output(opts.output)
-    store = ResultsStore(store_path)
+    if store is None:  # (not `store or ...`: an empty store has len 0)
+        store = ResultsStore(store_path)
     data = dm.describe()
 
     # ---------------------------------------------------------------- 2. teacher, 3. processes
