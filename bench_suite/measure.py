@@ -19,14 +19,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 __all__ = ["measure_latency", "measure_callables", "measure_models", "peak_memory_mib",
-           "peak_memory_callable_mib", "fixed_threads", "summarize_times"]
+           "peak_memory_callable_mib", "fixed_threads", "summarize_times", "timing_mode"]
 
 EVAL_TIMING = {"batch": 64, "warmup": 2, "repeats": 5}
 """How ``run`` times each trained model for the Pareto table: one eval forward of a batch of 64 test images,
@@ -44,6 +44,21 @@ def fixed_threads(num_threads: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def timing_mode(modules: Any) -> Iterator[None]:
+    """Enter the ``timing()`` context of every module, and of every submodule, that has one
+    (:meth:`methods.base.BenchModule.timing`, or a layer's own, e.g. Sparsifiner's attention: the forward skips
+    bookkeeping that is not part of the method, such as statistics for a sparsity report), so that what is timed
+    is the method alone; modules without one (a plain timm teacher) are left as they are."""
+    with ExitStack() as stack:
+        for m in modules:
+            for sub in (m.modules() if isinstance(m, nn.Module) else [m]):
+                enter = getattr(sub, "timing", None)
+                if callable(enter):
+                    stack.enter_context(enter())
+        yield
 
 
 @contextmanager
@@ -86,7 +101,7 @@ def measure_latency(model: nn.Module, images: torch.Tensor, warmup: int = 3, rep
     model.eval()
     device = images.device
     times = []
-    with fixed_threads(num_threads) as threads, torch.inference_mode():
+    with fixed_threads(num_threads) as threads, torch.inference_mode(), timing_mode([model]):
         for _ in range(warmup):
             model(images)
         _sync(device)
@@ -176,8 +191,9 @@ def measure_models(models: dict[str, nn.Module], images: torch.Tensor, warmup: i
     for m in models.values():
         m.eval()
     try:
-        res = measure_callables({n: (lambda m=m: m(images)) for n, m in models.items()}, warmup=warmup,
-                                repeats=repeats, num_threads=num_threads, device=images.device)
+        with timing_mode(models.values()):
+            res = measure_callables({n: (lambda m=m: m(images)) for n, m in models.items()}, warmup=warmup,
+                                    repeats=repeats, num_threads=num_threads, device=images.device)
     finally:
         for n, m in models.items():
             m.train(modes[n])

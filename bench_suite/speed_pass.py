@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from bench_suite.checkpoints import checkpoint_path, load_trained
-from bench_suite.measure import EVAL_TIMING, measure_callables
+from bench_suite.measure import EVAL_TIMING, measure_callables, timing_mode
 from bench_suite.registry import get_method
 from bench_suite.store import STORE_FILENAME, ResultsStore
 
@@ -98,7 +98,8 @@ def timing_pass(output: str | Path, profile: str, dataset: str, batch: torch.Ten
     log(f"speed pass: {len(models)} row(s) of {profile} / {dataset} timed interleaved, batch {len(batch)}, "
         f"{repeats} rounds after {warmup} warm-up call(s)")
     fns = {key: (lambda m=m: m(batch)) for key, m in models.items()}
-    timed = measure_callables(fns, warmup=warmup, repeats=repeats, min_sample_ms=min_sample_ms)
+    with timing_mode(models.values()):
+        timed = measure_callables(fns, warmup=warmup, repeats=repeats, min_sample_ms=min_sample_ms)
     out = {}
     for key, t in timed.items():
         out[key] = {"latency_ms_median": t["median_ms"], "latency_ms_p90": t["p90_ms"],

@@ -90,3 +90,21 @@ def test_lightning_checkpoint_round_trip(name, tmp_path):
 def test_invalid_keep_rate_rejected(name, bad):
     with pytest.raises(ValueError, match="keep rate"):
         get_method(name).factory(tiny_vit(), keep_rate=bad)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_timing_mode_changes_no_output(name):
+    """What ``speed`` and the timing pass time (inside ``timing_mode``) computes the same logits as the forward
+    outside it, for the module and for its bare timm model (what the timing pass loads)."""
+    from bench_suite.measure import timing_mode
+
+    module = get_method(name).factory(tiny_vit(), keep_rate=_rate(name)).eval()
+    x = random_images(3, seed=2)
+    with torch.inference_mode():
+        ref = module(x)
+        with timing_mode([module]):
+            timed = module(x)
+        with timing_mode([module.model]):
+            timed_model = module.model(x)
+    torch.testing.assert_close(timed, ref, atol=0, rtol=0)
+    torch.testing.assert_close(timed_model, ref, atol=0, rtol=0)

@@ -584,3 +584,26 @@ def test_phase1_epochs_come_before_the_fine_tuning_epochs(p1_epochs, epochs, tot
     m._trainer = _T()
     assert m.phase1_length() == expected_steps
     assert Sparsifiner(tiny_vit(), phase1_steps=3).train_epochs(epochs) == epochs  # steps given: no extra epoch
+
+
+def test_timing_mode_skips_the_coefficient_count_and_restores_it():
+    """Inside ``timing_mode`` the attention layers do not count zero coefficients (bookkeeping, not the method);
+    the report is empty after such a forward and back after the next one outside; the switch is restored on an
+    exception too."""
+    from bench_suite.measure import timing_mode
+
+    m = Sparsifiner(tiny_vit(), keep_rate=0.25).eval()
+    x = random_images(2, seed=3)
+    with torch.inference_mode():
+        m(x)
+        assert "coef_sparsity" in m.sparsity_report()
+        with timing_mode([m]):
+            assert not any(a.track_stats for a in m._attns())
+            m(x)
+        assert m.sparsity_report() == {}
+        assert all(a.track_stats for a in m._attns())
+        m(x)
+        assert "coef_sparsity" in m.sparsity_report()
+        with pytest.raises(RuntimeError), timing_mode([m.model]):
+            raise RuntimeError("boom")
+        assert all(a.track_stats for a in m._attns())
