@@ -211,7 +211,9 @@ def build_parser() -> ArgumentParser:
     p_speed.add_argument("--kernel", action="store_true",
                          help="time the sparse attention kernel against dense SDPA on the N x keep-rate grid")
     p_speed.add_argument("--train", action="store_true",
-                         help="--kernel: also time forward + backward (training) against dense SDPA and the gather path")
+                         help="time training steps of whole models (forward, teacher, losses, backward, AdamW; each "
+                              "method in its main training phase), interleaved; with --kernel: the kernel's forward + "
+                              "backward against dense SDPA and the gather path")
     p_speed.add_argument("--build", action="store_true", help="compile the C++ kernel (or find it cached) and exit")
     p_speed.add_argument("--n", type=PositiveInt | None, default=None, help="--core: tokens N (default: the profile's)")
     p_speed.add_argument("--heads", type=PositiveInt | None, default=None,

@@ -132,8 +132,9 @@ def summarize_times(times_ms: list[float]) -> dict[str, float]:
 
 def measure_callables(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeats: int = 10,
                       num_threads: int | None = None, min_sample_ms: float = 0.0,
-                      device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """Time several zero-argument callables interleaved, under ``torch.inference_mode``.
+                      device: torch.device | str = "cpu", grad: bool = False) -> dict[str, dict[str, float]]:
+    """Time several zero-argument callables interleaved, under ``torch.inference_mode`` (with ``grad``: with
+    autograd on, for training steps).
 
     Every callable runs ``warmup`` untimed calls; then ``repeats`` rounds, each timing every callable once
     (one sample = ``inner`` back-to-back calls, divided by ``inner``), the order rotating by one position per
@@ -155,7 +156,7 @@ def measure_callables(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeat
     names = list(fns)
     inner = {}
     times: dict[str, list[float]] = {n: [] for n in names}
-    with fixed_threads(num_threads) as threads, torch.inference_mode():
+    with fixed_threads(num_threads) as threads, (torch.enable_grad() if grad else torch.inference_mode()):
         for name in names:
             last = 0.0
             for _ in range(max(1, warmup)):

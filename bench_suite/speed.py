@@ -23,9 +23,12 @@ which the candidates run *interleaved*, so that load from other processes hits t
   candidates (:meth:`~methods.base.BenchModule.core_candidates`) per ``--impl``.
 * **kernel** (``--kernel``): the sparse attention kernel against dense SDPA on a grid
   (:mod:`bench_suite.kernel_bench`; ``--train``: forward + backward too); writes ``kernel.csv``.
+* **training steps** (``--train`` without ``--kernel``): one optimiser step (forward, teacher, losses, backward,
+  AdamW) of every method as the suite trains it, in its main training phase, interleaved
+  (:mod:`bench_suite.speed_train`); ms per step and the ratio to the reference method's step.
 
-Model and core rows go to the results store ``<output>/results.sqlite`` (``config["kind"] = "speed"``,
-``config["scope"]`` ``"model"`` or ``"core"``, dataset ``"synthetic"``) and to ``<output>/speed.csv``
+Model, core and training-step rows go to the results store ``<output>/results.sqlite`` (``config["kind"] =
+"speed"``, ``config["scope"]`` ``"model"``, ``"core"`` or ``"train_step"``, dataset ``"synthetic"``) and to ``<output>/speed.csv``
 (this invocation's rows). ``--build`` compiles the C++ kernel (or finds it cached) and exits.
 """
 from __future__ import annotations
@@ -199,7 +202,11 @@ def run_speed(opts: SpeedOptions, core: bool = False, kernel: bool = False,
         log(_fmt_table(out["kernel"], KERNEL_COLUMNS + (KERNEL_TRAIN_COLUMNS if train else ())))
     if core:
         out["rows"] += core_benchmark(opts, log)
-    if not core and not kernel:
+    if train and not kernel:
+        from bench_suite.speed_train import train_step_benchmark
+
+        out["rows"] += train_step_benchmark(opts, log)
+    elif not core and not kernel:
         from bench_suite import speed_grid as grid
 
         budget = opts.memory_budget_mib
@@ -292,8 +299,9 @@ def run_command(cfg: Any) -> dict[str, Any]:
         print(f"sparse attention kernel ready in {time.perf_counter() - start:.1f} s: {info['build_dir']} "
               f"(flags {' '.join(info['flags'])})")
         return {"rows": [], "kernel": [], "paths": []}
-    if getattr(cfg, "train", False) and not cfg.kernel:
-        raise UserError("--train times the kernel's forward and backward: use it with --kernel")
+    if getattr(cfg, "train", False) and cfg.core:
+        raise UserError("--train times training steps of whole models, or with --kernel the kernel's forward and "
+                        "backward; --core is eval only")
     rates = parse_list(cfg.keep_rates, float, "--keep-rates")
     if rates is not None and any(not 0.0 < r <= 1.0 or math.isnan(r) for r in rates):
         raise UserError(f"--keep-rates must lie in (0, 1], got {cfg.keep_rates}")
@@ -307,11 +315,11 @@ def run_command(cfg: Any) -> dict[str, Any]:
     batches = parse_batches(cfg.batch_size)
     thread_counts = parse_threads(cfg.threads)
     precisions = parse_precisions(getattr(cfg, "precision", "fp32"))
-    models = not cfg.core and not cfg.kernel
+    models = not cfg.core and not cfg.kernel and not getattr(cfg, "train", False)
     if not models and (len(batches) > 1 or "max" in batches or len(thread_counts) > 1 or precisions != ["fp32"]
                        or getattr(cfg, "weights", "random") != "random"):
-        raise UserError("--core and --kernel take one --batch-size and one --threads, fp32 and random weights; "
-                        "grids, --precision and --weights are for whole models")
+        raise UserError("--core, --kernel and --train take one --batch-size and one --threads, fp32 and random "
+                        "weights; grids, --precision and --weights are for whole-model eval")
     first_batch = next((b for b in batches if b != "max"), 8)
     try:
         opts = SpeedOptions(profile=cfg.profile, methods=methods, keep_rates=rates,

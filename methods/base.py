@@ -388,6 +388,12 @@ class BenchModule(pl.LightningModule):
         the default skips nothing."""
         yield
 
+    def prepare_train_timing(self) -> dict[str, Any]:
+        """Called by ``speed --train`` before a training step is timed (outside a Trainer): put the module in the
+        state of its main training phase, the one most of its optimiser steps run in. Returns what it set,
+        recorded in the row's configuration (``{}``, the default: nothing to set)."""
+        return {}
+
     def prepare_timing(self, images: torch.Tensor, **settings: Any) -> dict[str, Any]:
         """Called by ``speed`` on a model with random weights before it is timed: a method whose cost depends
         on trained values (e.g. the density of learned sparse coefficients) may emulate them here from the

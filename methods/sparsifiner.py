@@ -851,6 +851,12 @@ class Sparsifiner(BenchModule):
                         "positions": a.last.get("positions"), "budget": a.last["budget"], "n": a.last["n"]})
         return out
 
+    def prepare_train_timing(self) -> dict[str, Any]:
+        """``speed --train`` times phase 2 (the backbone trains with the frozen predictor on the sparse attention;
+        every epoch but the first ``phase1_epochs``): :meth:`set_phase` (2). Returns ``{"train_phase": 2}``."""
+        self.set_phase(2)
+        return {"train_phase": 2}
+
     def prepare_timing(self, images: torch.Tensor, coef_density: float | None = None, **_: Any) -> dict[str, Any]:
         """With ``coef_density`` (``speed --coef-density``), make the random predictors as sparse as a trained
         one (:func:`emulate_coef_density`); returns ``{"coef_density_emulated", "tau_emulated"}`` or ``{}``."""

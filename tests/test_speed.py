@@ -128,7 +128,6 @@ def test_kernel_grid_train_times_forward_and_backward(tmp_path: Path, kernel: No
     assert min(dense, sparse, gather) > 0
     assert math.isclose(float(r["train_speedup"]), dense / sparse, rel_tol=1e-9)
     assert math.isclose(float(r["train_speedup_vs_gather"]), gather / sparse, rel_tol=1e-9)
-    assert main(["speed", "--train", "--output", str(tmp_path)]) == 2  # --train needs --kernel
 
 
 def test_core_rows_in_store_and_speed_csv(tmp_path: Path, kernel: None) -> None:
@@ -223,3 +222,55 @@ def test_hparams_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "names method 'n_down', which is not in this run" in capsys.readouterr().err
     assert main(["speed", "--profile", "tiny", "--hparams", "[1]", "--output", str(tmp_path)]) == 2
     assert "JSON object" in capsys.readouterr().err
+
+
+def test_train_step_rows(tmp_path: Path, kernel: None) -> None:
+    """``speed --train`` (whole models): one interleaved training step per method, rows with scope train_step, the
+    reference's ratio 1, Sparsifiner timed in phase 2 with its sparse kernels; the weights move (a real step)."""
+    from bench_suite.speed_models import SpeedOptions
+    from bench_suite.speed_train import train_step_benchmark
+
+    args = ["speed", "--train", "--profile", "tiny", "--methods", "full,sparsifiner", "--keep-rates", "0.5",
+            "--impl", "cpp", *TINY, "--output", str(tmp_path)]
+    assert main(args) == 0
+    with ResultsStore(tmp_path) as store:
+        df = store.rows()
+    assert sorted(zip(df["method"], df["keep_rate"])) == [("full", 1.0), ("sparsifiner", 0.5)]
+    for _, row in df.iterrows():
+        c = row["config"]
+        assert c["kind"] == "speed" and c["scope"] == "train_step" and c["batch_size"] == 2
+        assert row["latency_ms_min"] <= row["latency_ms_median"] <= row["latency_ms_p90"]
+        assert math.isclose(row["img_per_s"], 2 / (row["latency_ms_median"] / 1000), rel_tol=1e-9)
+    assert df[df["method"] == "full"].iloc[0]["latency_ratio_to_full"] == 1.0
+    sp = df[df["method"] == "sparsifiner"].iloc[0]
+    assert sp["config"]["train_phase"] == 2 and sp["config"]["attention_impl"] == "cpp"
+    assert "scope" in (tmp_path / "speed.csv").read_text().splitlines()[0]
+
+    # the timed callables are real optimiser steps: the student's weights change, the teacher's do not
+    import bench_suite.speed_train as st
+
+    seen = {}
+    real = st._step_fn
+
+    def spy(module, images, labels):
+        seen[id(module)] = (module, [p.detach().clone() for p in module.model.parameters() if p.requires_grad],
+                            [p.detach().clone() for p in module.teacher.parameters()])
+        return real(module, images, labels)
+
+    st._step_fn = spy
+    try:
+        train_step_benchmark(SpeedOptions(profile="tiny", methods=["sparsifiner"], keep_rates=[0.5], batch_size=2,
+                                          threads=1, repeats=1, warmup=1, output=tmp_path, impls=("cpp",)),
+                             log=lambda _: None)
+    finally:
+        st._step_fn = real
+    (module, before, teacher_before), = seen.values()
+    after = [p.detach() for p in module.model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(teacher_before, module.teacher.parameters()))
+    assert not any(p.requires_grad for n, p in module.model.named_parameters() if ".predictor." in n)  # phase 2
+
+
+def test_train_flag_refuses_core(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["speed", "--train", "--core", "--profile", "tiny", "--output", str(tmp_path)]) == 2
+    assert "--core is eval only" in capsys.readouterr().err
