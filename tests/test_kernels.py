@@ -217,6 +217,7 @@ GRAD_SHAPES = [  # (B, H, Nq, Nk, d, Bk)
     (2, 4, 49, 50, 32, 13),     # the mini profile: 49 predicted rows (CLS row full), keep 0.25
     (1, 2, 37, 41, 24, 5),      # generic head dim, Nq != Nk
     (1, 2, 33, 40, 128, 21),    # head dim 128 (8 vector registers), budget not a multiple of 16
+    (2, 4, 36, 37, 16, 20),     # head dim 16 (one vector register: the mini197 profile's 4 x 16)
 ]
 
 

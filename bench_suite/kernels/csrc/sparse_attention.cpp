@@ -298,6 +298,7 @@ void run(const Problem<scalar_t>& P, int64_t rows_total, std::atomic<int64_t>& b
   at::parallel_for(0, rows_total, grain, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       switch (P.d) {
+        case 16: return attend_rows_f32<index_t, 1>(P, begin, end, bad);
         case 32: return attend_rows_f32<index_t, 2>(P, begin, end, bad);
         case 64: return attend_rows_f32<index_t, 4>(P, begin, end, bad);
         case 128: return attend_rows_f32<index_t, 8>(P, begin, end, bad);
@@ -550,10 +551,12 @@ template <typename scalar_t>
 void run_backward(const BackwardProblem<scalar_t>& BP, int64_t slices, bool i64, int64_t d, std::atomic<int64_t>& bad) {
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      switch (i64 ? d : -d) {  // vectorised float32 path for head dims 32, 64, 128
+      switch (i64 ? d : -d) {  // vectorised float32 path for head dims 16, 32, 64, 128
+        case 16: return backward_slices_f32<int64_t, 1>(BP, begin, end, bad);
         case 32: return backward_slices_f32<int64_t, 2>(BP, begin, end, bad);
         case 64: return backward_slices_f32<int64_t, 4>(BP, begin, end, bad);
         case 128: return backward_slices_f32<int64_t, 8>(BP, begin, end, bad);
+        case -16: return backward_slices_f32<int32_t, 1>(BP, begin, end, bad);
         case -32: return backward_slices_f32<int32_t, 2>(BP, begin, end, bad);
         case -64: return backward_slices_f32<int32_t, 4>(BP, begin, end, bad);
         case -128: return backward_slices_f32<int32_t, 8>(BP, begin, end, bad);
