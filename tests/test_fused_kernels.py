@@ -176,3 +176,22 @@ def test_a_frozen_predictor_trains_the_attention_through_the_fused_mask() -> Non
     pred.requires_grad_(True)  # a trainable predictor keeps the reference path under autograd
     q, k, v = (t.detach().requires_grad_(True) for t in qkv_views(b, h, n, d, seed=5))
     assert sparsifiner_attention(q, k, v, pred, 0.25, impl="cpp").pred.scores is not None
+
+
+def test_lowrank_top_k_keeps_every_tie_at_the_boundary() -> None:
+    """The fused top-k keeps a coefficient iff fewer than k of its row exceed it: with pairs of equal coefficients
+    (duplicated W_down rows) a pair straddling the k-th place is kept whole, and a row of equal coefficients
+    (zero queries) keeps every coefficient."""
+    q, k, _ = qkv_views(2, 3, 40, 16)
+    g = torch.Generator().manual_seed(5)
+    half = torch.randn(1, 16, 40, generator=g) * 0.3
+    w_down = half.repeat_interleave(2, dim=1)  # rows 2j and 2j + 1 equal: coefficients come in equal pairs
+    got = lowrank_coefficients_cpp(q[:, :, 1:], k, w_down, 0.25, 0.05, 7)
+    a = lowrank_attention(q[:, :, 1:], k, w_down, 0.25)
+    torch.testing.assert_close(a[..., 0::2], a[..., 1::2], atol=0, rtol=0)
+    greater = (a.unsqueeze(-2) > a.unsqueeze(-1)).sum(-1)  # [..., j]: coefficients of the row above a_j
+    assert torch.equal(got != 0, greater < 7)
+    assert ((got != 0).sum(-1) == 8).all()  # 7 = three pairs and one of the fourth: the fourth pair is kept whole
+    torch.testing.assert_close(got[got != 0], a[got != 0], atol=1e-6, rtol=1e-5)
+    flat = lowrank_coefficients_cpp(torch.zeros_like(q[:, :, 1:]), k, w_down, 0.25, 0.05, 7)
+    assert (flat != 0).all()

@@ -13,7 +13,7 @@
 // 16 columns), n_down * Nk * d multiply-adds per slice, four rows of W_down per task. (2) Four query rows at a
 // time: the n_down scores as d broadcast FMAs over the rows of K_down^T (16 scores per vector, no horizontal
 // sums, 4 x n_down / 16 independent accumulator chains), the softmax (vectorised exp of vec16.h), the
-// threshold. All accumulators are template-sized register arrays. Work as the PyTorch reference (`lowrank_attention` + `threshold_coefficients` of
+// threshold (tau, or the top-k by vectorised rank counts). All accumulators are template-sized register arrays. Work as the PyTorch reference (`lowrank_attention` + `threshold_coefficients` of
 // methods/sparse_attention.py), without its copies of the strided q and k and its intermediate tensors.
 // Same values up to float rounding (a coefficient within rounding of tau may fall on the other side).
 // Errors: TORCH_CHECK_* (ValueError / TypeError in Python) for devices, dtypes, shapes and strides.
@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <functional>
 #include <limits>
 #include <vector>
 
@@ -75,34 +74,50 @@ void kdown_rows(const LowRank& L, int64_t bh, int64_t j0, const float* zeros) {
       for (int l = 0; l < 16; ++l) kt[(16 * c + l) * L.nd16 + j0 + r] = acc[r][c][l] * L.scale;
 }
 
-// Softmax and threshold of one row of n_down scores (row padded with -inf to nd16), written to orow.
-inline void finish_row(const LowRank& L, float* row, float* orow, float* sorted) {
+// Softmax and threshold of one row of n_down scores (row: 16 U floats, padded with -inf after nd), written to orow.
+// Top-k (the official code): a coefficient is kept iff fewer than topk coefficients of its row exceed it, i.e. iff it
+// is >= the topk-th largest (ties at the boundary all kept), counted for all nd coefficients at once (one broadcast
+// compare per coefficient and vector; no sort, no branches).
+template <int U>
+inline void finish_row(const LowRank& L, float* row, float* orow) {
   const int64_t nd = L.nd;
   float m = row[0];
   for (int64_t j = 1; j < nd; ++j) m = std::max(m, row[j]);
   v16f lv{};
-  for (int64_t u = 0; u < L.nd16; u += 16) {
-    const v16f e = exp16_nonpositive(load16(row + u) - splat(m));
-    store16(row + u, e);
+  for (int u = 0; u < U; ++u) {
+    const v16f e = exp16_nonpositive(load16(row + 16 * u) - splat(m));
+    store16(row + 16 * u, e);
     lv += e;
   }
   const float inv = 1.0f / hsum16(lv);
-  for (int64_t j = 0; j < nd; ++j) orow[j] = row[j] * inv;
-  if (L.topk >= nd) return;  // every coefficient kept
-  if (L.topk > 0) {          // keep the values >= the topk-th largest
-    std::copy(orow, orow + nd, sorted);
-    std::nth_element(sorted, sorted + (L.topk - 1), sorted + nd, std::greater<float>());
-    const float thr = sorted[L.topk - 1];
-    for (int64_t j = 0; j < nd; ++j) orow[j] = orow[j] >= thr ? orow[j] : 0.0f;
+  if (L.topk <= 0 || L.topk >= nd) {
+    for (int64_t j = 0; j < nd; ++j) {
+      const float c = row[j] * inv;
+      orow[j] = L.topk > 0 || c > L.tau ? c : 0.0f;  // every coefficient kept (topk >= nd), or the threshold tau
+    }
     return;
   }
-  for (int64_t j = 0; j < nd; ++j) orow[j] = orow[j] > L.tau ? orow[j] : 0.0f;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  v16f x[U];
+  v16i cnt[U];
+  for (int u = 0; u < U; ++u) {
+    x[u] = load16(row + 16 * u) * inv;
+    cnt[u] = v16i{};
+  }
+  for (int64_t j = nd; j < 16 * U; ++j) x[j / 16][j % 16] = ninf;  // padding: never exceeds a coefficient
+  for (int64_t i = 0; i < nd; ++i) {
+    const v16f xi = splat(x[i / 16][i % 16]);
+    for (int u = 0; u < U; ++u) cnt[u] -= (xi > x[u]);  // the mask is -1 where coefficient i exceeds the lane's
+  }
+  const int32_t k = static_cast<int32_t>(L.topk);
+  for (int u = 0; u < U; ++u) store16(row + 16 * u, cnt[u] < k ? x[u] : v16f{});
+  for (int64_t j = 0; j < nd; ++j) orow[j] = row[j];
 }
 
 // (2) query rows i0 .. i0+R-1 of slice bh (R <= 4): R x U independent chains of broadcast FMAs over the d rows of
 // K_down^T (16 scores per vector), then softmax and threshold per row.
 template <int NV, int U>
-void coef_rows(const LowRank& L, int64_t bh, int64_t i0, int R, float* row, float* sorted) {
+void coef_rows(const LowRank& L, int64_t bh, int64_t i0, int R, float* row) {
   const int64_t h = bh % L.H, b = bh / L.H;
   const float* qr[4];
   for (int r = 0; r < 4; ++r) qr[r] = L.q + b * L.qs_b + h * L.qs_h + (i0 + std::min(r, R - 1)) * L.qs_n;
@@ -122,7 +137,7 @@ void coef_rows(const LowRank& L, int64_t bh, int64_t i0, int R, float* row, floa
   for (int r = 0; r < R; ++r) {
     for (int u = 0; u < U; ++u) store16(row + 16 * u, acc[r][u]);
     for (int64_t j = L.nd; j < L.nd16; ++j) row[j] = ninf;  // padding: exp gives 0
-    finish_row(L, row, L.out + ((bh * L.Nq) + i0 + r) * L.nd, sorted);
+    finish_row<U>(L, row, L.out + ((bh * L.Nq) + i0 + r) * L.nd);
   }
 }
 
@@ -137,10 +152,9 @@ void run_lowrank(const LowRank& L, int64_t BH) {
   const int64_t grain = std::max<int64_t>(1, 4096 / (16 * NV * 16 * U));
   at::parallel_for(0, BH * iblocks, grain, [&](int64_t begin, int64_t end) {
     float row[16 * U];
-    std::vector<float> sorted(static_cast<size_t>(L.nd));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / iblocks, i0 = 4 * (t % iblocks);
-      coef_rows<NV, U>(L, bh, i0, static_cast<int>(std::min<int64_t>(4, L.Nq - i0)), row, sorted.data());
+      coef_rows<NV, U>(L, bh, i0, static_cast<int>(std::min<int64_t>(4, L.Nq - i0)), row);
     }
   });
 }
