@@ -61,6 +61,43 @@ inline v16u order_key16(v16f x) {
   return neg ? ~bits : (bits | 0x80000000u);
 }
 
+// Horizontal reductions of 16 lanes (AVX-512: a shuffle tree of a few instructions; else a loop over the lanes).
+inline uint32_t hmax16u(v16u x) {
+#if defined(__AVX512F__)
+  __m512i r;
+  std::memcpy(&r, &x, sizeof(r));
+  return _mm512_reduce_max_epu32(r);
+#else
+  uint32_t m = 0;
+  for (int q = 0; q < 16; ++q) m = std::max(m, x[q]);
+  return m;
+#endif
+}
+
+inline uint32_t hmin16u(v16u x) {
+#if defined(__AVX512F__)
+  __m512i r;
+  std::memcpy(&r, &x, sizeof(r));
+  return _mm512_reduce_min_epu32(r);
+#else
+  uint32_t m = 0xFFFFFFFFu;
+  for (int q = 0; q < 16; ++q) m = std::min(m, x[q]);
+  return m;
+#endif
+}
+
+inline int64_t hadd16u(v16u x) {
+#if defined(__AVX512F__)
+  __m512i r;
+  std::memcpy(&r, &x, sizeof(r));
+  return static_cast<uint32_t>(_mm512_reduce_add_epi32(r));
+#else
+  int64_t c = 0;
+  for (int q = 0; q < 16; ++q) c += x[q];
+  return c;
+#endif
+}
+
 struct TopkScratch {
   std::vector<uint32_t> keys, ckeys;
   std::vector<int32_t> cand, cand2, nz_j;
@@ -124,12 +161,8 @@ void row_score_keys(const float* wb, int64_t ws_j, int64_t nk, const int32_t* nz
     vmax = k > vmax ? k : vmax;
     vmin = k < vmin ? k : vmin;
   }
-  kmax = 0;
-  kmin = 0xFFFFFFFFu;
-  for (int q = 0; q < 16; ++q) {
-    kmax = std::max(kmax, vmax[q]);
-    kmin = std::min(kmin, vmin[q]);
-  }
+  kmax = hmax16u(vmax);
+  kmin = hmin16u(vmin);
   sum = hsum16(vs);
   sumsq = hsum16(vq);
   for (; x < nk; ++x) {
@@ -164,14 +197,9 @@ inline int64_t count_ge_snap(const uint32_t* keys, int64_t n, uint32_t t, uint32
     vmin = ge ? (k < vmin ? k : vmin) : vmin;
     vmax = ge ? vmax : (k > vmax ? k : vmax);
   }
-  int64_t c = 0;
-  min_ge = 0xFFFFFFFFu;
-  max_lt = 0;
-  for (int q = 0; q < 16; ++q) {
-    c += acc[q];
-    min_ge = std::min(min_ge, vmin[q]);
-    max_lt = std::max(max_lt, vmax[q]);
-  }
+  int64_t c = hadd16u(acc);
+  min_ge = hmin16u(vmin);
+  max_lt = hmax16u(vmax);
   for (; x < n; ++x) {
     const bool ge = keys[x] >= t;
     c += ge;
