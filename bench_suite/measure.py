@@ -49,7 +49,7 @@ def fixed_threads(num_threads: int | None) -> Iterator[int]:
 @contextmanager
 def timing_mode(modules: Any) -> Iterator[None]:
     """Enter the ``timing()`` context of every module, and of every submodule, that has one
-    (:meth:`methods.base.BenchModule.timing`, or a layer's own, e.g. Sparsifiner's attention: the forward skips
+    (:meth:`methods.base.BenchModule.timing`, or a layer's own, e.g. a sparse attention layer's: the forward skips
     bookkeeping that is not part of the method, such as statistics for a sparsity report), so that what is timed
     is the method alone; modules without one (a plain timm teacher) are left as they are."""
     with ExitStack() as stack:

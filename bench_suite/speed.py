@@ -319,7 +319,7 @@ def run_command(cfg: Any) -> dict[str, Any]:
     if not models and (len(batches) > 1 or "max" in batches or len(thread_counts) > 1 or precisions != ["fp32"]
                        or getattr(cfg, "weights", "random") != "random"):
         raise UserError("--core, --kernel and --train take one --batch-size and one --threads, fp32 and random "
-                        "weights; grids, --precision and --weights are for whole-model eval")
+                        "weights; grids, --precision and --weights are for the eval timing of whole models")
     first_batch = next((b for b in batches if b != "max"), 8)
     try:
         opts = SpeedOptions(profile=cfg.profile, methods=methods, keep_rates=rates,
