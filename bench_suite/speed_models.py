@@ -177,10 +177,10 @@ class _Built:
         self.trained: dict[str, str] = {}
 
 
-def _build_models(opts: SpeedOptions, images: torch.Tensor) -> _Built:
-    """Every method (``opts.methods``) at its keep rates and implementations, random weights (or the store's
-    trained checkpoint, ``opts.weights == "store"``), in eval mode; wrapped in autocast under bf16."""
-    profile = get_profile(opts.profile)
+def _plan(opts: SpeedOptions) -> tuple[list[tuple[Any, float, str | None]], dict[str, dict[str, Any]]]:
+    """What a model benchmark times: ``(spec, keep rate, attention impl or None)`` for every method of
+    ``opts.methods`` at its keep rates (``opts.keep_rates`` overrides; a dense method only at 1.0) and, where the
+    method takes one, every ``opts.impls``; and the methods' checked ``--hparams``."""
     specs = parse_methods(opts.methods) if opts.methods else method_specs()
     hparams = {name: canonical_settings(name, values, get_method(name).defaults(), get_method(name).setting_types())
                for name, values in (opts.hparams or {}).items()}
@@ -188,9 +188,15 @@ def _build_models(opts: SpeedOptions, images: torch.Tensor) -> _Built:
     for spec in specs:
         rates = [1.0] if tuple(spec.keep_rates) == (1.0,) else (opts.keep_rates or list(spec.keep_rates))
         impls: list[str | None] = list(opts.impls) if spec.accepts("attention_impl") else [None]
-        for r in rates:
-            for impl in impls:
-                plan.append((spec, float(r), impl))
+        plan += [(spec, float(r), impl) for r in rates for impl in impls]
+    return plan, hparams
+
+
+def _build_models(opts: SpeedOptions, images: torch.Tensor) -> _Built:
+    """Every method (``opts.methods``) at its keep rates and implementations, random weights (or the store's
+    trained checkpoint, ``opts.weights == "store"``), in eval mode; wrapped in autocast under bf16."""
+    profile = get_profile(opts.profile)
+    plan, hparams = _plan(opts)
     if opts.precision == "bf16":  # the C++ kernels are float32 only: under bf16 the PyTorch path runs
         plan = list(dict.fromkeys((spec, r, None if impl is None else "torch") for spec, r, impl in plan))
     built = _Built()

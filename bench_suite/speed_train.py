@@ -21,9 +21,8 @@ import torch
 from bench_suite.backbones import create_backbone, get_profile
 from bench_suite.kernels import load_kernel
 from bench_suite.measure import measure_callables
-from bench_suite.options import canonical_settings
-from bench_suite.registry import get_method, method_specs, parse_methods, reference_method
-from bench_suite.speed_models import SpeedOptions, _base_config, _load_avg, _row, _threads
+from bench_suite.registry import reference_method
+from bench_suite.speed_models import SpeedOptions, _base_config, _load_avg, _plan, _row, _threads
 
 __all__ = ["train_step_benchmark", "TRAIN_LR"]
 
@@ -68,30 +67,24 @@ def train_step_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print)
     teacher = create_backbone(profile, num_classes=NUM_CLASSES).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    specs = parse_methods(opts.methods) if opts.methods else method_specs()
-    hparams = {name: canonical_settings(name, values, get_method(name).defaults(), get_method(name).setting_types())
-               for name, values in (opts.hparams or {}).items()}
+    plan, hparams = _plan(opts)
     steps, labels_of, prepared = {}, {}, {}
-    for spec in specs:
-        rates = [1.0] if tuple(spec.keep_rates) == (1.0,) else (opts.keep_rates or list(spec.keep_rates))
-        impls: list[str | None] = list(opts.impls) if spec.accepts("attention_impl") else [None]
-        for r in rates:
-            for impl in impls:
-                torch.manual_seed(opts.seed)
-                extra = dict(hparams.get(spec.name, {}))
-                if impl is not None:
-                    extra["attention_impl"] = impl
-                label = f"{spec.name}@{r:g}" + (f"/{impl}" if impl else "")
-                module = spec.factory(create_backbone(profile, num_classes=NUM_CLASSES), keep_rate=float(r),
-                                      teacher=teacher, **extra)
-                info = dict(module.prepare_train_timing())
-                if opts.coef_density is not None:
-                    module.eval()
-                    info.update(module.prepare_timing(images, coef_density=opts.coef_density))
-                module.train()
-                steps[label] = _step_fn(module, images, labels)
-                labels_of[label] = (spec, float(r), impl, extra)
-                prepared[label] = info
+    for spec, r, impl in plan:
+        torch.manual_seed(opts.seed)
+        extra = dict(hparams.get(spec.name, {}))
+        if impl is not None:
+            extra["attention_impl"] = impl
+        label = f"{spec.name}@{r:g}" + (f"/{impl}" if impl else "")
+        module = spec.factory(create_backbone(profile, num_classes=NUM_CLASSES), keep_rate=r, teacher=teacher,
+                              **extra)
+        info = dict(module.prepare_train_timing())
+        if opts.coef_density is not None:
+            module.eval()
+            info.update(module.prepare_timing(images, coef_density=opts.coef_density))
+        module.train()
+        steps[label] = _step_fn(module, images, labels)
+        labels_of[label] = (spec, r, impl, extra)
+        prepared[label] = info
     if any(impl == "cpp" for _, _, impl, _ in labels_of.values()):
         load_kernel()
     log(f"training steps on {profile.name} ({profile.img_size}px), batch {opts.batch_size}, {threads} thread(s), "

@@ -74,17 +74,7 @@ inline uint32_t hmax16u(v16u x) {
 #endif
 }
 
-inline uint32_t hmin16u(v16u x) {
-#if defined(__AVX512F__)
-  __m512i r;
-  std::memcpy(&r, &x, sizeof(r));
-  return _mm512_reduce_min_epu32(r);
-#else
-  uint32_t m = 0xFFFFFFFFu;
-  for (int q = 0; q < 16; ++q) m = std::min(m, x[q]);
-  return m;
-#endif
-}
+inline uint32_t hmin16u(v16u x) { return ~hmax16u(~x); }  // min(x) = ~max(~x) for unsigned keys
 
 inline int64_t hadd16u(v16u x) {
 #if defined(__AVX512F__)
