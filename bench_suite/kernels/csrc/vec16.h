@@ -13,7 +13,9 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 
 inline v16f load16(const float* p) { return *reinterpret_cast<const v16f_u*>(p); }
 inline void store16(float* p, v16f x) { *reinterpret_cast<v16f_u*>(p) = x; }
-inline v16f splat(float x) { return v16f{} + x; }
+// All lanes x: one broadcast (from memory where x is loaded). Not `v16f{} + x`, which the compiler must keep as a
+// scalar add of +0 (it turns -0 into +0) followed by a register broadcast: two extra instructions per splat.
+inline v16f splat(float x) { return v16f{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 inline float hsum16(v16f x) {
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
@@ -27,6 +29,25 @@ inline float hsum16(v16f x) {
   float s = 0;
   for (int c = 0; c < 16; ++c) s += x[c];
   return s;
+#endif
+}
+
+// The largest lane of x (NaN-free input; a shuffle tree like hsum16).
+inline float hmax16(v16f x) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  typedef float v8f __attribute__((vector_size(32)));
+  typedef float v4f __attribute__((vector_size(16)));
+  const v8f a0 = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8f a1 = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v8f a = a0 > a1 ? a0 : a1;
+  const v4f b0 = __builtin_shufflevector(a, a, 0, 1, 2, 3), b1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4f b = b0 > b1 ? b0 : b1;
+  const float c0 = b[0] > b[2] ? b[0] : b[2], c1 = b[1] > b[3] ? b[1] : b[3];
+  return c0 > c1 ? c0 : c1;
+#else
+  float m = x[0];
+  for (int c = 1; c < 16; ++c) m = x[c] > m ? x[c] : m;
+  return m;
 #endif
 }
 
