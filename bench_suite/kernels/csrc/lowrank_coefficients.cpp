@@ -10,10 +10,12 @@
 // contiguous (Hw in {1, H}); d in {16, 32, 64, 128}, n_down <= 64. Output: A~_down [B, H, Nq, n_down], contiguous.
 //
 // Two parallel passes. (1) K_down^T = scale * (W_down k)^T per (b, h): [d, n_down] (padded to a multiple of
-// 16 columns), n_down * Nk * d multiply-adds per slice, four rows of W_down per task. (2) Four query rows at a
-// time: the n_down scores as d broadcast FMAs over the rows of K_down^T (16 scores per vector, no horizontal
-// sums, 4 x n_down / 16 independent accumulator chains), the softmax (vectorised exp of vec16.h), the
-// threshold (tau, or the top-k by vectorised rank counts). All accumulators are template-sized register arrays. Work as the PyTorch reference (`lowrank_attention` + `threshold_coefficients` of
+// 16 columns), n_down * Nk * d multiply-adds per slice, as a register-blocked product over W_down^T (transposed
+// once per call, a few KiB): a task is 4-16 columns of K_down^T for all n_down rows at once. (2) Four query rows at
+// a time: the n_down scores as d broadcast FMAs over the rows of K_down^T (16 scores per vector, no horizontal
+// sums, 4 x n_down / 16 independent accumulator chains), then, in registers, the softmax (vectorised exp of
+// vec16.h) and the threshold (tau, or the top-k by vectorised rank counts). All accumulators are template-sized
+// register arrays. Work as the PyTorch reference (`lowrank_attention` + `threshold_coefficients` of
 // methods/sparse_attention.py), without its copies of the strided q and k and its intermediate tensors.
 // Same values up to float rounding (a coefficient within rounding of tau may fall on the other side).
 // Errors: TORCH_CHECK_* (ValueError / TypeError in Python) for devices, dtypes, shapes and strides.
@@ -26,6 +28,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -38,86 +41,88 @@ using namespace bench_suite_kernels;
 struct LowRank {
   const float* q;
   const float* k;
-  const float* w;
-  float* kt;   // scale * K_down^T, [B, H, d, nd16]
-  float* out;  // [B, H, Nq, nd]
-  int64_t H, Nq, Nk, Hw, nd, nd16;
+  const float* wt;  // W_down^T, [Hw, Nk, nd16] (zero columns after nd)
+  float* kt;        // scale * K_down^T, [B, H, d, nd16]
+  float* out;       // [B, H, Nq, nd]
+  int64_t H, Nq, Nk, Hw, nd, nd16, d;
   int64_t qs_b, qs_h, qs_n, ks_b, ks_h, ks_n;
   float scale, tau;
   int64_t topk;
 };
 
-// (1) rows j .. j+3 of K_down = W_down k for slice (b, h): 4 x NV independent accumulator chains in registers,
-// each key row loaded once for the four rows of W_down; rows >= nd read a zero weight row.
-template <int NV>
-void kdown_rows(const LowRank& L, int64_t bh, int64_t j0, const float* zeros) {
+// (1) Columns c0 .. c0+CB-1 of scale * K_down^T = scale * (W_down k)^T for slice bh, all nd16 rows of W_down at once:
+// a register-blocked product (CB x U accumulators; per key row n, U vector loads of W_down^T row n and CB broadcasts
+// of k[n, c0 ..]), stored as whole rows of kt (the padding columns come out 0 from W_down^T's zero columns).
+template <int U, int CB>
+void kdown_cols(const LowRank& L, int64_t bh, int64_t c0) {
   const int64_t h = bh % L.H, b = bh / L.H;
-  const float* wr[4];
-  for (int r = 0; r < 4; ++r)
-    wr[r] = j0 + r < L.nd ? L.w + ((L.Hw == 1 ? 0 : h) * L.nd + j0 + r) * L.Nk : zeros;
-  const float* kb = L.k + b * L.ks_b + h * L.ks_h;
-  v16f acc[4][NV];
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = v16f{};
+  const float* wt = L.wt + (L.Hw == 1 ? 0 : h) * L.Nk * L.nd16;
+  const float* kb = L.k + b * L.ks_b + h * L.ks_h + c0;
+  v16f acc[CB][U];
+  for (int r = 0; r < CB; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = v16f{};
   for (int64_t n = 0; n < L.Nk; ++n) {
     const float* kr = kb + n * L.ks_n;
-    v16f kv[NV];
-    for (int c = 0; c < NV; ++c) kv[c] = load16(kr + 16 * c);
-    for (int r = 0; r < 4; ++r) {
-      const v16f w = splat(wr[r][n]);
-      for (int c = 0; c < NV; ++c) acc[r][c] += w * kv[c];
+    const float* wr = wt + n * L.nd16;
+    v16f wv[U];
+    for (int u = 0; u < U; ++u) wv[u] = load16(wr + 16 * u);
+    for (int r = 0; r < CB; ++r) {
+      const v16f kc = splat(kr[r]);
+      for (int u = 0; u < U; ++u) acc[r][u] += kc * wv[u];
     }
   }
-  float* kt = L.kt + bh * (16 * NV) * L.nd16;
-  for (int r = 0; r < 4 && j0 + r < L.nd; ++r)
-    for (int c = 0; c < NV; ++c)
-      for (int l = 0; l < 16; ++l) kt[(16 * c + l) * L.nd16 + j0 + r] = acc[r][c][l] * L.scale;
+  float* kt = L.kt + (bh * L.d + c0) * L.nd16;
+  for (int r = 0; r < CB; ++r)
+    for (int u = 0; u < U; ++u) store16(kt + r * L.nd16 + 16 * u, acc[r][u] * L.scale);
 }
 
-// Softmax and threshold of one row of n_down scores (row: 16 U floats, padded with -inf after nd), written to orow.
+// Softmax and threshold of one row of scores (U vectors, lanes >= nd already -inf), written to orow (nd floats).
 // Top-k (the official code): a coefficient is kept iff fewer than topk coefficients of its row exceed it, i.e. iff it
 // is >= the topk-th largest (ties at the boundary all kept), counted for all nd coefficients at once (one broadcast
 // compare per coefficient and vector; no sort, no branches).
 template <int U>
-inline void finish_row(const LowRank& L, float* row, float* orow) {
+inline void finish_row(const LowRank& L, const v16f* sc, float* orow) {
   const int64_t nd = L.nd;
-  float m = row[0];
-  for (int64_t j = 1; j < nd; ++j) m = std::max(m, row[j]);
-  v16f lv{};
+  v16f mv = sc[0];
+  for (int u = 1; u < U; ++u) mv = sc[u] > mv ? sc[u] : mv;
+  const v16f m = splat(hmax16(mv));
+  v16f x[U], lv{};
   for (int u = 0; u < U; ++u) {
-    const v16f e = exp16_nonpositive(load16(row + 16 * u) - splat(m));
-    store16(row + 16 * u, e);
-    lv += e;
+    x[u] = exp16_nonpositive(sc[u] - m);
+    lv += x[u];
   }
   const float inv = 1.0f / hsum16(lv);
+  for (int u = 0; u < U; ++u) x[u] = x[u] * inv;  // padding lanes: 0
   if (L.topk <= 0 || L.topk >= nd) {
-    for (int64_t j = 0; j < nd; ++j) {
-      const float c = row[j] * inv;
-      orow[j] = L.topk > 0 || c > L.tau ? c : 0.0f;  // every coefficient kept (topk >= nd), or the threshold tau
+    if (L.topk <= 0)  // the threshold tau (else every coefficient is kept: topk >= nd)
+      for (int u = 0; u < U; ++u) x[u] = x[u] > L.tau ? x[u] : v16f{};
+  } else {
+    alignas(64) float xs[16 * U];
+    v16i cnt[U];
+    for (int u = 0; u < U; ++u) {
+      store16(xs + 16 * u, x[u]);
+      cnt[u] = v16i{};
     }
-    return;
+    for (int64_t i = 0; i < nd; ++i) {  // padding lanes (0) never exceed a coefficient (> 0) and are never stored
+      const v16f xi = splat(xs[i]);
+      for (int u = 0; u < U; ++u) cnt[u] -= (xi > x[u]);  // the mask is -1 where coefficient i exceeds the lane's
+    }
+    const int32_t k = static_cast<int32_t>(L.topk);
+    for (int u = 0; u < U; ++u) x[u] = cnt[u] < k ? x[u] : v16f{};
   }
-  const float ninf = -std::numeric_limits<float>::infinity();
-  v16f x[U];
-  v16i cnt[U];
-  for (int u = 0; u < U; ++u) {
-    x[u] = load16(row + 16 * u) * inv;
-    cnt[u] = v16i{};
+  const int64_t full = nd / 16;
+  for (int64_t u = 0; u < full; ++u) store16(orow + 16 * u, x[u]);
+  if (nd % 16) {
+    alignas(64) float tail[16];
+    store16(tail, x[full]);
+    std::memcpy(orow + 16 * full, tail, static_cast<size_t>(nd % 16) * sizeof(float));
   }
-  for (int64_t j = nd; j < 16 * U; ++j) x[j / 16][j % 16] = ninf;  // padding: never exceeds a coefficient
-  for (int64_t i = 0; i < nd; ++i) {
-    const v16f xi = splat(x[i / 16][i % 16]);
-    for (int u = 0; u < U; ++u) cnt[u] -= (xi > x[u]);  // the mask is -1 where coefficient i exceeds the lane's
-  }
-  const int32_t k = static_cast<int32_t>(L.topk);
-  for (int u = 0; u < U; ++u) store16(row + 16 * u, cnt[u] < k ? x[u] : v16f{});
-  for (int64_t j = 0; j < nd; ++j) orow[j] = row[j];
 }
 
 // (2) query rows i0 .. i0+R-1 of slice bh (R <= 4): R x U independent chains of broadcast FMAs over the d rows of
 // K_down^T (16 scores per vector), then softmax and threshold per row.
 template <int NV, int U>
-void coef_rows(const LowRank& L, int64_t bh, int64_t i0, int R, float* row) {
+void coef_rows(const LowRank& L, int64_t bh, int64_t i0, int R) {
   const int64_t h = bh % L.H, b = bh / L.H;
   const float* qr[4];
   for (int r = 0; r < 4; ++r) qr[r] = L.q + b * L.qs_b + h * L.qs_h + (i0 + std::min(r, R - 1)) * L.qs_n;
@@ -133,28 +138,30 @@ void coef_rows(const LowRank& L, int64_t bh, int64_t i0, int R, float* row) {
       for (int u = 0; u < U; ++u) acc[r][u] += qc * kv[u];
     }
   }
-  const float ninf = -std::numeric_limits<float>::infinity();
+  const v16f ninf = splat(-std::numeric_limits<float>::infinity());
+  v16i valid[U];  // lanes < nd
+  for (int u = 0; u < U; ++u)
+    for (int l = 0; l < 16; ++l) valid[u][l] = 16 * u + l < L.nd ? -1 : 0;
   for (int r = 0; r < R; ++r) {
-    for (int u = 0; u < U; ++u) store16(row + 16 * u, acc[r][u]);
-    for (int64_t j = L.nd; j < L.nd16; ++j) row[j] = ninf;  // padding: exp gives 0
-    finish_row<U>(L, row, L.out + ((bh * L.Nq) + i0 + r) * L.nd);
+    v16f sc[U];
+    for (int u = 0; u < U; ++u) sc[u] = valid[u] ? acc[r][u] : ninf;  // padding: exp gives 0
+    finish_row<U>(L, sc, L.out + ((bh * L.Nq) + i0 + r) * L.nd);
   }
 }
 
 template <int NV, int U>
 void run_lowrank(const LowRank& L, int64_t BH) {
-  std::vector<float> zeros(static_cast<size_t>(L.Nk), 0.0f);
-  const int64_t jblocks = (L.nd + 3) / 4;
-  at::parallel_for(0, BH * jblocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) kdown_rows<NV>(L, t / jblocks, 4 * (t % jblocks), zeros.data());
+  constexpr int CB = U == 1 ? 16 : (U == 4 ? 4 : 8);  // CB x U accumulators (<= 24 registers); CB divides 16
+  const int64_t cblocks = 16 * NV / CB;
+  at::parallel_for(0, BH * cblocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) kdown_cols<U, CB>(L, t / cblocks, CB * (t % cblocks));
   });
   const int64_t iblocks = (L.Nq + 3) / 4;
   const int64_t grain = std::max<int64_t>(1, 4096 / (16 * NV * 16 * U));
   at::parallel_for(0, BH * iblocks, grain, [&](int64_t begin, int64_t end) {
-    float row[16 * U];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / iblocks, i0 = 4 * (t % iblocks);
-      coef_rows<NV, U>(L, bh, i0, static_cast<int>(std::min<int64_t>(4, L.Nq - i0)), row);
+      coef_rows<NV, U>(L, bh, i0, static_cast<int>(std::min<int64_t>(4, L.Nq - i0)));
     }
   });
 }
@@ -195,10 +202,13 @@ at::Tensor lowrank_coefficients_cpu(const at::Tensor& q, const at::Tensor& k, co
   at::Tensor out = at::empty({B, H, Nq, nd}, q.options());
   if (B * H * Nq == 0) return out;
   const int64_t nd16 = (nd + 15) / 16 * 16;
-  at::Tensor kdt = at::zeros({B, H, d, nd16}, q.options());
-  LowRank L{q.const_data_ptr<float>(), k.const_data_ptr<float>(), w_down.const_data_ptr<float>(),
+  at::Tensor kdt = at::empty({B, H, d, nd16}, q.options());
+  // W_down^T [Hw, Nk, nd16], zero-padded columns: the B-operand rows of the K_down product
+  at::Tensor wt = at::zeros({Hw, Nk, nd16}, q.options());
+  wt.narrow(2, 0, nd).copy_(w_down.transpose(1, 2));
+  LowRank L{q.const_data_ptr<float>(), k.const_data_ptr<float>(), wt.const_data_ptr<float>(),
             kdt.mutable_data_ptr<float>(), out.mutable_data_ptr<float>(),
-            H, Nq, Nk, Hw, nd, nd16,
+            H, Nq, Nk, Hw, nd, nd16, d,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             static_cast<float>(scale), static_cast<float>(tau), topk};
   switch (d) {
