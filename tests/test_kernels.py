@@ -566,3 +566,29 @@ def test_sparsifiner_model_with_flex_equals_torch_in_evaluation() -> None:
         with torch.no_grad():
             outs.append(module(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["normal", "exponential", "lognormal", "bimodal", "integers", "few_large"])
+@pytest.mark.parametrize("nk,budget", [(197, 20), (197, 99), (577, 58), (577, 145), (50, 13)])
+def test_connectivity_topk_exact_set_on_skewed_and_tied_scores(shape: str, nk: int, budget: int) -> None:
+    """Rows of exactly representable scores (two coefficients 1 over a score row and a zero row) from distributions
+    far from the normal the first threshold guess assumes, so that the guessed window hits, misses low and misses
+    high: the selected set is exactly the ``budget`` largest, ties to the lowest indices (a stable sort)."""
+    g = torch.Generator().manual_seed(nk * 1000 + budget)
+    rows = 24
+    draw = {
+        "normal": lambda: torch.randn(rows, nk, generator=g),
+        "exponential": lambda: torch.empty(rows, nk).exponential_(generator=g),
+        "lognormal": lambda: torch.randn(rows, nk, generator=g).mul(2.0).exp(),
+        "bimodal": lambda: torch.randn(rows, nk, generator=g) + 8.0 * (torch.rand(rows, nk, generator=g) < 0.3),
+        "integers": lambda: torch.randint(0, 6, (rows, nk), generator=g).float(),
+        "few_large": lambda: torch.where(torch.rand(rows, nk, generator=g) < 0.05, 100.0, 0.0)
+        + torch.randn(rows, nk, generator=g) * 1e-3 * (torch.rand(rows, nk, generator=g) < 0.5),
+    }[shape]()
+    w_up = torch.zeros(rows, 2, nk)  # per-sample basis: row r's scores = 1 * draw[r] + 1 * 0, exact in float32
+    w_up[:, 0] = draw
+    coef = torch.ones(rows, 1, 1, 2)
+    idx = kernels.connectivity_topk_cpp(coef, w_up.unsqueeze(1), budget).reshape(rows, budget)
+    order = torch.sort(-draw.double(), dim=-1, stable=True).indices[:, :budget]  # ties: the lower index first
+    for r in range(rows):
+        assert sorted(idx[r].tolist()) == sorted(order[r].tolist()), f"{shape} row {r}"

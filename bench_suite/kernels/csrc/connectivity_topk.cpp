@@ -89,20 +89,25 @@ inline int64_t hadd16u(v16u x) {
 }
 
 struct TopkScratch {
-  std::vector<uint32_t> keys, ckeys;
-  std::vector<int32_t> cand, cand2, nz_j;
+  std::vector<uint32_t> keys, ckeys, bkeys;
+  std::vector<int32_t> cand, cand2, bidx, nz_j;
+  std::vector<int64_t> pos;
   std::vector<float> nz_c;
   std::vector<uint32_t> hist;
   void fit(int64_t nk, int64_t nd) {
     if (keys.size() < static_cast<size_t>(nk)) {
       keys.resize(static_cast<size_t>(nk));
-      ckeys.resize(static_cast<size_t>(nk + 16));  // 16 lanes of slack for the full-vector compressed stores
+      // 16 lanes of slack for the full-vector compressed stores
+      ckeys.resize(static_cast<size_t>(nk + 16));
       cand.resize(static_cast<size_t>(nk + 16));
+      bkeys.resize(static_cast<size_t>(nk + 16));
+      bidx.resize(static_cast<size_t>(nk + 16));
       cand2.resize(static_cast<size_t>(nk));
+      pos.resize(static_cast<size_t>(nk));
     }
-    if (nz_j.size() < static_cast<size_t>(nd)) {
-      nz_j.resize(static_cast<size_t>(nd));
-      nz_c.resize(static_cast<size_t>(nd));
+    if (nz_j.size() < static_cast<size_t>(nd + 16)) {
+      nz_j.resize(static_cast<size_t>(nd + 16));
+      nz_c.resize(static_cast<size_t>(nd + 16));
     }
     if (hist.size() < 2048) hist.resize(2048);
   }
@@ -111,6 +116,31 @@ struct TopkScratch {
 TopkScratch& topk_scratch() {
   thread_local TopkScratch s;
   return s;
+}
+
+// The nonzero coefficients of one row (exact zeros contribute nothing to the scores; NaN counts as nonzero): their
+// positions j into nz_j and values into nz_c (both with 16 lanes of slack), in increasing j; returns how many.
+inline int64_t row_nonzeros(const float* crow, int64_t nd, int32_t* nz_j, float* nz_c) {
+  int64_t nz = 0, j = 0;
+#if defined(__AVX512F__)
+  __m512i jv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; j < nd; j += 16) {
+    const __mmask16 lanes = nd - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (nd - j)) - 1u);
+    const __m512 c = _mm512_maskz_loadu_ps(lanes, crow + j);
+    const __mmask16 msk = _mm512_mask_cmp_ps_mask(lanes, c, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    _mm512_storeu_si512(nz_j + nz, _mm512_maskz_compress_epi32(msk, jv));
+    _mm512_storeu_ps(nz_c + nz, _mm512_maskz_compress_ps(msk, c));
+    nz += __builtin_popcount(static_cast<unsigned>(msk));
+    jv = _mm512_add_epi32(jv, _mm512_set1_epi32(16));
+  }
+#else
+  for (; j < nd; ++j) {
+    nz_j[nz] = static_cast<int32_t>(j);
+    nz_c[nz] = crow[j];
+    nz += crow[j] != 0.0f;
+  }
+#endif
+  return nz;
 }
 
 // Scores of one query row, as order keys: keys[x] = order_key(sum_t c_t * W[j_t, x]) over the nz nonzero
@@ -199,6 +229,52 @@ inline int64_t count_ge_snap(const uint32_t* keys, int64_t n, uint32_t t, uint32
   return c;
 }
 
+// Drop the m - budget smallest of the candidate keys ck[0..m) (among equal keys the highest index ci), in place:
+// the kept candidates end up in ck/ci[0..budget) (ck and ci have 16 lanes of slack past m). A surplus of a few keys:
+// each drop is one vectorised pass for the smallest key, one for the highest index holding it, one for its position.
+inline void trim_candidates(uint32_t* ck, int32_t* ci, int64_t m, int64_t budget) {
+#if defined(__AVX512F__)
+  while (m > budget) {
+    __m512i vmin = _mm512_set1_epi32(-1);
+    for (int64_t a = 0; a < m; a += 16) {
+      const __mmask16 lanes = m - a >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (m - a)) - 1u);
+      vmin = _mm512_mask_min_epu32(vmin, lanes, vmin, _mm512_loadu_si512(ck + a));
+    }
+    const __m512i kmin = _mm512_set1_epi32(static_cast<int>(_mm512_reduce_min_epu32(vmin)));
+    __m512i vidx = _mm512_set1_epi32(-1);
+    for (int64_t a = 0; a < m; a += 16) {
+      const __mmask16 lanes = m - a >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (m - a)) - 1u);
+      const __mmask16 eq = _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_loadu_si512(ck + a), kmin);
+      vidx = _mm512_mask_max_epi32(vidx, eq, vidx, _mm512_loadu_si512(ci + a));
+    }
+    const __m512i imax = _mm512_set1_epi32(_mm512_reduce_max_epi32(vidx));
+    int64_t pos = m - 1;
+    for (int64_t a = 0; a < m; a += 16) {
+      const __mmask16 lanes = m - a >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (m - a)) - 1u);
+      const unsigned hit = _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_loadu_si512(ci + a), imax);
+      if (hit) {
+        pos = a + __builtin_ctz(hit);
+        break;
+      }
+    }
+    ck[pos] = ck[m - 1];
+    ci[pos] = ci[m - 1];
+    --m;
+  }
+#else
+  while (m > budget) {  // drop the smallest key; among equal ones, the highest index
+    int64_t pos = 0;
+    for (int64_t a = 1; a < m; ++a) {
+      const bool lower = ck[a] < ck[pos] || (ck[a] == ck[pos] && ci[a] > ci[pos]);
+      pos = lower ? a : pos;
+    }
+    ck[pos] = ck[m - 1];
+    ci[pos] = ci[m - 1];
+    --m;
+  }
+#endif
+}
+
 // Selection by threshold search, for the usual case: find a key threshold t with
 // budget <= #(keys >= t) <= budget + slack by counting (vectorised) at guessed thresholds -- the first guess
 // from the row's mean and standard deviation (`guess`), then interpolation in float space alternating
@@ -282,18 +358,147 @@ bool select_topk_search(const uint32_t* keys, int64_t n, int64_t budget, int64_t
     }
     return true;
   }
-  while (m > budget) {  // drop the smallest key; among equal ones, the highest index
-    int64_t pos = 0;
-    for (int64_t a = 1; a < m; ++a) {
-      const bool lower = ck[a] < ck[pos] || (ck[a] == ck[pos] && ci[a] > ci[pos]);
-      pos = lower ? a : pos;
-    }
-    ck[pos] = ck[m - 1];
-    ci[pos] = ci[m - 1];
-    --m;
-  }
+  trim_candidates(ck, ci, m, budget);
   for (int64_t a = 0; a < budget; ++a) out[a] = ci[a];
   return true;
+}
+
+void select_topk(const uint32_t* keys, int64_t n, int64_t budget, int64_t* out, TopkScratch& S, uint32_t kmin,
+                 uint32_t kmax);
+
+#ifndef BENCH_SUITE_TOPK_WINDOW_LO
+#define BENCH_SUITE_TOPK_WINDOW_LO 1.3
+#define BENCH_SUITE_TOPK_WINDOW_HI 0.9
+#endif
+// The window of select_topk_window: the normal quantiles of budget + kWindowLo sqrt(budget) and budget - kWindowHi
+// sqrt(budget) keys (tuned on captured predictor scores: a window that misses costs a whole search, a wide one ranks
+// more keys)
+constexpr double kWindowLo = BENCH_SUITE_TOPK_WINDOW_LO, kWindowHi = BENCH_SUITE_TOPK_WINDOW_HI;
+constexpr int kRankVectors = 3;  // window keys up to 48 are ranked by counting (branch-free), more by a search
+
+#if defined(__AVX512F__)
+// The cnt int32 indices of idx32's low lanes, widened to int64, to out[0 .. cnt) (masked stores: nothing past it).
+inline void store_indices(int64_t* out, __m512i idx32, int cnt) {
+  const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(idx32));
+  const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(idx32, 1));
+  _mm512_mask_storeu_epi64(out, static_cast<__mmask8>(cnt >= 8 ? 0xFFu : (1u << cnt) - 1u), lo);
+  if (cnt > 8) _mm512_mask_storeu_epi64(out + 8, static_cast<__mmask8>((1u << (cnt - 8)) - 1u), hi);
+}
+
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// The indices idx of the `need` largest of the nb keys k (positions in increasing index order; ties to the lower
+// position), into out[0 .. need), 0 < need <= nb. Up to 16 * kRankVectors keys: the rank of every key (greater keys,
+// and equal keys at lower positions) for all lanes at once, one broadcast compare per key and vector, branch-free;
+// more: select_topk_search on the keys (k and idx must then not be S.cand / S.ckeys, its scratch).
+void select_largest(const uint32_t* k, const int32_t* idx, int64_t nb, int64_t need, int64_t* out, TopkScratch& S) {
+  if (need == nb) {
+    for (int64_t a = 0; a < nb; ++a) out[a] = idx[a];
+    return;
+  }
+  if (nb <= 16 * kRankVectors) {
+    __m512i kv[kRankVectors], cnt[kRankVectors];
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const int nv = static_cast<int>((nb + 15) / 16);
+    for (int u = 0; u < nv; ++u) {
+      kv[u] = _mm512_maskz_loadu_epi32(first_lanes(nb - 16 * u), k + 16 * u);
+      cnt[u] = _mm512_setzero_si512();
+    }
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int64_t a = 0; a < nb; ++a) {
+      const __m512i ka = _mm512_set1_epi32(static_cast<int>(k[a]));
+      const __m512i av = _mm512_set1_epi32(static_cast<int>(a));
+      for (int u = 0; u < nv; ++u) {
+        const __m512i pos = _mm512_add_epi32(lane, _mm512_set1_epi32(16 * u));
+        const __mmask16 gt = _mm512_cmpgt_epu32_mask(ka, kv[u]);  // key a beats the lane's key
+        const __mmask16 tie = _mm512_mask_cmpeq_epi32_mask(_mm512_cmpgt_epi32_mask(pos, av), ka, kv[u]);
+        cnt[u] = _mm512_mask_add_epi32(cnt[u], gt | tie, cnt[u], one);
+      }
+    }
+    const __m512i needv = _mm512_set1_epi32(static_cast<int>(need));
+    int64_t o = 0;
+    for (int u = 0; u < nv; ++u) {
+      const __mmask16 keep = _mm512_mask_cmplt_epi32_mask(first_lanes(nb - 16 * u), cnt[u], needv);
+      const int nk = __builtin_popcount(static_cast<unsigned>(keep));
+      if (nk) store_indices(out + o, _mm512_maskz_compress_epi32(keep, _mm512_loadu_si512(idx + 16 * u)), nk);
+      o += nk;
+    }
+    return;
+  }
+  uint32_t kmin = 0xFFFFFFFFu, kmax = 0;
+  for (int64_t a = 0; a < nb; ++a) {
+    kmin = std::min(kmin, k[a]);
+    kmax = std::max(kmax, k[a]);
+  }
+  int64_t* pos = S.pos.data();
+  const uint32_t guess = kmin + static_cast<uint32_t>(static_cast<double>(kmax - kmin) *
+                                                      (1.0 - static_cast<double>(need) / static_cast<double>(nb)));
+  if (!select_topk_search(k, nb, need, pos, S, kmin, kmax, guess)) select_topk(k, nb, need, pos, S, kmin, kmax);
+  for (int64_t a = 0; a < need; ++a) out[a] = idx[pos[a]];
+}
+#endif
+
+// Selection around a guessed window [tlo, thi) (tlo < thi), for the usual case: one pass collects the keys >= tlo
+// (AVX-512 compress, in index order) and counts the keys >= thi. If the window brackets the budget-th largest key
+// (#(>= tlo) >= budget >= #(>= thi)), every key >= thi is in and the remaining budget - #(>= thi) are the largest of
+// the few keys inside the window (select_largest); if #(>= thi) > budget, the top-B all lie among the collected keys
+// (select_largest on them). Same set as select_topk_search / select_topk. Returns false, having written nothing, when
+// fewer than budget keys are >= tlo: the caller searches the keys below tlo (its upper bound: `below`).
+bool select_topk_window(const uint32_t* keys, int64_t n, int64_t budget, int64_t* out, TopkScratch& S, uint32_t tlo,
+                        uint32_t thi, uint32_t& below) {
+#if defined(__AVX512F__)
+  int32_t* ci = S.cand.data();
+  uint32_t* ck = S.ckeys.data();
+  const __m512i lov = _mm512_set1_epi32(static_cast<int>(tlo)), hiv = _mm512_set1_epi32(static_cast<int>(thi));
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t m = 0, chi = 0;
+  for (int64_t x = 0; x < n; x += 16) {
+    const __mmask16 lanes = first_lanes(n - x);
+    const __m512i k = _mm512_maskz_loadu_epi32(lanes, keys + x);
+    const __mmask16 ml = _mm512_mask_cmpge_epu32_mask(lanes, k, lov);
+    const __mmask16 mh = _mm512_mask_cmpge_epu32_mask(lanes, k, hiv);
+    _mm512_storeu_si512(ci + m, _mm512_maskz_compress_epi32(ml, iv));
+    _mm512_storeu_si512(ck + m, _mm512_maskz_compress_epi32(ml, k));
+    m += __builtin_popcount(static_cast<unsigned>(ml));
+    chi += __builtin_popcount(static_cast<unsigned>(mh));
+    iv = _mm512_add_epi32(iv, sixteen);
+  }
+  if (m < budget) {
+    below = tlo - 1;  // tlo > every key's minimum here: fewer than budget <= n keys are >= tlo
+    return false;
+  }
+  int32_t* bi = S.bidx.data();
+  uint32_t* bk = S.bkeys.data();
+  if (chi > budget) {  // the top-B all lie among the m collected keys
+    std::memcpy(bk, ck, static_cast<size_t>(m) * sizeof(uint32_t));
+    std::memcpy(bi, ci, static_cast<size_t>(m) * sizeof(int32_t));
+    select_largest(bk, bi, m, budget, out, S);
+    return true;
+  }
+  // keys >= thi straight to out, the window's keys to bk / bi
+  int64_t w = 0, nb = 0;
+  for (int64_t a = 0; a < m; a += 16) {
+    const __mmask16 lanes = first_lanes(m - a);
+    const __m512i k = _mm512_loadu_si512(ck + a), idx = _mm512_loadu_si512(ci + a);
+    const __mmask16 above = _mm512_mask_cmpge_epu32_mask(lanes, k, hiv);
+    const __mmask16 inside = lanes & static_cast<__mmask16>(~above);
+    const int na = __builtin_popcount(static_cast<unsigned>(above));
+    if (na) store_indices(out + w, _mm512_maskz_compress_epi32(above, idx), na);
+    w += na;
+    _mm512_storeu_si512(bi + nb, _mm512_maskz_compress_epi32(inside, idx));
+    _mm512_storeu_si512(bk + nb, _mm512_maskz_compress_epi32(inside, k));
+    nb += __builtin_popcount(static_cast<unsigned>(inside));
+  }
+  if (budget > chi) select_largest(bk, bi, nb, budget - chi, out + w, S);  // nb >= budget - chi since m >= budget
+  return true;
+#else
+  (void)keys, (void)n, (void)budget, (void)out, (void)S, (void)tlo, (void)thi;
+  below = 0xFFFFFFFFu;
+  return false;
+#endif
 }
 
 // Indices of the `budget` largest of keys[0..n) (keys within [kmin, kmax]) into out, unordered.
@@ -404,14 +609,21 @@ at::Tensor connectivity_topk_cpu(const at::Tensor& coef, const at::Tensor& w_up_
   const int64_t cs_b = coef.stride(0), cs_h = coef.stride(1), cs_n = coef.stride(2);
   const int64_t ws_b = Bw == 1 ? 0 : w_up.stride(0), ws_h = Hw == 1 ? 0 : w_up.stride(1), ws_j = w_up.stride(2);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(Nk, 1));
-  // first threshold guess of the search: mean + z sd with z the standard normal quantile of 1 - budget / Nk
+  // first threshold guess of the search: mean + z sd with z the standard normal quantile of 1 - budget / Nk; the
+  // window of select_topk_window of select_topk_window around it
+  auto normal_quantile = [](double tail) {  // z with 0.5 erfc(z / sqrt 2) = tail (decreasing in z)
+    double zlo = -8.0, zhi = 8.0;
+    for (int it = 0; it < 60; ++it) {
+      const double zm = 0.5 * (zlo + zhi);
+      (0.5 * std::erfc(zm / std::sqrt(2.0)) > tail ? zlo : zhi) = zm;
+    }
+    return static_cast<float>(0.5 * (zlo + zhi));
+  };
   const double tail = static_cast<double>(budget) / static_cast<double>(Nk);
-  double zlo = -8.0, zhi = 8.0;
-  for (int it = 0; it < 60; ++it) {  // 0.5 erfc(z / sqrt 2) = tail, decreasing in z
-    const double zm = 0.5 * (zlo + zhi);
-    (0.5 * std::erfc(zm / std::sqrt(2.0)) > tail ? zlo : zhi) = zm;
-  }
-  const float z = static_cast<float>(0.5 * (zlo + zhi));
+  const float z = normal_quantile(tail);
+  const double root = std::sqrt(static_cast<double>(budget));
+  const float z_lo = normal_quantile(std::min(1.0, (budget + kWindowLo * root) / static_cast<double>(Nk)));
+  const float z_hi = normal_quantile(std::max(0.5, budget - kWindowHi * root) / static_cast<double>(Nk));
 
   // The top-B of one row of a single positive coefficient c_j is the top-B of W_up row j (c > 0 keeps the order):
   // selected once per (w batch, w head, j) and copied to every such row (after training many rows have at most
@@ -455,12 +667,7 @@ at::Tensor connectivity_topk_cpu(const at::Tensor& coef, const at::Tensor& w_up_
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t % Nq, bh = t / Nq, h = bh % H, b = bh / H;
       const float* crow = cp + b * cs_b + h * cs_h + i * cs_n;
-      int64_t nz = 0;  // the nonzero coefficients of the row (exact zeros contribute nothing)
-      for (int64_t j = 0; j < nd; ++j) {
-        nz_j[nz] = static_cast<int32_t>(j);
-        nz_c[nz] = crow[j];
-        nz += crow[j] != 0.0f;
-      }
+      const int64_t nz = row_nonzeros(crow, nd, nz_j, nz_c);
       int64_t* orow = op + t * budget;
       if (nz == 1 && nz_c[0] > 0.0f && !single.empty()) {  // one positive coefficient: W_up row j's top-B
         const int64_t l = ((Bw == 1 ? 0 : b) * Hw + (Hw == 1 ? 0 : h)) * nd + nz_j[0];
@@ -476,8 +683,15 @@ at::Tensor connectivity_topk_cpu(const at::Tensor& coef, const at::Tensor& w_up_
       }
       const float mean = sum / static_cast<float>(Nk);
       const float sd = std::sqrt(std::max(0.0f, sumsq / static_cast<float>(Nk) - mean * mean));
+      const float flo = mean + z_lo * sd, fhi = mean + z_hi * sd;
+      uint32_t below = kmax;
+      if (std::isfinite(flo) && std::isfinite(fhi) && order_key(flo) < order_key(fhi) &&
+          select_topk_window(keys, Nk, budget, orow, S, order_key(flo), order_key(fhi), below)) {
+        continue;
+      }
+      // the window missed low: the budget-th largest key lies below its lower end (the search's upper bound)
       if (!std::isfinite(mean + z * sd) ||
-          !select_topk_search(keys, Nk, budget, orow, S, kmin, kmax, order_key(mean + z * sd))) {
+          !select_topk_search(keys, Nk, budget, orow, S, kmin, std::min(kmax, below), order_key(mean + z * sd))) {
         select_topk(keys, Nk, budget, orow, S, kmin, kmax);
       }
     }
