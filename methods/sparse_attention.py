@@ -411,10 +411,25 @@ class ConnectivityPredictor(nn.Module):
 
     def sparse_w_up(self) -> Tensor:
         """``W_up [Hw, n_down, N]`` with entries ``|w| < w_up_threshold`` zeroed (unless training with
-        :attr:`threshold_w_up` off)."""
+        :attr:`threshold_w_up` off).
+
+        Without a graph to record (no gradient mode, or a frozen ``W_up``) the thresholded basis is computed once
+        and reused until ``W_up`` changes (its storage or version counter: optimiser steps, ``load_state_dict``,
+        :meth:`prune_`) or the threshold does: a fixed basis after training, as deployed (four small tensor ops
+        per layer and forward otherwise)."""
         if self.training and not self.threshold_w_up:
             return self.w_up
-        return threshold_basis(self.w_up, self.w_up_threshold)
+        w = self.w_up
+        if torch.is_grad_enabled() and w.requires_grad:
+            return threshold_basis(w, self.w_up_threshold)
+        key = (w.data_ptr(), w._version, w.shape, w.dtype, w.device, self.w_up_threshold)
+        cached = self.__dict__.get("_sparse_w_up_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode too
+            basis = threshold_basis(w.detach(), self.w_up_threshold)
+        self.__dict__["_sparse_w_up_cache"] = (key, basis)
+        return basis
 
     def sparse_coefficients(self, a_down: Tensor) -> Tensor:
         """Eq. 2 on ``A_down [B, H, Nq, n_down]`` (unless training with :attr:`threshold_coef` off)."""

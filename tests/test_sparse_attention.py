@@ -129,6 +129,36 @@ def test_predictor_shapes_thresholds_and_exactly_b_connections_per_row():
     torch.testing.assert_close(pred(q[:, :, 1:], k).scores, out.scores)
 
 
+def test_sparse_w_up_is_reused_without_a_graph_and_recomputed_when_w_up_changes():
+    """Outside autograd the thresholded basis is computed once per W_up state: reused while W_up is unchanged,
+    recomputed after an optimiser step, a load_state_dict, pruning or a new threshold; with a graph it is fresh
+    and carries W_up's gradient."""
+    pred = sa.ConnectivityPredictor(9, 8, 2, 4).eval()
+
+    def expected():
+        w = pred.w_up.detach()
+        return w * (w.abs() >= pred.w_up_threshold)
+
+    with torch.no_grad():
+        a = pred.sparse_w_up()
+        assert pred.sparse_w_up() is a and not a.requires_grad
+    with torch.inference_mode():
+        assert pred.sparse_w_up() is a and not a.is_inference()
+    opt = torch.optim.SGD(pred.parameters(), lr=0.01)
+    pred.w_up.grad = torch.ones_like(pred.w_up)
+    opt.step()
+    with torch.no_grad():
+        b = pred.sparse_w_up()
+    assert b is not a and torch.equal(b, expected()) and not torch.equal(b, a)
+    pred.load_state_dict({**pred.state_dict(), "w_up": torch.full_like(pred.w_up, 0.5)})
+    with torch.no_grad():
+        assert torch.equal(pred.sparse_w_up(), torch.full_like(pred.w_up, 0.5))
+        pred.w_up_threshold = 0.6
+        assert torch.equal(pred.sparse_w_up(), torch.zeros_like(pred.w_up))
+    live = pred.sparse_w_up()  # grad mode and a trainable W_up: a graph, not the cache
+    assert live.requires_grad and live.grad_fn is not None
+
+
 def test_predictor_official_options_and_errors():
     q, k, _ = (t.float() for t in _qkv(1, 2, 9, 8))
     pred = sa.ConnectivityPredictor(9, 8, 2, 4, coef_topk=2, reduce_c_factor=2, shared_heads=False)
