@@ -50,6 +50,8 @@ struct LowRank {
   int64_t topk;
 };
 
+constexpr int64_t kRowPrefetch = 8;  // key rows ahead that the first task of a slice prefetches
+
 // (1) Columns c0 .. c0+CB-1 of scale * K_down^T = scale * (W_down k)^T for slice bh, all nd16 rows of W_down at once:
 // a register-blocked product (CB x U accumulators; per key row n, U vector loads of W_down^T row n and CB broadcasts
 // of k[n, c0 ..]), stored as whole rows of kt (the padding columns come out 0 from W_down^T's zero columns).
@@ -61,9 +63,12 @@ void kdown_cols(const LowRank& L, int64_t bh, int64_t c0) {
   v16f acc[CB][U];
   for (int r = 0; r < CB; ++r)
     for (int u = 0; u < U; ++u) acc[r][u] = v16f{};
+  const bool first = c0 == 0;  // the slice's first task pulls whole key rows ahead (the others then find them cached)
   for (int64_t n = 0; n < L.Nk; ++n) {
     const float* kr = kb + n * L.ks_n;
     const float* wr = wt + n * L.nd16;
+    if (first && n + kRowPrefetch < L.Nk)
+      for (int64_t c = 0; c < L.d; c += 16) __builtin_prefetch(kr + kRowPrefetch * L.ks_n + c);
     v16f wv[U];
     for (int u = 0; u < U; ++u) wv[u] = load16(wr + 16 * u);
     for (int r = 0; r < CB; ++r) {
