@@ -139,11 +139,13 @@ class SparsifinerAttention(Attention):
       teacher), ``need_cls_attn`` (EViT), ``record`` (dense maps for visualisation), ``keep_idx`` (keep the
       mask's key indices, for the mask recall), ``official_pruning`` (after token pruning, the official
       code's budget ``min(ceil(keep * N0), N - 1)`` and its CLS-row softmax over the pruned, zeroed keys),
-      ``track_stats`` (count the zero coefficients each forward, for the sparsity report; off while timed);
+      ``track_stats`` (count the zero coefficients each evaluation forward, for the sparsity report; off while
+      timed; training forwards never count: the report reads evaluation forwards, and the count costs ~4 % of a
+      training step on ``mini197``);
     * ``token_state``: dict shared with :class:`SparsifEViTBlock` (``"positions"``), or ``None``.
 
     After each forward, ``last`` holds ``n`` (tokens), ``budget``, ``coef_sparsity`` (fraction of
-    ``A_down`` entries set to 0, a 0-d tensor; not while ``track_stats`` is off), ``positions``, and when asked ``scores``,
+    ``A_down`` entries set to 0, a 0-d tensor; evaluation only, not while ``track_stats`` is off), ``positions``, and when asked ``scores``,
     ``dense_target``, ``cls_attn``, ``idx`` (``[B, H, Nq, B]``) and ``records``.
     """
 
@@ -195,11 +197,11 @@ class SparsifinerAttention(Attention):
                                     need_cls_attn=self.need_cls_attn, record=self.record,
                                     need_scores=self.collect_scores, budget=budget, cls_zero_keys=zero_keys)
         last: dict[str, Any] = {"n": x.shape[1], "budget": res.budget, "positions": positions}
-        if res.pred is not None and self.track_stats:  # off while timed (Sparsifiner.timing)
+        if res.pred is not None and self.track_stats and not self.training:  # off while timed and while training
             coef = res.pred.coef.detach()
             last["coef_sparsity"] = 1.0 - torch.count_nonzero(coef).float() / max(coef.numel(), 1)
-            if self.collect_scores:
-                last["scores"] = res.pred.scores
+        if res.pred is not None and self.collect_scores:
+            last["scores"] = res.pred.scores
         if self.collect_scores and self.self_target:
             last["dense_target"] = (res.dense_probs if res.dense_probs is not None
                                     else attention_probs(self, q, k)).detach()
@@ -807,18 +809,20 @@ class Sparsifiner(BenchModule):
         * ``attn_distill_start`` / ``attn_distill_end`` (after a phase 1): eq. 10 on the probe images
           before the first and after the last phase-1 step.
 
-        Empty before the first forward.
+        Empty before the first forward; ``coef_sparsity`` only after an evaluation forward outside
+        :func:`bench_suite.measure.timing_mode` (see ``track_stats``).
         """
         attns = self._attns()
-        if not all("coef_sparsity" in a.last for a in attns):
+        if not attns or not all("n" in a.last for a in attns):
             return {}
         dens = []
         for a in attns:
             n, b = a.last["n"], a.last["budget"]
             nnz = (n + (n - 1) * b) if a.cls_full_row else n * b
             dens.append(nnz / (n * n))
+        counted = all("coef_sparsity" in a.last for a in attns)  # evaluation forwards outside timing_mode
         return {
-            "coef_sparsity": float(torch.stack([a.last["coef_sparsity"] for a in attns]).mean()),
+            **({"coef_sparsity": float(torch.stack([a.last["coef_sparsity"] for a in attns]).mean())} if counted else {}),
             "w_up_sparsity": float(sum(a.predictor.w_up_sparsity() for a in attns) / len(attns)),
             "mask_density": float(sum(dens) / len(dens)),
             "attention_budget": float(sum(a.last["budget"] for a in attns) / len(attns)),

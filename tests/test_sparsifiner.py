@@ -588,7 +588,8 @@ def test_phase1_epochs_come_before_the_fine_tuning_epochs(p1_epochs, epochs, tot
 
 def test_timing_mode_skips_the_coefficient_count_and_restores_it():
     """Inside ``timing_mode`` the attention layers do not count zero coefficients (bookkeeping, not the method);
-    the report is empty after such a forward and back after the next one outside; the switch is restored on an
+    the report lacks ``coef_sparsity`` after such a forward (and after a training forward) and has it again after the
+    next evaluation forward outside; the switch is restored on an
     exception too."""
     from bench_suite.measure import timing_mode
 
@@ -600,10 +601,17 @@ def test_timing_mode_skips_the_coefficient_count_and_restores_it():
         with timing_mode([m]):
             assert not any(a.track_stats for a in m._attns())
             m(x)
-        assert m.sparsity_report() == {}
+        assert "coef_sparsity" not in m.sparsity_report() and "mask_density" in m.sparsity_report()
         assert all(a.track_stats for a in m._attns())
         m(x)
         assert "coef_sparsity" in m.sparsity_report()
         with pytest.raises(RuntimeError), timing_mode([m.model]):
             raise RuntimeError("boom")
         assert all(a.track_stats for a in m._attns())
+    m.train()  # a training forward does not count either (the report reads evaluation forwards)
+    m.model(x)
+    assert "coef_sparsity" not in m.sparsity_report()
+    m.eval()
+    with torch.inference_mode():
+        m(x)
+    assert "coef_sparsity" in m.sparsity_report()
