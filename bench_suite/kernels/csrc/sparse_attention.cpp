@@ -493,8 +493,31 @@ void backward_slices_f32(const BackwardProblem<float>& BP, int64_t begin, int64_
         qv[c] = load16(qr + 16 * c);
         gv[c] = load16(gr + 16 * c);
       }
-      float m = ninf;
-      for (int64_t j = 0; j < Bk; ++j) {
+      // scores and dp, 16 keys at a time: 16 partial-sum vectors, one transposing reduction (vec16.h) each for the
+      // scores and for dp (instead of two horizontal sums per key), then the remaining keys one at a time
+      v16f mv16 = splat(ninf);
+      int64_t j0 = 0;
+      for (; j0 + 16 <= Bk; j0 += 16) {
+        v16f a[16];
+        for (int r = 0; r < 16; ++r) {
+          const int64_t kj = checked_key(ir, j0 + r, P.is_j, nk, bad);
+          keys[j0 + r] = kj;
+          const float* kr = kb + kj * P.ks_n;
+          a[r] = qv[0] * load16(kr);
+          for (int c = 1; c < NV; ++c) a[r] += qv[c] * load16(kr + 16 * c);
+        }
+        const v16f sv = hsum16x16(a) * P.scale;
+        store16(p + j0, sv);
+        mv16 = sv > mv16 ? sv : mv16;
+        for (int r = 0; r < 16; ++r) {
+          const float* vr = vb + keys[j0 + r] * P.vs_n;
+          a[r] = gv[0] * load16(vr);
+          for (int c = 1; c < NV; ++c) a[r] += gv[c] * load16(vr + 16 * c);
+        }
+        store16(dp + j0, hsum16x16(a));
+      }
+      float m = hmax16(mv16);
+      for (int64_t j = j0; j < Bk; ++j) {
         const int64_t kj = checked_key(ir, j, P.is_j, nk, bad);
         keys[j] = kj;
         const float* kr = kb + kj * P.ks_n;
