@@ -192,6 +192,15 @@ def _plan(opts: SpeedOptions) -> tuple[list[tuple[Any, float, str | None]], dict
     return plan, hparams
 
 
+def _entry(spec: Any, rate: float, impl: str | None, hparams: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The label (``method@rate[/impl]``) and the factory's extra keyword arguments (the method's ``--hparams``, and
+    ``attention_impl`` where the plan names an implementation) of one entry of :func:`_plan`."""
+    extra = dict(hparams.get(spec.name, {}))
+    if impl is not None:
+        extra["attention_impl"] = impl
+    return f"{spec.name}@{rate:g}" + (f"/{impl}" if impl else ""), extra
+
+
 def _build_models(opts: SpeedOptions, images: torch.Tensor) -> _Built:
     """Every method (``opts.methods``) at its keep rates and implementations, random weights (or the store's
     trained checkpoint, ``opts.weights == "store"``), in eval mode; wrapped in autocast under bf16."""
@@ -202,10 +211,7 @@ def _build_models(opts: SpeedOptions, images: torch.Tensor) -> _Built:
     built = _Built()
     for spec, r, impl in plan:
         torch.manual_seed(opts.seed)
-        extra = dict(hparams.get(spec.name, {}))
-        if impl is not None:
-            extra["attention_impl"] = impl
-        label = f"{spec.name}@{r:g}" + (f"/{impl}" if impl else "")
+        label, extra = _entry(spec, r, impl, hparams)
         found = _trained_checkpoint(opts, spec.name, r) if opts.weights == "store" else None
         if found is not None:
             from bench_suite.checkpoints import load_trained

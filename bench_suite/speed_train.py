@@ -22,7 +22,7 @@ from bench_suite.backbones import create_backbone, get_profile
 from bench_suite.kernels import load_kernel
 from bench_suite.measure import measure_callables
 from bench_suite.registry import reference_method
-from bench_suite.speed_models import SpeedOptions, _base_config, _load_avg, _plan, _row, _threads
+from bench_suite.speed_models import SpeedOptions, _base_config, _entry, _load_avg, _plan, _row, _threads
 
 __all__ = ["train_step_benchmark", "TRAIN_LR"]
 
@@ -71,10 +71,7 @@ def train_step_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print)
     steps, labels_of, prepared = {}, {}, {}
     for spec, r, impl in plan:
         torch.manual_seed(opts.seed)
-        extra = dict(hparams.get(spec.name, {}))
-        if impl is not None:
-            extra["attention_impl"] = impl
-        label = f"{spec.name}@{r:g}" + (f"/{impl}" if impl else "")
+        label, extra = _entry(spec, r, impl, hparams)
         module = spec.factory(create_backbone(profile, num_classes=NUM_CLASSES), keep_rate=r, teacher=teacher,
                               **extra)
         info = dict(module.prepare_train_timing())
