@@ -38,7 +38,8 @@ is needed. While ``torch.jit`` traces (FLOP counting) a call is recorded as the 
 
 The paper's connectivity mask (eq. 3), ``idx = top-B(A~_down @ W_up)`` per query row, has a fused
 kernel too: :func:`connectivity_topk` (``impl="cpp"``) accumulates each row's scores over the nonzero
-coefficients only and selects the top ``B`` (threshold search with a radix-select fallback), never
+coefficients only and selects the top ``B`` (one pass over a guessed window around the ``B``-th score, a
+threshold search where the window misses, a radix select where that does not settle), never
 materialising the ``[B, H, Nq, Nk]`` score tensor; ``impl="torch"`` is ``torch.topk(coef @ w_up, B)``.
 
 Inference of the learned top-B attention on the CPU also fuses the rest of its core (:mod:`bench_suite.kernels.fused`):
