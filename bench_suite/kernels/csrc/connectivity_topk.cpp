@@ -122,6 +122,13 @@ TopkScratch& topk_scratch() {
   return s;
 }
 
+#if defined(__AVX512F__)
+// The mask of the first min(count, 16) lanes (count >= 1).
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+}
+#endif
+
 // The nonzero coefficients of one row (exact zeros contribute nothing to the scores; NaN counts as nonzero): their
 // positions j into nz_j and values into nz_c (both with 16 lanes of slack), in increasing j; returns how many.
 inline int64_t row_nonzeros(const float* crow, int64_t nd, int32_t* nz_j, float* nz_c) {
@@ -129,7 +136,7 @@ inline int64_t row_nonzeros(const float* crow, int64_t nd, int32_t* nz_j, float*
 #if defined(__AVX512F__)
   __m512i jv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; j < nd; j += 16) {
-    const __mmask16 lanes = nd - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (nd - j)) - 1u);
+    const __mmask16 lanes = first_lanes(nd - j);
     const __m512 c = _mm512_maskz_loadu_ps(lanes, crow + j);
     const __mmask16 msk = _mm512_mask_cmp_ps_mask(lanes, c, _mm512_setzero_ps(), _CMP_NEQ_UQ);
     _mm512_storeu_si512(nz_j + nz, _mm512_maskz_compress_epi32(msk, jv));
@@ -241,20 +248,20 @@ inline void trim_candidates(uint32_t* ck, int32_t* ci, int64_t m, int64_t budget
   while (m > budget) {
     __m512i vmin = _mm512_set1_epi32(-1);
     for (int64_t a = 0; a < m; a += 16) {
-      const __mmask16 lanes = m - a >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (m - a)) - 1u);
+      const __mmask16 lanes = first_lanes(m - a);
       vmin = _mm512_mask_min_epu32(vmin, lanes, vmin, _mm512_loadu_si512(ck + a));
     }
     const __m512i kmin = _mm512_set1_epi32(static_cast<int>(_mm512_reduce_min_epu32(vmin)));
     __m512i vidx = _mm512_set1_epi32(-1);
     for (int64_t a = 0; a < m; a += 16) {
-      const __mmask16 lanes = m - a >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (m - a)) - 1u);
+      const __mmask16 lanes = first_lanes(m - a);
       const __mmask16 eq = _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_loadu_si512(ck + a), kmin);
       vidx = _mm512_mask_max_epi32(vidx, eq, vidx, _mm512_loadu_si512(ci + a));
     }
     const __m512i imax = _mm512_set1_epi32(_mm512_reduce_max_epi32(vidx));
     int64_t pos = m - 1;
     for (int64_t a = 0; a < m; a += 16) {
-      const __mmask16 lanes = m - a >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (m - a)) - 1u);
+      const __mmask16 lanes = first_lanes(m - a);
       const unsigned hit = _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_loadu_si512(ci + a), imax);
       if (hit) {
         pos = a + __builtin_ctz(hit);
@@ -387,10 +394,6 @@ inline void store_indices(int64_t* out, __m512i idx32, int cnt) {
   const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(idx32, 1));
   _mm512_mask_storeu_epi64(out, static_cast<__mmask8>(cnt >= 8 ? 0xFFu : (1u << cnt) - 1u), lo);
   if (cnt > 8) _mm512_mask_storeu_epi64(out + 8, static_cast<__mmask8>((1u << (cnt - 8)) - 1u), hi);
-}
-
-inline __mmask16 first_lanes(int64_t count) {
-  return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
 }
 
 // The indices idx of the `need` largest of the nb keys k (positions in increasing index order; ties to the lower
