@@ -279,11 +279,31 @@ def test_auto_trains_through_the_kernel_and_falls_back_for_other_dtypes() -> Non
     assert type(out.grad_fn).__name__.startswith("_SparseAttentionCpp")
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
-    qh = q.detach().bfloat16().requires_grad_(True)
-    out = sparse_attention(qh, k.bfloat16(), v.bfloat16(), idx, impl="auto")  # no kernel for bf16: torch
-    assert not type(out.grad_fn).__name__.startswith("_SparseAttentionCpp")
     with pytest.raises(ValueError, match="unknown sparse attention impl"):
         sparse_attention(q, k, v, idx, impl="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_auto_runs_half_precision_through_the_float32_kernel(dtype) -> None:
+    """bf16-mixed training on the CPU: ``auto`` computes half-precision inputs with the float32 kernel on
+    float32 copies and casts the output back (forward and gradients equal to the kernel on the upcast inputs,
+    cast to the inputs' dtype; the torch path's half-precision result within half-precision rounding)."""
+    q, k, v, idx = random_case(2, 3, 10, 12, 16, 5, seed=14)
+    qh, kh, vh = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
+    out = sparse_attention(qh, kh, vh, idx, impl="auto")
+    assert out.dtype == dtype and out.transpose(1, 2).is_contiguous()  # the kernel's layout, cast
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (qh, kh, vh))
+    ref = sparse_attention(q32, k32, v32, idx, impl="cpp")
+    assert type(ref.grad_fn).__name__.startswith("_SparseAttentionCpp")
+    torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad.to(dtype))
+    ref.backward(grad.to(dtype).float())
+    for half, full in ((qh, q32), (kh, k32), (vh, v32)):
+        assert half.grad.dtype == dtype
+        torch.testing.assert_close(half.grad, full.grad.to(dtype), rtol=0, atol=0)
+    torch_path = sparse_attention(qh.detach(), kh.detach(), vh.detach(), idx, impl="torch")
+    torch.testing.assert_close(out, torch_path, rtol=2e-2, atol=2e-2)
 
 
 def test_auto_uses_the_kernel_for_inference() -> None:

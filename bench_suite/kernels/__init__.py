@@ -25,8 +25,10 @@ This module is the one home of sparse attention: the PyTorch reference, the regi
   mask (a ``[B, H, Nq, Nk]`` boolean mask scattered from ``idx``; no gathered key/value copies): compiled to a
   fused kernel on CUDA, forward and backward (``torch.compile(flex_attention)``). On the CPU FlexAttention runs
   its forward only (unfused, for tests); a CPU call that needs a gradient takes the ``"torch"`` path.
-- ``"auto"``: ``"cpp"`` when the inputs are CPU float32/float64 tensors and the kernel can be built, ``"flex"``
-  on CUDA, else ``"torch"`` (one warning if the build fails).
+- ``"auto"``: ``"cpp"`` when the inputs are CPU float32/float64 tensors and the kernel can be built; CPU
+  bfloat16/float16 inputs (``bf16-mixed`` training, autocast) through the same kernel on float32 copies, the
+  output cast back (float32 accumulation; PyTorch's half-precision gather-einsums take a slow path on most
+  CPUs); ``"flex"`` on CUDA; else ``"torch"`` (one warning if the build fails).
 
 Under ``"cpp"`` inputs the kernel does not take (CUDA tensors, half precision) run the PyTorch path, so a
 model built with the kernel still runs anywhere; a failed build raises there (a benchmark never silently
@@ -97,6 +99,7 @@ DEFAULT_IMPL = "torch"
 SparseAttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
 """``fn(q [B,H,Nq,d], k [B,H,Nk,d], v [B,H,Nk,d], idx [B,H,Nq,Bk], scale) -> out [B,H,Nq,d]``."""
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
@@ -257,13 +260,19 @@ def _cpp_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tens
 
 
 def _auto_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
-    """``SPARSE_ATTENTION_IMPLS["auto"]``: the C++ kernel where it applies and can be built, FlexAttention on
-    CUDA, else the PyTorch path (one warning if the build fails). Same results up to float rounding."""
+    """``SPARSE_ATTENTION_IMPLS["auto"]``: the C++ kernel where it applies and can be built (CPU bfloat16/float16
+    inputs on float32 copies, the ``[B, H, Nq, d]`` output cast back to their dtype), FlexAttention on CUDA,
+    else the PyTorch path (one warning if the build fails). Same results up to float rounding."""
     if q.device.type == "cuda":
         from bench_suite.kernels import flex
 
         if flex.flex_available():
             return flex.sparse_attention_flex(q, k, v, idx, scale)
+    if q.device.type == "cpu" and q.dtype in _HALF_DTYPES and k.dtype == v.dtype == q.dtype \
+            and _use_cpp(q.new_empty(0, dtype=torch.float32), k, v):
+        # half precision through the float32 kernel: the copies cost one pass over q, k, v
+        out = sparse_attention_cpp(q.float(), k.float(), v.float(), idx, scale)
+        return out.to(q.dtype)  # keeps the kernel's [B, Nq, H, d] storage
     fn = sparse_attention_cpp if _use_cpp(q, k, v) else sparse_attention_torch
     return fn(q, k, v, idx, scale)
 
