@@ -324,6 +324,47 @@ def test_build_is_cached_and_named_by_source_flags_and_cpu() -> None:
     kernels.load_kernel()  # idempotent
 
 
+def test_extra_compiler_flags_enter_the_build_and_its_cache_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = kernels.build_info()
+    monkeypatch.setenv(loader.CFLAGS_ENV, "-mno-avx512f  -DBENCH_SUITE_X='a b'")
+    info = kernels.build_info()
+    assert info["flags"] == default["flags"] + ["-mno-avx512f", "-DBENCH_SUITE_X=a b"]  # last: they override
+    assert info["name"] != default["name"] and info["name"] == loader._extension_name(info["flags"])
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not {"avx512f", "avx2"} <= _cpu_flags(), reason="needs a CPU with AVX-512 (to turn it off)")
+def test_the_avx2_code_paths_pass_the_kernel_tests() -> None:
+    """The kernels built with ``-mno-avx512f`` (AVX2 left: the code paths of CPUs without AVX-512, e.g. AMD Zen 2/3)
+    pass this file's and the fused kernels' tests of the top-B, sparse attention and the coefficients: in a
+    subprocess, since one process loads one build."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, loader.CFLAGS_ENV: "-mno-avx512f"}
+    code = ("from bench_suite.kernels import loader; loader.load_kernel(); "
+            "print('flags:', ' '.join(loader.build_info()['flags']))")
+    built = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
+    assert built.returncode == 0 and built.stdout.strip().endswith("-mno-avx512f"), built.stderr[-2000:]
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                           "-k", "topk or sparse_attention or lowrank or coefficients or backward or fused or rows",
+                           "tests/test_kernels.py", "tests/test_fused_kernels.py"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0 and " passed" in tail and "failed" not in tail, proc.stdout[-3000:]
+
+
 def test_missing_compiler_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loader, "_loaded", False)
     monkeypatch.setattr(loader, "_load_error", None)

@@ -15,6 +15,10 @@ Why not at install time: ``pip install`` builds in an isolated environment that 
 build requirement (a multi-GB download of possibly another torch version than the one installed), and
 an editable install would still need a rebuild after every source change. The JIT build uses the
 installed torch, and ``python -m bench_suite speed --build`` runs it ahead of time.
+
+``BENCH_SUITE_KERNEL_CFLAGS`` appends compiler flags (split like a shell command line) after ``-march=native``
+and enters the cache name: ``-mno-avx512f`` builds the AVX2 code paths on an AVX-512 machine (how the tests
+check them), ``-march=x86-64-v3`` a library for any AVX2 CPU.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,7 +38,8 @@ import torch
 
 from bench_suite.errors import KernelBuildError
 
-__all__ = ["KernelBuildError", "SOURCES", "OP_NAMESPACE", "load_kernel", "kernel_available", "build_info"]
+__all__ = ["KernelBuildError", "SOURCES", "OP_NAMESPACE", "CFLAGS_ENV", "load_kernel", "kernel_available",
+           "build_info"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "sparse_attention.cpp", CSRC / "connectivity_topk.cpp", CSRC / "lowrank_coefficients.cpp")
@@ -86,8 +92,13 @@ def _native_supported(cxx: str) -> bool:
         return False
 
 
+CFLAGS_ENV = "BENCH_SUITE_KERNEL_CFLAGS"
+"""Environment variable: extra compiler flags for the kernels (appended last, so they override)."""
+
+
 def _flags(cxx: str) -> list[str]:
-    return _BASE_FLAGS + (["-march=native"] if _native_supported(cxx) else [])
+    return _BASE_FLAGS + (["-march=native"] if _native_supported(cxx) else []) + shlex.split(
+        os.environ.get(CFLAGS_ENV, ""))
 
 
 def _extension_name(flags: list[str]) -> str:

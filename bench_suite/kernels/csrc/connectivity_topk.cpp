@@ -41,7 +41,7 @@
 
 #include "vec16.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -58,11 +58,14 @@ inline uint32_t order_key(float f) {
 
 typedef uint32_t v16u __attribute__((vector_size(64)));
 
-inline v16u order_key16(v16f x) {
-  v16u bits;
+inline v16u order_key16(v16f x) {  // order_key on 16 lanes: no compare, no blend (bits ^ (sign ? ~0 : 1 << 31))
+  v16i bits;
   std::memcpy(&bits, &x, sizeof(bits));
-  const v16u neg = (bits >> 31) != 0;  // all ones where the sign bit is set
-  return neg ? ~bits : (bits | 0x80000000u);
+  const v16i flip = (bits >> 31) | static_cast<int32_t>(0x80000000u);  // arithmetic shift: all ones if negative
+  const v16i key = bits ^ flip;
+  v16u out;
+  std::memcpy(&out, &key, sizeof(out));
+  return out;
 }
 
 // Horizontal reductions of 16 lanes (AVX-512: a shuffle tree of a few instructions; else a loop over the lanes).
@@ -127,6 +130,23 @@ TopkScratch& topk_scratch() {
 inline __mmask16 first_lanes(int64_t count) {
   return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
 }
+#endif
+
+#if !defined(__AVX512F__) && defined(__AVX2__)
+// AVX2's stand-in for a compress: byte i of lanes[mask] is the lane of mask's i-th set bit (a vpermd index)
+struct Compress8 {
+  uint64_t lanes[256];
+  constexpr Compress8() : lanes{} {
+    for (int mask = 0; mask < 256; ++mask) {
+      uint64_t e = 0;
+      for (int bit = 0, o = 0; bit < 8; ++bit) {
+        if ((mask >> bit) & 1) e |= static_cast<uint64_t>(bit) << (8 * o++);
+      }
+      lanes[mask] = e;
+    }
+  }
+};
+constexpr Compress8 kCompress8{};
 #endif
 
 // The nonzero coefficients of one row (exact zeros contribute nothing to the scores; NaN counts as nonzero): their
@@ -395,6 +415,7 @@ inline void store_indices(int64_t* out, __m512i idx32, int cnt) {
   _mm512_mask_storeu_epi64(out, static_cast<__mmask8>(cnt >= 8 ? 0xFFu : (1u << cnt) - 1u), lo);
   if (cnt > 8) _mm512_mask_storeu_epi64(out + 8, static_cast<__mmask8>((1u << (cnt - 8)) - 1u), hi);
 }
+#endif
 
 // The indices idx of the `need` largest of the nb keys k (positions in increasing index order; ties to the lower
 // position), into out[0 .. need), 0 < need <= nb. Up to 16 * kRankVectors keys: the rank of every key (greater keys,
@@ -406,6 +427,7 @@ void select_largest(const uint32_t* k, const int32_t* idx, int64_t nb, int64_t n
     return;
   }
   if (nb <= 16 * kRankVectors) {
+#if defined(__AVX512F__)
     __m512i kv[kRankVectors], cnt[kRankVectors];
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const int nv = static_cast<int>((nb + 15) / 16);
@@ -432,6 +454,33 @@ void select_largest(const uint32_t* k, const int32_t* idx, int64_t nb, int64_t n
       if (nk) store_indices(out + o, _mm512_maskz_compress_epi32(keep, _mm512_loadu_si512(idx + 16 * u)), nk);
       o += nk;
     }
+#else  // the same count on 8-lane vector extensions (one AVX2 register; GCC scalarises 16-lane compares without AVX-512)
+    typedef int32_t v8i __attribute__((vector_size(32)));
+    constexpr int kLanes = 8, kVecs = 16 * kRankVectors / kLanes;
+    // keys with the sign bit flipped compare as signed integers in the same order (AVX2 has signed compares only)
+    v8i kv[kVecs], cnt[kVecs], pos[kVecs];
+    const int nv = static_cast<int>((nb + kLanes - 1) / kLanes);
+    for (int u = 0; u < nv; ++u) {
+      for (int q = 0; q < kLanes; ++q) {
+        const int64_t a = kLanes * u + q;
+        kv[u][q] = static_cast<int32_t>((a < nb ? k[a] : 0u) ^ 0x80000000u);  // padding lanes are never kept
+        pos[u][q] = static_cast<int32_t>(a);
+      }
+      cnt[u] = v8i{};
+    }
+    for (int64_t a = 0; a < nb; ++a) {
+      const v8i ka = v8i{} + static_cast<int32_t>(k[a] ^ 0x80000000u);
+      const v8i av = v8i{} + static_cast<int32_t>(a);
+      for (int u = 0; u < nv; ++u)  // compares give -1 per true lane: subtracting counts
+        cnt[u] -= (ka > kv[u]) | ((pos[u] > av) & (ka == kv[u]));
+    }
+    int64_t o = 0;
+    for (int u = 0; u < nv; ++u) {
+      for (int q = 0; q < kLanes && kLanes * u + q < nb; ++q) {
+        if (cnt[u][q] < need) out[o++] = idx[kLanes * u + q];
+      }
+    }
+#endif
     return;
   }
   uint32_t kmin = 0xFFFFFFFFu, kmax = 0;
@@ -445,7 +494,6 @@ void select_largest(const uint32_t* k, const int32_t* idx, int64_t nb, int64_t n
   if (!select_topk_search(k, nb, need, pos, S, kmin, kmax, guess)) select_topk(k, nb, need, pos, S, kmin, kmax);
   for (int64_t a = 0; a < need; ++a) out[a] = idx[pos[a]];
 }
-#endif
 
 // Selection around a guessed window [tlo, thi) (tlo < thi), for the usual case: one pass collects the keys >= tlo
 // (AVX-512 compress, in index order) and counts the keys >= thi. If the window brackets the budget-th largest key
@@ -501,10 +549,59 @@ bool select_topk_window(const uint32_t* keys, int64_t n, int64_t budget, int64_t
   }
   if (budget > chi) select_largest(bk, bi, nb, budget - chi, out + w, S);  // nb >= budget - chi since m >= budget
   return true;
-#else
-  (void)keys, (void)n, (void)budget, (void)out, (void)S, (void)tlo, (void)thi;
-  below = 0xFFFFFFFFu;
-  return false;
+#else  // the same pass without AVX-512's compress: AVX2 permutes from a table, else branch-free scalar stores
+  int32_t* ci = S.cand.data();
+  uint32_t* ck = S.ckeys.data();
+  int64_t m = 0, chi = 0, x = 0;
+#if defined(__AVX2__)
+  const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));  // unsigned order as signed compares
+  const __m256i lov = _mm256_set1_epi32(static_cast<int>(tlo ^ 0x80000000u));
+  const __m256i hiv = _mm256_set1_epi32(static_cast<int>(thi ^ 0x80000000u));
+  __m256i iv = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (; x + 8 <= n; x += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + x));
+    const __m256i ks = _mm256_xor_si256(k, flip);
+    const unsigned ml = ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(lov, ks)))) & 0xFFu;
+    const unsigned mh = ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(hiv, ks)))) & 0xFFu;
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress8.lanes[ml])));
+    // all 8 lanes stored (the buffers have 16 lanes of slack), the first popcount(ml) of them kept
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ci + m), _mm256_permutevar8x32_epi32(iv, perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ck + m), _mm256_permutevar8x32_epi32(k, perm));
+    m += __builtin_popcount(ml);
+    chi += __builtin_popcount(mh);
+    iv = _mm256_add_epi32(iv, _mm256_set1_epi32(8));
+  }
+#endif
+  for (; x < n; ++x) {
+    const uint32_t k = keys[x];
+    ci[m] = static_cast<int32_t>(x);
+    ck[m] = k;
+    m += k >= tlo;
+    chi += k >= thi;
+  }
+  if (m < budget) {
+    below = tlo - 1;
+    return false;
+  }
+  int32_t* bi = S.bidx.data();
+  uint32_t* bk = S.bkeys.data();
+  if (chi > budget) {
+    std::memcpy(bk, ck, static_cast<size_t>(m) * sizeof(uint32_t));
+    std::memcpy(bi, ci, static_cast<size_t>(m) * sizeof(int32_t));
+    select_largest(bk, bi, m, budget, out, S);
+    return true;
+  }
+  int64_t w = 0, nb = 0;
+  for (int64_t a = 0; a < m; ++a) {
+    if (ck[a] >= thi) {
+      out[w++] = ci[a];
+    } else {
+      bk[nb] = ck[a];
+      bi[nb++] = ci[a];
+    }
+  }
+  if (budget > chi) select_largest(bk, bi, nb, budget - chi, out + w, S);
+  return true;
 #endif
 }
 
