@@ -20,8 +20,9 @@ now). The prediction is linear in the batch, fitted on measured peaks at batches
 
 ``all`` threads is the number of CPUs this process may use. ``bf16`` runs the forward under
 ``torch.autocast("cpu", dtype=torch.bfloat16)``; it is refused where the CPU reports no bf16 instructions
-(:func:`cpu_has_bf16`). The C++ sparse kernels are float32 only: under bf16 a method with an ``attention_impl``
-runs the PyTorch path (the rows say so).
+(:func:`cpu_has_bf16`). The C++ kernels compute in float32: under bf16 the sparse attention kernel runs on float32
+copies of the bfloat16 q/k/v, its output cast back (as in ``bf16-mixed`` training); the fused inference path, which
+needs float32 inputs, gives way to the unfused one.
 
 ``--weights store`` times, for every (method, keep rate) that has one, the newest trained checkpoint of the
 profile in ``<output>/results.sqlite`` (a real predictor's sparsity: thresholded coefficients and ``W_up``, not

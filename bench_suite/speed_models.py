@@ -206,8 +206,6 @@ def _build_models(opts: SpeedOptions, images: torch.Tensor) -> _Built:
     trained checkpoint, ``opts.weights == "store"``), in eval mode; wrapped in autocast under bf16."""
     profile = get_profile(opts.profile)
     plan, hparams = _plan(opts)
-    if opts.precision == "bf16":  # the C++ kernels are float32 only: under bf16 the PyTorch path runs
-        plan = list(dict.fromkeys((spec, r, None if impl is None else "torch") for spec, r, impl in plan))
     built = _Built()
     for spec, r, impl in plan:
         torch.manual_seed(opts.seed)

@@ -283,14 +283,15 @@ def test_auto_trains_through_the_kernel_and_falls_back_for_other_dtypes() -> Non
         sparse_attention(q, k, v, idx, impl="cuda")
 
 
+@pytest.mark.parametrize("impl", ["auto", "cpp"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_auto_runs_half_precision_through_the_float32_kernel(dtype) -> None:
-    """bf16-mixed training on the CPU: ``auto`` computes half-precision inputs with the float32 kernel on
+def test_auto_runs_half_precision_through_the_float32_kernel(dtype, impl) -> None:
+    """bf16-mixed training on the CPU: ``auto`` (and ``cpp``) computes half-precision inputs with the float32 kernel on
     float32 copies and casts the output back (forward and gradients equal to the kernel on the upcast inputs,
     cast to the inputs' dtype; the torch path's half-precision result within half-precision rounding)."""
     q, k, v, idx = random_case(2, 3, 10, 12, 16, 5, seed=14)
     qh, kh, vh = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
-    out = sparse_attention(qh, kh, vh, idx, impl="auto")
+    out = sparse_attention(qh, kh, vh, idx, impl=impl)
     assert out.dtype == dtype and out.transpose(1, 2).is_contiguous()  # the kernel's layout, cast
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (qh, kh, vh))
     ref = sparse_attention(q32, k32, v32, idx, impl="cpp")

@@ -30,8 +30,8 @@ This module is the one home of sparse attention: the PyTorch reference, the regi
   output cast back (float32 accumulation; PyTorch's half-precision gather-einsums take a slow path on most
   CPUs); ``"flex"`` on CUDA; else ``"torch"`` (one warning if the build fails).
 
-Under ``"cpp"`` inputs the kernel does not take (CUDA tensors, half precision) run the PyTorch path, so a
-model built with the kernel still runs anywhere; a failed build raises there (a benchmark never silently
+Under ``"cpp"`` half-precision CPU inputs run the kernel on float32 copies as under ``"auto"``, and inputs the
+kernel does not take (CUDA tensors) the PyTorch path, so a model built with the kernel still runs anywhere; a failed build raises there (a benchmark never silently
 times the fallback). Other implementations register by name; one registered as differentiable also runs
 while autograd records, for any other :func:`sparse_attention` takes the PyTorch path whenever a gradient
 is needed. While ``torch.jit`` traces (FLOP counting) a call is recorded as the single op
@@ -251,12 +251,26 @@ def _flex_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
 
 
 def _cpp_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
-    """``SPARSE_ATTENTION_IMPLS["cpp"]``: the kernel (forward and backward) for CPU float inputs, else the
-    PyTorch path, so that a model built with the kernel still runs on CUDA. Unlike ``"auto"`` it never hides
+    """``SPARSE_ATTENTION_IMPLS["cpp"]``: the kernel (forward and backward) for CPU float inputs (bfloat16/float16
+    ones on float32 copies, the output cast back), else the PyTorch path, so that a model built with the kernel still runs on CUDA. Unlike ``"auto"`` it never hides
     a failed build: that raises :class:`KernelBuildError`, so a benchmark cannot silently time the fallback."""
     if q.device.type == "cpu" and q.dtype in _FLOAT_DTYPES:
         return sparse_attention_cpp(q, k, v, idx, scale)
+    if _half_on_cpu(q, k, v):
+        return _half_through_float32_kernel(q, k, v, idx, scale)
     return sparse_attention_torch(q, k, v, idx, scale)
+
+
+def _half_on_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in _HALF_DTYPES and k.dtype == v.dtype == q.dtype
+
+
+def _half_through_float32_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+    """bfloat16/float16 CPU inputs through the float32 kernel on float32 copies (one pass over ``q``, ``k``,
+    ``v``), the ``[B, H, Nq, d]`` output cast back to their dtype (the kernel's ``[B, Nq, H, d]`` storage kept);
+    differentiable like the kernel."""
+    return sparse_attention_cpp(q.float(), k.float(), v.float(), idx, scale).to(q.dtype)
 
 
 def _auto_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
@@ -268,11 +282,8 @@ def _auto_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
 
         if flex.flex_available():
             return flex.sparse_attention_flex(q, k, v, idx, scale)
-    if q.device.type == "cpu" and q.dtype in _HALF_DTYPES and k.dtype == v.dtype == q.dtype \
-            and _use_cpp(q.new_empty(0, dtype=torch.float32), k, v):
-        # half precision through the float32 kernel: the copies cost one pass over q, k, v
-        out = sparse_attention_cpp(q.float(), k.float(), v.float(), idx, scale)
-        return out.to(q.dtype)  # keeps the kernel's [B, Nq, H, d] storage
+    if _half_on_cpu(q, k, v) and _use_cpp(q.new_empty(0, dtype=torch.float32), k, v):
+        return _half_through_float32_kernel(q, k, v, idx, scale)
     fn = sparse_attention_cpp if _use_cpp(q, k, v) else sparse_attention_torch
     return fn(q, k, v, idx, scale)
 
