@@ -199,6 +199,7 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
   int64_t* keys = S.keys.data();
   const uint64_t nk = static_cast<uint64_t>(P.Nk);
   const float ninf = -std::numeric_limits<float>::infinity();
+  const v16f scale = splat(P.scale);  // once per task (a 16-lane splat is built through memory without AVX-512)
 
   for (int64_t t = begin; t < end; ++t) {
     int64_t b, h, i, is_j, Bk;
@@ -212,7 +213,7 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
     float* orow = P.out + b * P.os_b + h * P.os_h + i * P.os_n;
 
     v16f qv[NV];
-    for (int c = 0; c < NV; ++c) qv[c] = load16(qr + 16 * c) * P.scale;
+    for (int c = 0; c < NV; ++c) qv[c] = load16(qr + 16 * c) * scale;
 
     // pass 1: scores s_j = (scale q) . k_{idx_j}, and their max; 16 keys at a time, whose 16 partial-sum
     // vectors one transposing reduction (vec16.h) turns into one vector of 16 scores, then one key at a time
@@ -235,6 +236,16 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
     };
     float m = ninf;
     int64_t j0 = 0;
+#if !defined(__AVX512F__) && defined(__AVX__)
+    // AVX2: 8 keys per reduction, each partial folded to one register (16 would spill: 16 registers in all)
+    for (; j0 + 8 <= Bk; j0 += 8) {
+      v8f a[8];
+      for (int r = 0; r < 8; ++r) a[r] = fold8(partial(j0 + r));
+      const v8f sv = hsum8x8(a);
+      std::memcpy(s + j0, &sv, sizeof(sv));
+      for (int r = 0; r < 8; ++r) m = sv[r] > m ? sv[r] : m;
+    }
+#else
     for (; j0 + 16 <= Bk; j0 += 16) {
       v16f a[16];
       for (int r = 0; r < 16; ++r) a[r] = partial(j0 + r);
@@ -242,6 +253,7 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
       store16(s + j0, sv);
       for (int r = 0; r < 16; ++r) m = sv[r] > m ? sv[r] : m;
     }
+#endif
     for (int64_t j = j0; j < Bk; ++j) {
       const float sj = hsum16(partial(j));
       s[j] = sj;

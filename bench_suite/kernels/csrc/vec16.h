@@ -54,30 +54,39 @@ inline float hmax16(v16f x) {
 // The 16 horizontal sums of a[0..15] as one vector (lane r = sum of a[r]): a transposing reduction tree, two
 // two-source shuffles and one add per output vector and level (30 shuffles and 15 adds for 16 sums, against
 // about 3 shuffles and 4 adds per sum with hsum16).
+#if !defined(__AVX512F__) && defined(__AVX__)
+typedef float v8f __attribute__((vector_size(32)));
+
+// The two 8-lane halves of x added (one AVX register).
+inline v8f fold8(v16f x) {
+  return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// The 8 horizontal sums of t[0..7] as one 8-lane vector: a transposing tree whose shuffles stay within one or two
+// AVX registers (128-bit halves, then pairs and single lanes within them).
+inline v8f hsum8x8(const v8f* t) {
+  v8f b[4], c[2];
+  for (int i = 0; i < 4; ++i)  // lanes 0-3 of t[2i] and t[2i+1], plus lanes 4-7
+    b[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(t[2 * i], t[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  const v8f d = __builtin_shufflevector(c[0], c[1], 0, 2, 8, 10, 4, 6, 12, 14) +
+                __builtin_shufflevector(c[0], c[1], 1, 3, 9, 11, 5, 7, 13, 15);
+  return __builtin_shufflevector(d, d, 0, 4, 1, 5, 2, 6, 3, 7);  // d holds the sums of t 0 2 4 6 1 3 5 7
+}
+#endif
+
 inline v16f hsum16x16(const v16f* a) {
 #if !defined(__AVX512F__) && defined(__AVX__)
-  // 8-lane registers: a 16-lane shuffle that crosses them is lowered lane by lane through memory, so add each
-  // vector's halves first, then two 8 x 8 transposing trees (shuffles within one or two 8-lane registers)
-  typedef float v8f __attribute__((vector_size(32)));
-  v8f s[16], b[8], c[4];
-  for (int i = 0; i < 16; ++i)
-    s[i] = __builtin_shufflevector(a[i], a[i], 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(a[i], a[i], 8, 9, 10, 11, 12, 13, 14, 15);
-  v8f half[2];
-  for (int g = 0; g < 2; ++g) {
-    const v8f* t = s + 8 * g;
-    for (int i = 0; i < 4; ++i)  // 128-bit halves of two vectors: lanes 0-3 of t[2i] and t[2i+1], then 4-7
-      b[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
-             __builtin_shufflevector(t[2 * i], t[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-    for (int i = 0; i < 2; ++i)  // b[i] = (x0..3 | y0..3) partial sums: pairs within 128-bit lanes
-      c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-             __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-    const v8f d = __builtin_shufflevector(c[0], c[1], 0, 2, 8, 10, 4, 6, 12, 14) +
-                  __builtin_shufflevector(c[0], c[1], 1, 3, 9, 11, 5, 7, 13, 15);
-    // d's lanes hold the sums of vectors 0 2 4 6 1 3 5 7 (in this order): restore 0..7
-    half[g] = __builtin_shufflevector(d, d, 0, 4, 1, 5, 2, 6, 3, 7);
-  }
-  return __builtin_shufflevector(half[0], half[1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // 8-lane registers: a 16-lane shuffle that crosses them is lowered lane by lane through memory, so fold each
+  // vector's halves first, then two 8 x 8 trees
+  v8f s[16];
+  for (int i = 0; i < 16; ++i) s[i] = fold8(a[i]);
+  const v8f lo = hsum8x8(s), hi = hsum8x8(s + 8);
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #elif defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
   v16f b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i)
