@@ -52,6 +52,18 @@ struct LowRank {
 
 constexpr int64_t kRowPrefetch = 8;  // key rows ahead that the first task of a slice prefetches
 
+// Register blocking: a 16-lane vector is one of AVX-512's 32 registers but two of AVX2's 16, so without AVX-512 the
+// blocks shrink until accumulators and operands fit (else every accumulator spills to the stack on every FMA).
+#if defined(__AVX512F__)
+constexpr int kRowsPerBlock = 4;  // query rows per coef_rows task: 4 x U accumulators
+template <int U>
+constexpr int kKdownCols = U == 1 ? 16 : (U == 4 ? 4 : 8);  // CB x U accumulators (<= 24 registers); CB divides 16
+#else
+constexpr int kRowsPerBlock = 2;
+template <int U>
+constexpr int kKdownCols = U == 1 ? 4 : (U == 2 ? 2 : 1);  // CB x U accumulators (<= 8 registers)
+#endif
+
 // (1) Columns c0 .. c0+CB-1 of scale * K_down^T = scale * (W_down k)^T for slice bh, all nd16 rows of W_down at once:
 // a register-blocked product (CB x U accumulators; per key row n, U vector loads of W_down^T row n and CB broadcasts
 // of k[n, c0 ..]), stored as whole rows of kt (the padding columns come out 0 from W_down^T's zero columns).
@@ -124,21 +136,22 @@ inline void finish_row(const LowRank& L, const v16f* sc, float* orow) {
   }
 }
 
-// (2) query rows i0 .. i0+R-1 of slice bh (R <= 4): R x U independent chains of broadcast FMAs over the d rows of
+// (2) query rows i0 .. i0+R-1 of slice bh (R <= kRowsPerBlock): R x U independent chains of broadcast FMAs over the d rows of
 // K_down^T (16 scores per vector), then softmax and threshold per row.
 template <int NV, int U>
 void coef_rows(const LowRank& L, int64_t bh, int64_t i0, int R) {
   const int64_t h = bh % L.H, b = bh / L.H;
-  const float* qr[4];
-  for (int r = 0; r < 4; ++r) qr[r] = L.q + b * L.qs_b + h * L.qs_h + (i0 + std::min(r, R - 1)) * L.qs_n;
+  constexpr int RB = kRowsPerBlock;
+  const float* qr[RB];
+  for (int r = 0; r < RB; ++r) qr[r] = L.q + b * L.qs_b + h * L.qs_h + (i0 + std::min(r, R - 1)) * L.qs_n;
   const float* kt = L.kt + bh * (16 * NV) * L.nd16;
-  v16f acc[4][U];
-  for (int r = 0; r < 4; ++r)
+  v16f acc[RB][U];
+  for (int r = 0; r < RB; ++r)
     for (int u = 0; u < U; ++u) acc[r][u] = v16f{};
   for (int c = 0; c < 16 * NV; ++c) {
     v16f kv[U];
     for (int u = 0; u < U; ++u) kv[u] = load16(kt + c * L.nd16 + 16 * u);
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < RB; ++r) {
       const v16f qc = splat(qr[r][c]);
       for (int u = 0; u < U; ++u) acc[r][u] += qc * kv[u];
     }
@@ -156,17 +169,17 @@ void coef_rows(const LowRank& L, int64_t bh, int64_t i0, int R) {
 
 template <int NV, int U>
 void run_lowrank(const LowRank& L, int64_t BH) {
-  constexpr int CB = U == 1 ? 16 : (U == 4 ? 4 : 8);  // CB x U accumulators (<= 24 registers); CB divides 16
+  constexpr int CB = kKdownCols<U>;
   const int64_t cblocks = 16 * NV / CB;
   at::parallel_for(0, BH * cblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) kdown_cols<U, CB>(L, t / cblocks, CB * (t % cblocks));
   });
-  const int64_t iblocks = (L.Nq + 3) / 4;
+  const int64_t iblocks = (L.Nq + kRowsPerBlock - 1) / kRowsPerBlock;
   const int64_t grain = std::max<int64_t>(1, 4096 / (16 * NV * 16 * U));
   at::parallel_for(0, BH * iblocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / iblocks, i0 = 4 * (t % iblocks);
-      coef_rows<NV, U>(L, bh, i0, static_cast<int>(std::min<int64_t>(4, L.Nq - i0)));
+      const int64_t bh = t / iblocks, i0 = kRowsPerBlock * (t % iblocks);
+      coef_rows<NV, U>(L, bh, i0, static_cast<int>(std::min<int64_t>(kRowsPerBlock, L.Nq - i0)));
     }
   });
 }
