@@ -54,7 +54,10 @@ autograd records, the method computes the scores densely anyway, since the atten
 needs them.
 
 The kernels are compiled just in time on first use and cached (see :mod:`bench_suite.kernels.loader`);
-``python -m bench_suite speed --build`` compiles them ahead of time.
+``python -m bench_suite speed --build`` compiles them ahead of time. They are written for AVX-512 and have AVX2
+paths (the top-B's window pass and rank count, the sparse forward's 8-key reductions, smaller register blocks in the
+coefficients) and portable fallbacks; ``BENCH_SUITE_KERNEL_CFLAGS=-mno-avx512f`` builds the AVX2 paths on an AVX-512
+machine (a slow test runs the kernel tests on that build).
 """
 from __future__ import annotations
 
