@@ -40,7 +40,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, tiny_teacher):
     # find_unused_parameters (mapped from --strategy ddp), full attention does not.
     args = ["run", "--profile", "tiny", "--methods", "full,sparsifiner", "--keep-rates", "0.5", "--train-subset",
             "256", "--batch-size", "32", "--no-augment", "--accelerator", "cpu", "--teacher", str(tiny_teacher),
-            "--no-progress"]
+            "--no-progress", "--val-size", "500"]
     one = run_cli([*args, "--output", str(tmp_path / "one")], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_cli([*args, "--output", str(tmp_path / "two"), "--devices", "2", "--strategy", "ddp"], tmp_path)

@@ -239,7 +239,7 @@ def test_sweep_killed_mid_training_resumes_only_the_unfinished_configuration(tmp
     # where an uninterrupted one does.
     args = ["run", "--profile", "tiny", "--methods", "full,evit", "--keep-rates", "0.5", "--train-subset", "512",
             "--batch-size", "32", "--epochs", "1", "--checkpoint-every", "2", "--no-augment", "--accelerator", "cpu",
-            "--teacher", str(tiny_teacher), "--no-progress"]
+            "--teacher", str(tiny_teacher), "--no-progress", "--val-size", "500"]
     out = tmp_path / "killed"
     killed = run_cli([str(tmp_path / "marker"), "EViT", "5", *args, "--output", str(out)], tmp_path, KILL_WRAPPER)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -276,7 +276,7 @@ def test_same_command_same_seed_same_top1_and_flops(tmp_path, tiny_teacher):
     for name in ("a", "b"):
         args = ["run", "--profile", "tiny", "--methods", "evit", "--keep-rates", "0.5", "--train-subset", "128",
                 "--seed", "3", "--accelerator", "cpu", "--teacher", str(tiny_teacher), "--no-progress",
-                "--output", str(tmp_path / name)]  # default augmentation (random crops and flips)
+                "--val-size", "500", "--output", str(tmp_path / name)]  # default augmentation (random crops and flips)
         done = run_cli(args, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         results.append(rows_by_method(tmp_path / name)[1][("evit", 0.5)])

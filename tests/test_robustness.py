@@ -240,7 +240,8 @@ def test_nonfinite_loss_fails_only_its_configuration(tmp_path, capsys, tiny_teac
 def test_two_sweeps_share_one_results_folder(tmp_path, tiny_teacher):
     out = tmp_path / "results"
     args = ["run", "--profile", "tiny", "--methods", "full,evit", "--keep-rates", "0.5,0.3", "--train-subset", "128",
-            "--accelerator", "cpu", "--no-progress", "--teacher", str(tiny_teacher), "--output", str(out)]
+            "--accelerator", "cpu", "--no-progress", "--teacher", str(tiny_teacher), "--val-size", "500",
+            "--output", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "bench_suite", *args], cwd=tmp_path, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]

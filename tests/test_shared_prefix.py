@@ -18,7 +18,7 @@ def _args(teacher: Path, out: Path, rates: str) -> list[str]:
     # so that a run resumed from the shared phase 1 must end exactly where a run of its own does
     return ["run", "--profile", "tiny", "--methods", "sparsifiner", "--keep-rates", rates, "--train-subset", "128",
             "--batch-size", "32", "--epochs", "1", "--no-augment", "--accelerator", "cpu", "--teacher", str(teacher),
-            "--no-progress", "--output", str(out)]
+            "--no-progress", "--val-size", "500", "--output", str(out)]
 
 
 def test_declarations():

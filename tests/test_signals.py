@@ -47,7 +47,7 @@ def _args(teacher: Path) -> list[str]:
     # exactly where an uninterrupted one does
     return ["run", "--profile", "tiny", "--methods", "full,evit", "--keep-rates", "0.5", "--train-subset", "512",
             "--batch-size", "32", "--epochs", "1", "--checkpoint-every", "2", "--no-augment", "--accelerator", "cpu",
-            "--teacher", str(teacher), "--no-progress"]
+            "--teacher", str(teacher), "--no-progress", "--val-size", "500"]  # validation: 500 held-out images
 
 
 def _stopped(proc: subprocess.CompletedProcess, name: str, code: int) -> None:
