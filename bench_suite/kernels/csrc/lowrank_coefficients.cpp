@@ -52,16 +52,50 @@ struct LowRank {
 
 constexpr int64_t kRowPrefetch = 8;  // key rows ahead that the first task of a slice prefetches
 
-// Register blocking: a 16-lane vector is one of AVX-512's 32 registers but two of AVX2's 16, so without AVX-512 the
-// blocks shrink until accumulators and operands fit (else every accumulator spills to the stack on every FMA).
+// Register blocking: a 16-lane vector is one of AVX-512's 32 registers but two of AVX2's 16, and GCC keeps arrays of
+// vectors wider than the registers in memory (a load and a store around every FMA). So the products accumulate in
+// `vacc`, the widest native vector (AVX-512: v16f; AVX2: v8f, `kAccPer16` of them per 16 coefficients), in blocks
+// that fit the register file, and so do the softmax and threshold of each row.
+#if defined(__AVX512F__) || !defined(__AVX__)
+typedef v16f vacc;
+typedef v16i vacc_i;
+constexpr int kAccPer16 = 1;
+inline vacc load_acc(const float* p) { return load16(p); }
+inline void store_acc(float* p, vacc x) { store16(p, x); }
+inline vacc splat_acc(float x) { return splat(x); }
+inline float hmax_acc(vacc x) { return hmax16(x); }
+inline float hsum_acc(vacc x) { return hsum16(x); }
+#else
+typedef v8f vacc;
+typedef int32_t vacc_i __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));  // unaligned loads/stores
+constexpr int kAccPer16 = 2;
+inline vacc load_acc(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
+inline void store_acc(float* p, vacc x) { *reinterpret_cast<v8f_u*>(p) = x; }
+inline vacc splat_acc(float x) { return vacc{x, x, x, x, x, x, x, x}; }
+inline float hmax_acc(vacc x) {
+  typedef float v4f __attribute__((vector_size(16)));
+  const v4f lo = __builtin_shufflevector(x, x, 0, 1, 2, 3), hi = __builtin_shufflevector(x, x, 4, 5, 6, 7);
+  const v4f b = lo > hi ? lo : hi;
+  const float c0 = b[0] > b[2] ? b[0] : b[2], c1 = b[1] > b[3] ? b[1] : b[3];
+  return c0 > c1 ? c0 : c1;
+}
+inline float hsum_acc(vacc x) {
+  typedef float v4f __attribute__((vector_size(16)));
+  const v4f b = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+#endif
+constexpr int kAccLanes = 16 / kAccPer16;
+
 #if defined(__AVX512F__)
 constexpr int kRowsPerBlock = 4;  // query rows per coef_rows task: 4 x U accumulators
 template <int U>
 constexpr int kKdownCols = U == 1 ? 16 : (U == 4 ? 4 : 8);  // CB x U accumulators (<= 24 registers); CB divides 16
 #else
-constexpr int kRowsPerBlock = 2;
+constexpr int kRowsPerBlock = 2;  // 2 x 2U accumulators
 template <int U>
-constexpr int kKdownCols = U == 1 ? 4 : (U == 2 ? 2 : 1);  // CB x U accumulators (<= 8 registers)
+constexpr int kKdownCols = U == 1 ? 4 : (U == 2 ? 2 : 1);  // CB x 2U accumulators (<= 8 registers)
 #endif
 
 // (1) Columns c0 .. c0+CB-1 of scale * K_down^T = scale * (W_down k)^T for slice bh, all nd16 rows of W_down at once:
@@ -72,67 +106,68 @@ void kdown_cols(const LowRank& L, int64_t bh, int64_t c0) {
   const int64_t h = bh % L.H, b = bh / L.H;
   const float* wt = L.wt + (L.Hw == 1 ? 0 : h) * L.Nk * L.nd16;
   const float* kb = L.k + b * L.ks_b + h * L.ks_h + c0;
-  v16f acc[CB][U];
+  constexpr int UA = U * kAccPer16;
+  vacc acc[CB][UA];
   for (int r = 0; r < CB; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u] = v16f{};
+    for (int u = 0; u < UA; ++u) acc[r][u] = vacc{};
   const bool first = c0 == 0;  // the slice's first task pulls whole key rows ahead (the others then find them cached)
   for (int64_t n = 0; n < L.Nk; ++n) {
     const float* kr = kb + n * L.ks_n;
     const float* wr = wt + n * L.nd16;
     if (first && n + kRowPrefetch < L.Nk)
       for (int64_t c = 0; c < L.d; c += 16) __builtin_prefetch(kr + kRowPrefetch * L.ks_n + c);
-    v16f wv[U];
-    for (int u = 0; u < U; ++u) wv[u] = load16(wr + 16 * u);
+    vacc wv[UA];
+    for (int u = 0; u < UA; ++u) wv[u] = load_acc(wr + kAccLanes * u);
     for (int r = 0; r < CB; ++r) {
-      const v16f kc = splat(kr[r]);
-      for (int u = 0; u < U; ++u) acc[r][u] += kc * wv[u];
+      const vacc kc = splat_acc(kr[r]);
+      for (int u = 0; u < UA; ++u) acc[r][u] += kc * wv[u];
     }
   }
   float* kt = L.kt + (bh * L.d + c0) * L.nd16;
   for (int r = 0; r < CB; ++r)
-    for (int u = 0; u < U; ++u) store16(kt + r * L.nd16 + 16 * u, acc[r][u] * L.scale);
+    for (int u = 0; u < UA; ++u) store_acc(kt + r * L.nd16 + kAccLanes * u, acc[r][u] * L.scale);
 }
 
-// Softmax and threshold of one row of scores (U vectors, lanes >= nd already -inf), written to orow (nd floats).
-// Top-k (the official code): a coefficient is kept iff fewer than topk coefficients of its row exceed it, i.e. iff it
-// is >= the topk-th largest (ties at the boundary all kept), counted for all nd coefficients at once (one broadcast
-// compare per coefficient and vector; no sort, no branches).
-template <int U>
-inline void finish_row(const LowRank& L, const v16f* sc, float* orow) {
+// Softmax and threshold of one row of scores (UA native vectors, lanes >= nd already -inf), written to orow (nd
+// floats). Top-k (the official code): a coefficient is kept iff fewer than topk coefficients of its row exceed it,
+// i.e. iff it is >= the topk-th largest (ties at the boundary all kept), counted for all nd coefficients at once (one
+// broadcast compare per coefficient and vector; no sort, no branches).
+template <int UA>
+inline void finish_row(const LowRank& L, const vacc* sc, float* orow) {
   const int64_t nd = L.nd;
-  v16f mv = sc[0];
-  for (int u = 1; u < U; ++u) mv = sc[u] > mv ? sc[u] : mv;
-  const v16f m = splat(hmax16(mv));
-  v16f x[U], lv{};
-  for (int u = 0; u < U; ++u) {
-    x[u] = exp16_nonpositive(sc[u] - m);
+  vacc mv = sc[0];
+  for (int u = 1; u < UA; ++u) mv = sc[u] > mv ? sc[u] : mv;
+  const vacc m = splat_acc(hmax_acc(mv));
+  vacc x[UA], lv{};
+  for (int u = 0; u < UA; ++u) {
+    x[u] = exp_nonpositive<vacc, vacc_i>(sc[u] - m);
     lv += x[u];
   }
-  const float inv = 1.0f / hsum16(lv);
-  for (int u = 0; u < U; ++u) x[u] = x[u] * inv;  // padding lanes: 0
+  const float inv = 1.0f / hsum_acc(lv);
+  for (int u = 0; u < UA; ++u) x[u] = x[u] * inv;  // padding lanes: 0
   if (L.topk <= 0 || L.topk >= nd) {
     if (L.topk <= 0)  // the threshold tau (else every coefficient is kept: topk >= nd)
-      for (int u = 0; u < U; ++u) x[u] = x[u] > L.tau ? x[u] : v16f{};
+      for (int u = 0; u < UA; ++u) x[u] = x[u] > L.tau ? x[u] : vacc{};
   } else {
-    alignas(64) float xs[16 * U];
-    v16i cnt[U];
-    for (int u = 0; u < U; ++u) {
-      store16(xs + 16 * u, x[u]);
-      cnt[u] = v16i{};
+    alignas(64) float xs[kAccLanes * UA];
+    vacc_i cnt[UA];
+    for (int u = 0; u < UA; ++u) {
+      store_acc(xs + kAccLanes * u, x[u]);
+      cnt[u] = vacc_i{};
     }
     for (int64_t i = 0; i < nd; ++i) {  // padding lanes (0) never exceed a coefficient (> 0) and are never stored
-      const v16f xi = splat(xs[i]);
-      for (int u = 0; u < U; ++u) cnt[u] -= (xi > x[u]);  // the mask is -1 where coefficient i exceeds the lane's
+      const vacc xi = splat_acc(xs[i]);
+      for (int u = 0; u < UA; ++u) cnt[u] -= (xi > x[u]);  // the mask is -1 where coefficient i exceeds the lane's
     }
     const int32_t k = static_cast<int32_t>(L.topk);
-    for (int u = 0; u < U; ++u) x[u] = cnt[u] < k ? x[u] : v16f{};
+    for (int u = 0; u < UA; ++u) x[u] = cnt[u] < k ? x[u] : vacc{};
   }
-  const int64_t full = nd / 16;
-  for (int64_t u = 0; u < full; ++u) store16(orow + 16 * u, x[u]);
-  if (nd % 16) {
-    alignas(64) float tail[16];
-    store16(tail, x[full]);
-    std::memcpy(orow + 16 * full, tail, static_cast<size_t>(nd % 16) * sizeof(float));
+  const int64_t full = nd / kAccLanes;
+  for (int64_t u = 0; u < full; ++u) store_acc(orow + kAccLanes * u, x[u]);
+  if (nd % kAccLanes) {
+    alignas(64) float tail[kAccLanes];
+    store_acc(tail, x[full]);
+    std::memcpy(orow + kAccLanes * full, tail, static_cast<size_t>(nd % kAccLanes) * sizeof(float));
   }
 }
 
@@ -145,25 +180,25 @@ void coef_rows(const LowRank& L, int64_t bh, int64_t i0, int R) {
   const float* qr[RB];
   for (int r = 0; r < RB; ++r) qr[r] = L.q + b * L.qs_b + h * L.qs_h + (i0 + std::min(r, R - 1)) * L.qs_n;
   const float* kt = L.kt + bh * (16 * NV) * L.nd16;
-  v16f acc[RB][U];
+  constexpr int UA = U * kAccPer16;
+  vacc acc[RB][UA];
   for (int r = 0; r < RB; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u] = v16f{};
+    for (int u = 0; u < UA; ++u) acc[r][u] = vacc{};
   for (int c = 0; c < 16 * NV; ++c) {
-    v16f kv[U];
-    for (int u = 0; u < U; ++u) kv[u] = load16(kt + c * L.nd16 + 16 * u);
+    vacc kv[UA];
+    for (int u = 0; u < UA; ++u) kv[u] = load_acc(kt + c * L.nd16 + kAccLanes * u);
     for (int r = 0; r < RB; ++r) {
-      const v16f qc = splat(qr[r][c]);
-      for (int u = 0; u < U; ++u) acc[r][u] += qc * kv[u];
+      const vacc qc = splat_acc(qr[r][c]);
+      for (int u = 0; u < UA; ++u) acc[r][u] += qc * kv[u];
     }
   }
-  const v16f ninf = splat(-std::numeric_limits<float>::infinity());
-  v16i valid[U];  // lanes < nd
-  for (int u = 0; u < U; ++u)
-    for (int l = 0; l < 16; ++l) valid[u][l] = 16 * u + l < L.nd ? -1 : 0;
+  const vacc ninf = splat_acc(-std::numeric_limits<float>::infinity());
+  vacc_i valid[UA];  // lanes < nd
+  for (int u = 0; u < UA; ++u)
+    for (int l = 0; l < kAccLanes; ++l) valid[u][l] = kAccLanes * u + l < L.nd ? -1 : 0;
   for (int r = 0; r < R; ++r) {
-    v16f sc[U];
-    for (int u = 0; u < U; ++u) sc[u] = valid[u] ? acc[r][u] : ninf;  // padding: exp gives 0
-    finish_row<U>(L, sc, L.out + ((bh * L.Nq) + i0 + r) * L.nd);
+    for (int u = 0; u < UA; ++u) acc[r][u] = valid[u] ? acc[r][u] : ninf;  // padding: exp gives 0
+    finish_row<UA>(L, acc[r], L.out + ((bh * L.Nq) + i0 + r) * L.nd);
   }
 }
 

@@ -107,32 +107,36 @@ inline v16f hsum16x16(const v16f* a) {
 #endif
 }
 
-// exp(x) for x <= 0 (the softmax argument s_j - max), 16 lanes at a time: Cephes-style range reduction
-// x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, 2^n from the exponent bits.
-// Relative error about 2e-7; exactly 0 below -87 (e^-87 ~ 1.6e-38) and for the -inf padding.
-inline v16f exp16_nonpositive(v16f x) {
-  const v16f lo = splat(-87.0f);
-  const v16i under = x < lo;
-  const v16f xc = under ? lo : x;
-  v16f n = xc * 1.44269504088896341f + 0.5f;
+// exp(x) for x <= 0 (the softmax argument s_j - max), all lanes of a float vector VF (VI: the int32 vector of its
+// width) at a time: Cephes-style range reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r,
+// 2^n from the exponent bits. Relative error about 2e-7; exactly 0 below -87 (e^-87 ~ 1.6e-38) and for the -inf
+// padding.
+template <typename VF, typename VI>
+inline VF exp_nonpositive(VF x) {
+  const VF lo = VF{} - 87.0f;  // a constant: folded
+  const VI under = x < lo;
+  const VF xc = under ? lo : x;
+  VF n = xc * 1.44269504088896341f + 0.5f;
   // floor for negative and positive values: truncate, then subtract 1 where truncation rounded up
-  const v16i ni = __builtin_convertvector(n, v16i);
-  v16f nf = __builtin_convertvector(ni, v16f);
+  const VI ni = __builtin_convertvector(n, VI);
+  VF nf = __builtin_convertvector(ni, VF);
   nf = (nf > n) ? nf - 1.0f : nf;
-  v16f r = xc - nf * 0.693359375f;
+  VF r = xc - nf * 0.693359375f;
   r = r + nf * 2.12194440e-4f;
-  v16f p = splat(1.9875691500e-4f);
+  VF p = VF{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const v16i bits = (__builtin_convertvector(nf, v16i) + 127) << 23;
-  v16f pow2;
+  const VI bits = (__builtin_convertvector(nf, VI) + 127) << 23;
+  VF pow2;
   std::memcpy(&pow2, &bits, sizeof(pow2));
-  const v16f e = p * pow2;
-  return under ? v16f{} : e;
+  const VF e = p * pow2;
+  return under ? VF{} : e;
 }
+
+inline v16f exp16_nonpositive(v16f x) { return exp_nonpositive<v16f, v16i>(x); }
 
 }  // namespace bench_suite_kernels
