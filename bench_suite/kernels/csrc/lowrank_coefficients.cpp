@@ -54,39 +54,8 @@ constexpr int64_t kRowPrefetch = 8;  // key rows ahead that the first task of a 
 
 // Register blocking: a 16-lane vector is one of AVX-512's 32 registers but two of AVX2's 16, and GCC keeps arrays of
 // vectors wider than the registers in memory (a load and a store around every FMA). So the products accumulate in
-// `vacc`, the widest native vector (AVX-512: v16f; AVX2: v8f, `kAccPer16` of them per 16 coefficients), in blocks
-// that fit the register file, and so do the softmax and threshold of each row.
-#if defined(__AVX512F__) || !defined(__AVX__)
-typedef v16f vacc;
-typedef v16i vacc_i;
-constexpr int kAccPer16 = 1;
-inline vacc load_acc(const float* p) { return load16(p); }
-inline void store_acc(float* p, vacc x) { store16(p, x); }
-inline vacc splat_acc(float x) { return splat(x); }
-inline float hmax_acc(vacc x) { return hmax16(x); }
-inline float hsum_acc(vacc x) { return hsum16(x); }
-#else
-typedef v8f vacc;
-typedef int32_t vacc_i __attribute__((vector_size(32)));
-typedef float v8f_u __attribute__((vector_size(32), aligned(4)));  // unaligned loads/stores
-constexpr int kAccPer16 = 2;
-inline vacc load_acc(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
-inline void store_acc(float* p, vacc x) { *reinterpret_cast<v8f_u*>(p) = x; }
-inline vacc splat_acc(float x) { return vacc{x, x, x, x, x, x, x, x}; }
-inline float hmax_acc(vacc x) {
-  typedef float v4f __attribute__((vector_size(16)));
-  const v4f lo = __builtin_shufflevector(x, x, 0, 1, 2, 3), hi = __builtin_shufflevector(x, x, 4, 5, 6, 7);
-  const v4f b = lo > hi ? lo : hi;
-  const float c0 = b[0] > b[2] ? b[0] : b[2], c1 = b[1] > b[3] ? b[1] : b[3];
-  return c0 > c1 ? c0 : c1;
-}
-inline float hsum_acc(vacc x) {
-  typedef float v4f __attribute__((vector_size(16)));
-  const v4f b = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-#endif
-constexpr int kAccLanes = 16 / kAccPer16;
+// `vacc` (vec16.h: the widest native vector), in blocks that fit the register file, and so do the softmax and
+// threshold of each row.
 
 #if defined(__AVX512F__)
 constexpr int kRowsPerBlock = 4;  // query rows per coef_rows task: 4 x U accumulators

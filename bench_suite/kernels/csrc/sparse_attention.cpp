@@ -199,7 +199,7 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
   int64_t* keys = S.keys.data();
   const uint64_t nk = static_cast<uint64_t>(P.Nk);
   const float ninf = -std::numeric_limits<float>::infinity();
-  const v16f scale = splat(P.scale);  // once per task (a 16-lane splat is built through memory without AVX-512)
+  const vacc scale = splat_acc(P.scale);
 
   for (int64_t t = begin; t < end; ++t) {
     int64_t b, h, i, is_j, Bk;
@@ -212,14 +212,15 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
     const float* vb = P.v + b * P.vs_b + h * P.vs_h;
     float* orow = P.out + b * P.os_b + h * P.os_h + i * P.os_n;
 
-    v16f qv[NV];
-    for (int c = 0; c < NV; ++c) qv[c] = load16(qr + 16 * c) * scale;
+    constexpr int NA = NV * kAccPer16;  // native vectors per head row (vacc, vec16.h)
+    vacc qv[NA];
+    for (int c = 0; c < NA; ++c) qv[c] = load_acc(qr + kAccLanes * c) * scale;
 
     // pass 1: scores s_j = (scale q) . k_{idx_j}, and their max; 16 keys at a time, whose 16 partial-sum
     // vectors one transposing reduction (vec16.h) turns into one vector of 16 scores, then one key at a time
     // key j's partial-sum vector of (scale q) . k_{idx_j} (records the checked key; prefetches the row
     // kPrefetch keys ahead, which lies at a random address: an out-of-range index only prefetches junk)
-    auto partial = [&](int64_t j) -> v16f {
+    auto partial = [&](int64_t j) -> vacc {
       const int64_t kj = checked_key(ir, j, is_j, nk, bad);
       keys[j] = kj;
       if (j + kPrefetch < Bk) {
@@ -230,17 +231,17 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
         }
       }
       const float* kr = kb + kj * P.ks_n;
-      v16f acc = qv[0] * load16(kr);
-      for (int c = 1; c < NV; ++c) acc += qv[c] * load16(kr + 16 * c);
+      vacc acc = qv[0] * load_acc(kr);
+      for (int c = 1; c < NA; ++c) acc += qv[c] * load_acc(kr + kAccLanes * c);
       return acc;
     };
     float m = ninf;
     int64_t j0 = 0;
 #if !defined(__AVX512F__) && defined(__AVX__)
-    // AVX2: 8 keys per reduction, each partial folded to one register (16 would spill: 16 registers in all)
+    // AVX2: 8 keys per reduction, their partials one register each (16 would spill: 16 registers in all)
     for (; j0 + 8 <= Bk; j0 += 8) {
       v8f a[8];
-      for (int r = 0; r < 8; ++r) a[r] = fold8(partial(j0 + r));
+      for (int r = 0; r < 8; ++r) a[r] = partial(j0 + r);
       const v8f sv = hsum8x8(a);
       std::memcpy(s + j0, &sv, sizeof(sv));
       for (int r = 0; r < 8; ++r) m = sv[r] > m ? sv[r] : m;
@@ -255,25 +256,25 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
     }
 #endif
     for (int64_t j = j0; j < Bk; ++j) {
-      const float sj = hsum16(partial(j));
+      const float sj = hsum_acc(partial(j));
       s[j] = sj;
       m = sj > m ? sj : m;
     }
     for (int64_t j = Bk; j < Bk16; ++j) s[j] = ninf;  // padding: exp gives exactly 0
 
     // softmax numerators e_j = exp(s_j - m) (in place) and their sum l
-    const v16f mv = splat(m);
-    v16f lv{};
-    for (int64_t j = 0; j < Bk16; j += 16) {
-      const v16f e = exp16_nonpositive(load16(s + j) - mv);
-      store16(s + j, e);
+    const vacc mv = splat_acc(m);
+    vacc lv{};
+    for (int64_t j = 0; j < Bk16; j += kAccLanes) {
+      const vacc e = exp_nonpositive<vacc, vacc_i>(load_acc(s + j) - mv);
+      store_acc(s + j, e);
       lv += e;
     }
-    const float l = hsum16(lv);
+    const float l = hsum_acc(lv);
 
     // pass 2: acc = sum_j e_j v_{idx_j}; two accumulator sets hide the FMA latency
-    v16f acc0[NV], acc1[NV];
-    for (int c = 0; c < NV; ++c) acc0[c] = acc1[c] = v16f{};
+    vacc acc0[NA], acc1[NA];
+    for (int c = 0; c < NA; ++c) acc0[c] = acc1[c] = vacc{};
     int64_t j = 0;
     for (; j + 1 < Bk; j += 2) {
       if (j + kPrefetch + 1 < Bk) {
@@ -286,19 +287,19 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
       }
       const float* v0 = vb + keys[j] * P.vs_n;
       const float* v1 = vb + keys[j + 1] * P.vs_n;
-      const v16f p0 = splat(s[j]), p1 = splat(s[j + 1]);
-      for (int c = 0; c < NV; ++c) {
-        acc0[c] += p0 * load16(v0 + 16 * c);
-        acc1[c] += p1 * load16(v1 + 16 * c);
+      const vacc p0 = splat_acc(s[j]), p1 = splat_acc(s[j + 1]);
+      for (int c = 0; c < NA; ++c) {
+        acc0[c] += p0 * load_acc(v0 + kAccLanes * c);
+        acc1[c] += p1 * load_acc(v1 + kAccLanes * c);
       }
     }
     if (j < Bk) {
       const float* v0 = vb + keys[j] * P.vs_n;
-      const v16f p0 = splat(s[j]);
-      for (int c = 0; c < NV; ++c) acc0[c] += p0 * load16(v0 + 16 * c);
+      const vacc p0 = splat_acc(s[j]);
+      for (int c = 0; c < NA; ++c) acc0[c] += p0 * load_acc(v0 + kAccLanes * c);
     }
     const float inv = 1.0f / l;
-    for (int c = 0; c < NV; ++c) store16(orow + 16 * c, (acc0[c] + acc1[c]) * inv);
+    for (int c = 0; c < NA; ++c) store_acc(orow + kAccLanes * c, (acc0[c] + acc1[c]) * inv);
   }
 }
 
