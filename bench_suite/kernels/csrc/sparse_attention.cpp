@@ -237,24 +237,14 @@ void attend_rows_f32(const Problem<float>& P, int64_t begin, int64_t end, std::a
     };
     float m = ninf;
     int64_t j0 = 0;
-#if !defined(__AVX512F__) && defined(__AVX__)
-    // AVX2: 8 keys per reduction, their partials one register each (16 would spill: 16 registers in all)
-    for (; j0 + 8 <= Bk; j0 += 8) {
-      v8f a[8];
-      for (int r = 0; r < 8; ++r) a[r] = partial(j0 + r);
-      const v8f sv = hsum8x8(a);
-      std::memcpy(s + j0, &sv, sizeof(sv));
-      for (int r = 0; r < 8; ++r) m = sv[r] > m ? sv[r] : m;
+    // kAccLanes keys per reduction (16 on AVX-512; 8 on AVX2, where 16 keys' partials would spill)
+    for (; j0 + kAccLanes <= Bk; j0 += kAccLanes) {
+      vacc a[kAccLanes];
+      for (int r = 0; r < kAccLanes; ++r) a[r] = partial(j0 + r);
+      const vacc sv = hsum_block(a);
+      store_acc(s + j0, sv);
+      for (int r = 0; r < kAccLanes; ++r) m = sv[r] > m ? sv[r] : m;
     }
-#else
-    for (; j0 + 16 <= Bk; j0 += 16) {
-      v16f a[16];
-      for (int r = 0; r < 16; ++r) a[r] = partial(j0 + r);
-      const v16f sv = hsum16x16(a);
-      store16(s + j0, sv);
-      for (int r = 0; r < 16; ++r) m = sv[r] > m ? sv[r] : m;
-    }
-#endif
     for (int64_t j = j0; j < Bk; ++j) {
       const float sj = hsum_acc(partial(j));
       s[j] = sj;
@@ -501,84 +491,85 @@ void backward_slices_f32(const BackwardProblem<float>& BP, int64_t begin, int64_
       const float* qr = P.q + b * P.qs_b + h * P.qs_h + i * P.qs_n;
       const float* gr = BP.g + b * BP.gs_b + h * BP.gs_h + i * BP.gs_n;
       const index_t* ir = idx + b * P.is_b + h * P.is_h + i * P.is_n;
-      v16f qv[NV], gv[NV];
-      for (int c = 0; c < NV; ++c) {
-        qv[c] = load16(qr + 16 * c);
-        gv[c] = load16(gr + 16 * c);
+      constexpr int NA = NV * kAccPer16;  // native vectors per head row (vacc, vec16.h)
+      vacc qv[NA], gv[NA];
+      for (int c = 0; c < NA; ++c) {
+        qv[c] = load_acc(qr + kAccLanes * c);
+        gv[c] = load_acc(gr + kAccLanes * c);
       }
-      // scores and dp, 16 keys at a time: 16 partial-sum vectors, one transposing reduction (vec16.h) each for the
-      // scores and for dp (instead of two horizontal sums per key), then the remaining keys one at a time
-      v16f mv16 = splat(ninf);
+      // scores and dp, kAccLanes keys at a time: as many partial-sum vectors, one transposing reduction (vec16.h)
+      // each for the scores and for dp (instead of two horizontal sums per key), then the remaining keys one at a time
+      vacc mvb = splat_acc(ninf);
       int64_t j0 = 0;
-      for (; j0 + 16 <= Bk; j0 += 16) {
-        v16f a[16];
-        for (int r = 0; r < 16; ++r) {
+      for (; j0 + kAccLanes <= Bk; j0 += kAccLanes) {
+        vacc a[kAccLanes];
+        for (int r = 0; r < kAccLanes; ++r) {
           const int64_t kj = checked_key(ir, j0 + r, P.is_j, nk, bad);
           keys[j0 + r] = kj;
           const float* kr = kb + kj * P.ks_n;
-          a[r] = qv[0] * load16(kr);
-          for (int c = 1; c < NV; ++c) a[r] += qv[c] * load16(kr + 16 * c);
+          a[r] = qv[0] * load_acc(kr);
+          for (int c = 1; c < NA; ++c) a[r] += qv[c] * load_acc(kr + kAccLanes * c);
         }
-        const v16f sv = hsum16x16(a) * P.scale;
-        store16(p + j0, sv);
-        mv16 = sv > mv16 ? sv : mv16;
-        for (int r = 0; r < 16; ++r) {
+        const vacc sv = hsum_block(a) * P.scale;
+        store_acc(p + j0, sv);
+        mvb = sv > mvb ? sv : mvb;
+        for (int r = 0; r < kAccLanes; ++r) {
           const float* vr = vb + keys[j0 + r] * P.vs_n;
-          a[r] = gv[0] * load16(vr);
-          for (int c = 1; c < NV; ++c) a[r] += gv[c] * load16(vr + 16 * c);
+          a[r] = gv[0] * load_acc(vr);
+          for (int c = 1; c < NA; ++c) a[r] += gv[c] * load_acc(vr + kAccLanes * c);
         }
-        store16(dp + j0, hsum16x16(a));
+        store_acc(dp + j0, hsum_block(a));
       }
-      float m = hmax16(mv16);
+      float m = hmax_acc(mvb);
       for (int64_t j = j0; j < Bk; ++j) {
         const int64_t kj = checked_key(ir, j, P.is_j, nk, bad);
         keys[j] = kj;
         const float* kr = kb + kj * P.ks_n;
         const float* vr = vb + kj * P.vs_n;
-        v16f a = qv[0] * load16(kr), e = gv[0] * load16(vr);
-        for (int c = 1; c < NV; ++c) {
-          a += qv[c] * load16(kr + 16 * c);
-          e += gv[c] * load16(vr + 16 * c);
+        vacc a = qv[0] * load_acc(kr), e = gv[0] * load_acc(vr);
+        for (int c = 1; c < NA; ++c) {
+          a += qv[c] * load_acc(kr + kAccLanes * c);
+          e += gv[c] * load_acc(vr + kAccLanes * c);
         }
-        p[j] = hsum16(a) * P.scale;
-        dp[j] = hsum16(e);
+        p[j] = hsum_acc(a) * P.scale;
+        dp[j] = hsum_acc(e);
         m = p[j] > m ? p[j] : m;
       }
       for (int64_t j = Bk; j < Bk16; ++j) {
         p[j] = ninf;  // exp gives exactly 0
         dp[j] = 0.0f;
       }
-      const v16f mv = splat(m);
-      v16f lv{};
-      for (int64_t j = 0; j < Bk16; j += 16) {
-        const v16f ej = exp16_nonpositive(load16(p + j) - mv);
-        store16(p + j, ej);
+      const vacc mv = splat_acc(m);
+      vacc lv{};
+      for (int64_t j = 0; j < Bk16; j += kAccLanes) {
+        const vacc ej = exp_nonpositive<vacc, vacc_i>(load_acc(p + j) - mv);
+        store_acc(p + j, ej);
         lv += ej;
       }
-      const v16f inv = splat(1.0f / hsum16(lv));
-      v16f Dv{};
-      for (int64_t j = 0; j < Bk16; j += 16) {
-        const v16f pj = load16(p + j) * inv;
-        store16(p + j, pj);
-        Dv += pj * load16(dp + j);
+      const vacc inv = splat_acc(1.0f / hsum_acc(lv));
+      vacc Dv{};
+      for (int64_t j = 0; j < Bk16; j += kAccLanes) {
+        const vacc pj = load_acc(p + j) * inv;
+        store_acc(p + j, pj);
+        Dv += pj * load_acc(dp + j);
       }
-      const float D = hsum16(Dv);
-      v16f dq[NV];
-      for (int c = 0; c < NV; ++c) dq[c] = v16f{};
+      const float D = hsum_acc(Dv);
+      vacc dq[NA];
+      for (int c = 0; c < NA; ++c) dq[c] = vacc{};
       for (int64_t j = 0; j < Bk; ++j) {
-        const v16f ds = splat(p[j] * (dp[j] - D) * P.scale);
-        const v16f pj = splat(p[j]);
+        const vacc ds = splat_acc(p[j] * (dp[j] - D) * P.scale);
+        const vacc pj = splat_acc(p[j]);
         const float* kr = kb + keys[j] * P.ks_n;
         float* dkr = dkb + keys[j] * d;
         float* dvr = dvb + keys[j] * d;
-        for (int c = 0; c < NV; ++c) {
-          dq[c] += ds * load16(kr + 16 * c);
-          store16(dkr + 16 * c, load16(dkr + 16 * c) + ds * qv[c]);
-          store16(dvr + 16 * c, load16(dvr + 16 * c) + pj * gv[c]);
+        for (int c = 0; c < NA; ++c) {
+          dq[c] += ds * load_acc(kr + kAccLanes * c);
+          store_acc(dkr + kAccLanes * c, load_acc(dkr + kAccLanes * c) + ds * qv[c]);
+          store_acc(dvr + kAccLanes * c, load_acc(dvr + kAccLanes * c) + pj * gv[c]);
         }
       }
       float* dq_row = BP.dq + (t * Nq + i) * d;
-      for (int c = 0; c < NV; ++c) store16(dq_row + 16 * c, dq[c]);
+      for (int c = 0; c < NA; ++c) store_acc(dq_row + kAccLanes * c, dq[c]);
     }
   }
 }

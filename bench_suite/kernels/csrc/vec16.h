@@ -142,6 +142,16 @@ inline v16f hsum16x16(const v16f* a) {
 #endif
 }
 
+// The kAccLanes horizontal sums of a[0 .. kAccLanes) as one native vector (lane r = sum of a[r]): the transposing
+// reduction of the native width (hsum16x16 on AVX-512, hsum8x8 on AVX2).
+inline vacc hsum_block(const vacc* a) {
+#if !defined(__AVX512F__) && defined(__AVX__)
+  return hsum8x8(a);
+#else
+  return hsum16x16(a);
+#endif
+}
+
 // exp(x) for x <= 0 (the softmax argument s_j - max), all lanes of a float vector VF (VI: the int32 vector of its
 // width) at a time: Cephes-style range reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r,
 // 2^n from the exponent bits. Relative error about 2e-7; exactly 0 below -87 (e^-87 ~ 1.6e-38) and for the -inf
