@@ -58,16 +58,6 @@ inline uint32_t order_key(float f) {
 
 typedef uint32_t v16u __attribute__((vector_size(64)));
 
-inline v16u order_key16(v16f x) {  // order_key on 16 lanes: no compare, no blend (bits ^ (sign ? ~0 : 1 << 31))
-  v16i bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  const v16i flip = (bits >> 31) | static_cast<int32_t>(0x80000000u);  // arithmetic shift: all ones if negative
-  const v16i key = bits ^ flip;
-  v16u out;
-  std::memcpy(&out, &key, sizeof(out));
-  return out;
-}
-
 // Horizontal reductions of 16 lanes (AVX-512: a shuffle tree of a few instructions; else a loop over the lanes).
 inline uint32_t hmax16u(v16u x) {
 #if defined(__AVX512F__)
@@ -174,48 +164,82 @@ inline int64_t row_nonzeros(const float* crow, int64_t nd, int32_t* nz_j, float*
   return nz;
 }
 
+// order_key on the lanes of a native vector (vec16.h's vacc): no compare, no blend (bits ^ (sign ? ~0 : 1 << 31))
+typedef uint32_t vacc_u __attribute__((vector_size(sizeof(vacc))));
+inline vacc_u order_key_acc(vacc x) {
+  vacc_i bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const vacc_i flip = (bits >> 31) | static_cast<int32_t>(0x80000000u);  // arithmetic shift: all ones if negative
+  const vacc_i key = bits ^ flip;
+  vacc_u out;
+  std::memcpy(&out, &key, sizeof(out));
+  return out;
+}
+
+inline uint32_t hmax_acc_u(vacc_u x) {
+#if defined(__AVX512F__)
+  return hmax16u(x);
+#else
+  uint32_t m = x[0];
+  for (int q = 1; q < kAccLanes; ++q) m = std::max(m, x[q]);
+  return m;
+#endif
+}
+
 // Scores of one query row, as order keys: keys[x] = order_key(sum_t c_t * W[j_t, x]) over the nz nonzero
-// coefficients (c_t, j_t); 64 scores at a time stay in registers across the nonzero rows. Returns the
-// smallest and largest key.
-void row_score_keys(const float* wb, int64_t ws_j, int64_t nk, const int32_t* nz_j, const float* nz_c, int64_t nz,
-                    uint32_t* keys, uint32_t& kmin, uint32_t& kmax, float& sum, float& sumsq) {
-  v16u vmax = v16u{}, vmin = v16u{} + 0xFFFFFFFFu;
-  v16f vs{}, vq{};
+// coefficients (c_t, j_t); 64 scores at a time stay in registers (native vectors, vec16.h) across the nonzero rows.
+// Returns the smallest and largest key, and the scores' sum and sum of squares (for the window's guess).
+// (Always inlined: the generic form grew past GCC's inlining limit, and the call per row cost ~8 % on deit_s shapes.)
+__attribute__((always_inline)) inline void row_score_keys(const float* wb, int64_t ws_j, int64_t nk,
+                                                          const int32_t* nz_j, const float* nz_c, int64_t nz,
+                                                          uint32_t* keys, uint32_t& kmin, uint32_t& kmax, float& sum,
+                                                          float& sumsq) {
+  constexpr int NB = 64 / kAccLanes;  // accumulators per 64 scores
+  vacc_u vmax = vacc_u{}, vmin = vacc_u{} + 0xFFFFFFFFu;
+  vacc vs{}, vq{};
   int64_t x = 0;
   for (; x + 64 <= nk; x += 64) {
-    v16f a0{}, a1{}, a2{}, a3{};
+    vacc acc[NB];
+    for (int q = 0; q < NB; ++q) acc[q] = vacc{};
     for (int64_t t = 0; t < nz; ++t) {
       const float* wr = wb + nz_j[t] * ws_j + x;
-      const v16f cv = splat(nz_c[t]);
-      a0 += cv * load16(wr);
-      a1 += cv * load16(wr + 16);
-      a2 += cv * load16(wr + 32);
-      a3 += cv * load16(wr + 48);
+      const vacc cv = splat_acc(nz_c[t]);
+      for (int q = 0; q < NB; ++q) acc[q] += cv * load_acc(wr + kAccLanes * q);
     }
-    vs += (a0 + a1) + (a2 + a3);
-    vq += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3);
-    const v16f acc[4] = {a0, a1, a2, a3};
-    for (int q = 0; q < 4; ++q) {
-      const v16u k = order_key16(acc[q]);
-      std::memcpy(keys + x + 16 * q, &k, sizeof(k));
+    vacc ts[NB], tq[NB];  // pairwise sums: ((a0 + a1) + (a2 + a3)) + ...
+    for (int q = 0; q < NB; ++q) {
+      ts[q] = acc[q];
+      tq[q] = acc[q] * acc[q];
+    }
+    for (int w = NB / 2; w >= 1; w /= 2) {
+      for (int q = 0; q < w; ++q) {
+        ts[q] = ts[2 * q] + ts[2 * q + 1];
+        tq[q] = tq[2 * q] + tq[2 * q + 1];
+      }
+    }
+    vs += ts[0];
+    vq += tq[0];
+    for (int q = 0; q < NB; ++q) {
+      const vacc_u k = order_key_acc(acc[q]);
+      std::memcpy(keys + x + kAccLanes * q, &k, sizeof(k));
       vmax = k > vmax ? k : vmax;
       vmin = k < vmin ? k : vmin;
     }
   }
-  for (; x + 16 <= nk; x += 16) {
-    v16f a{};
-    for (int64_t t = 0; t < nz; ++t) a += splat(nz_c[t]) * load16(wb + nz_j[t] * ws_j + x);
+  for (; x + kAccLanes <= nk; x += kAccLanes) {
+    vacc a{};
+    for (int64_t t = 0; t < nz; ++t) a += splat_acc(nz_c[t]) * load_acc(wb + nz_j[t] * ws_j + x);
     vs += a;
     vq += a * a;
-    const v16u k = order_key16(a);
+    const vacc_u k = order_key_acc(a);
     std::memcpy(keys + x, &k, sizeof(k));
     vmax = k > vmax ? k : vmax;
     vmin = k < vmin ? k : vmin;
   }
-  kmax = hmax16u(vmax);
-  kmin = hmin16u(vmin);
-  sum = hsum16(vs);
-  sumsq = hsum16(vq);
+  kmax = hmax_acc_u(vmax);
+  kmin = ~hmax_acc_u(~vmin);
+  sum = hsum_acc(vs);
+  sumsq = hsum_acc(vq);
   for (; x < nk; ++x) {
     float a = 0;
     for (int64_t t = 0; t < nz; ++t) a += nz_c[t] * wb[nz_j[t] * ws_j + x];
@@ -310,9 +334,9 @@ inline void trim_candidates(uint32_t* ck, int32_t* ci, int64_t m, int64_t budget
 // budget <= #(keys >= t) <= budget + slack by counting (vectorised) at guessed thresholds -- the first guess
 // from the row's mean and standard deviation (`guess`), then interpolation in float space alternating
 // with bisection in key space, each interval end snapped to the keys that occur (so a few distinct values, as in
-// sums of a few rows of a pruned W_up, settle in a few passes) -- collect those keys (AVX-512 compress where available), and drop the
-// surplus smallest (among equal keys the highest index), so ties go to the lowest indices as in
-// select_topk. When a block of equal keys straddles the boundary (the threshold interval closes to one key;
+// sums of a few rows of a pruned W_up, settle in a few passes) -- collect those keys (AVX-512 compress where
+// available), and drop the surplus smallest (among equal keys the highest index), so ties go to the lowest indices
+// as in select_topk. When a block of equal keys straddles the boundary (the threshold interval closes to one key;
 // common after training: many scores are exactly 0 where W_up is pruned), one pass keeps the keys above it
 // and the lowest-index keys of the block. Returns false (the caller falls back to select_topk) if the search
 // does not settle within 48 counting passes.
@@ -454,7 +478,8 @@ void select_largest(const uint32_t* k, const int32_t* idx, int64_t nb, int64_t n
       if (nk) store_indices(out + o, _mm512_maskz_compress_epi32(keep, _mm512_loadu_si512(idx + 16 * u)), nk);
       o += nk;
     }
-#else  // the same count on 8-lane vector extensions (one AVX2 register; GCC scalarises 16-lane compares without AVX-512)
+#else  // the same count on 8-lane vector extensions (one AVX2 register; GCC scalarises 16-lane unsigned
+       // compares without AVX-512)
     typedef int32_t v8i __attribute__((vector_size(32)));
     constexpr int kLanes = 8, kVecs = 16 * kRankVectors / kLanes;
     // keys with the sign bit flipped compare as signed integers in the same order (AVX2 has signed compares only)
@@ -561,8 +586,10 @@ bool select_topk_window(const uint32_t* keys, int64_t n, int64_t budget, int64_t
   for (; x + 8 <= n; x += 8) {
     const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + x));
     const __m256i ks = _mm256_xor_si256(k, flip);
-    const unsigned ml = ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(lov, ks)))) & 0xFFu;
-    const unsigned mh = ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(hiv, ks)))) & 0xFFu;
+    const auto below = [&](__m256i t) {  // lanes whose key is < t, as 8 bits
+      return static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(t, ks))));
+    };
+    const unsigned ml = ~below(lov) & 0xFFu, mh = ~below(hiv) & 0xFFu;
     const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress8.lanes[ml])));
     // all 8 lanes stored (the buffers have 16 lanes of slack), the first popcount(ml) of them kept
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(ci + m), _mm256_permutevar8x32_epi32(iv, perm));

@@ -140,8 +140,8 @@ inline void finish_row(const LowRank& L, const vacc* sc, float* orow) {
   }
 }
 
-// (2) query rows i0 .. i0+R-1 of slice bh (R <= kRowsPerBlock): R x U independent chains of broadcast FMAs over the d rows of
-// K_down^T (16 scores per vector), then softmax and threshold per row.
+// (2) query rows i0 .. i0+R-1 of slice bh (R <= kRowsPerBlock): R x U independent chains of broadcast FMAs over the
+// d rows of K_down^T (16 scores per vector), then softmax and threshold per row.
 template <int NV, int U>
 void coef_rows(const LowRank& L, int64_t bh, int64_t i0, int R) {
   const int64_t h = bh % L.H, b = bh / L.H;
