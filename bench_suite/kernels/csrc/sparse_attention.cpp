@@ -187,7 +187,7 @@ void attend_rows_generic(const Problem<scalar_t>& P, int64_t begin, int64_t end,
 // Fast path: float32, head dim D = 16 * NV, with the 16-float vectors of vec16.h.
 using namespace bench_suite_kernels;
 
-// exp16_nonpositive (the vectorised exp of the softmax numerators) lives in vec16.h.
+// exp_nonpositive (the vectorised exp of the softmax numerators) and the native vectors (vacc) live in vec16.h.
 
 constexpr int64_t kPrefetch = 8;  // software prefetch distance in keys (rows at random addresses)
 

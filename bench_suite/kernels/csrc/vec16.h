@@ -1,5 +1,6 @@
 // 16-float vectors through GCC/Clang vector extensions: one AVX-512 register, two AVX2 registers, four
-// SSE registers; the compiler maps them to the target's instruction set (-march=native).
+// SSE registers; the compiler maps them to the target's instruction set (-march=native). Arrays of accumulators
+// use `vacc` below, the widest native vector (GCC keeps arrays of wider vectors in memory).
 #pragma once
 
 #include <cstdint>
@@ -51,17 +52,8 @@ inline float hmax16(v16f x) {
 #endif
 }
 
-// The 16 horizontal sums of a[0..15] as one vector (lane r = sum of a[r]): a transposing reduction tree, two
-// two-source shuffles and one add per output vector and level (30 shuffles and 15 adds for 16 sums, against
-// about 3 shuffles and 4 adds per sum with hsum16).
 #if !defined(__AVX512F__) && defined(__AVX__)
 typedef float v8f __attribute__((vector_size(32)));
-
-// The two 8-lane halves of x added (one AVX register).
-inline v8f fold8(v16f x) {
-  return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-         __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-}
 
 // The 8 horizontal sums of t[0..7] as one 8-lane vector: a transposing tree whose shuffles stay within one or two
 // AVX registers (128-bit halves, then pairs and single lanes within them).
@@ -114,15 +106,11 @@ inline float hsum_acc(vacc x) {
 #endif
 constexpr int kAccLanes = 16 / kAccPer16;
 
+// The 16 horizontal sums of a[0..15] as one vector (lane r = sum of a[r]): a transposing reduction tree, two
+// two-source shuffles and one add per output vector and level (30 shuffles and 15 adds for 16 sums, against
+// about 3 shuffles and 4 adds per sum with hsum16).
 inline v16f hsum16x16(const v16f* a) {
-#if !defined(__AVX512F__) && defined(__AVX__)
-  // 8-lane registers: a 16-lane shuffle that crosses them is lowered lane by lane through memory, so fold each
-  // vector's halves first, then two 8 x 8 trees
-  v8f s[16];
-  for (int i = 0; i < 16; ++i) s[i] = fold8(a[i]);
-  const v8f lo = hsum8x8(s), hi = hsum8x8(s + 8);
-  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#elif defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
   v16f b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i)
     b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -181,7 +169,5 @@ inline VF exp_nonpositive(VF x) {
   const VF e = p * pow2;
   return under ? VF{} : e;
 }
-
-inline v16f exp16_nonpositive(v16f x) { return exp_nonpositive<v16f, v16i>(x); }
 
 }  // namespace bench_suite_kernels
