@@ -31,10 +31,10 @@ This module is the one home of sparse attention: the PyTorch reference, the regi
   CPUs); ``"flex"`` on CUDA; else ``"torch"`` (one warning if the build fails).
 
 Under ``"cpp"`` half-precision CPU inputs run the kernel on float32 copies as under ``"auto"``, and inputs the
-kernel does not take (CUDA tensors) the PyTorch path, so a model built with the kernel still runs anywhere; a failed build raises there (a benchmark never silently
-times the fallback). Other implementations register by name; one registered as differentiable also runs
-while autograd records, for any other :func:`sparse_attention` takes the PyTorch path whenever a gradient
-is needed. While ``torch.jit`` traces (FLOP counting) a call is recorded as the single op
+kernel does not take (CUDA tensors) the PyTorch path, so a model built with the kernel still runs anywhere; a
+failed build raises there (a benchmark never silently times the fallback). Other implementations register by
+name; one registered as differentiable also runs while autograd records, for any other :func:`sparse_attention`
+takes the PyTorch path whenever a gradient is needed. While ``torch.jit`` traces (FLOP counting) a call is recorded as the single op
 ``bench_suite::sparse_attention``, which :mod:`bench_suite.flops` counts as ``2 * Nq * Bk * d`` MACs per
 ``[B, H]`` pair, whichever implementation runs inside.
 
@@ -54,10 +54,10 @@ autograd records, the method computes the scores densely anyway, since the atten
 needs them.
 
 The kernels are compiled just in time on first use and cached (see :mod:`bench_suite.kernels.loader`);
-``python -m bench_suite speed --build`` compiles them ahead of time. They are written for AVX-512 and have AVX2
-paths (the top-B's window pass and rank count, the sparse forward's 8-key reductions, smaller register blocks in the
-coefficients) and portable fallbacks; ``BENCH_SUITE_KERNEL_CFLAGS=-mno-avx512f`` builds the AVX2 paths on an AVX-512
-machine (a slow test runs the kernel tests on that build).
+``python -m bench_suite speed --build`` compiles them ahead of time. Their accumulators are the widest native vectors
+(``vacc`` in ``csrc/vec16.h``: 16 floats with AVX-512, 8 with AVX2), the top-B has AVX-512 and AVX2 versions of its
+window pass and rank count, and everything has a portable fallback; ``BENCH_SUITE_KERNEL_CFLAGS=-mno-avx512f`` builds
+the AVX2 paths on an AVX-512 machine (a slow test runs the kernel tests on that build).
 """
 from __future__ import annotations
 
@@ -232,16 +232,19 @@ _auto_warned = False
 
 
 def _use_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in _FLOAT_DTYPES and _kernel_builds()
+
+
+def _kernel_builds() -> bool:
+    """Whether the kernel is loaded or can be built now (one warning, the first time it cannot)."""
     global _auto_warned
-    if q.device.type != "cpu" or q.dtype not in _FLOAT_DTYPES:
-        return False
     try:
         load_kernel()
     except KernelBuildError as e:
         if not _auto_warned:
             _auto_warned = True
             warnings.warn(f"{e}; impl='auto' falls back to the PyTorch implementation", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=4)
         return False
     return True
 
@@ -255,8 +258,9 @@ def _flex_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
 
 def _cpp_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
     """``SPARSE_ATTENTION_IMPLS["cpp"]``: the kernel (forward and backward) for CPU float inputs (bfloat16/float16
-    ones on float32 copies, the output cast back), else the PyTorch path, so that a model built with the kernel still runs on CUDA. Unlike ``"auto"`` it never hides
-    a failed build: that raises :class:`KernelBuildError`, so a benchmark cannot silently time the fallback."""
+    ones on float32 copies, the output cast back), else the PyTorch path, so that a model built with the kernel
+    still runs on CUDA. Unlike ``"auto"`` it never hides a failed build: that raises :class:`KernelBuildError`, so
+    a benchmark cannot silently time the fallback."""
     if q.device.type == "cpu" and q.dtype in _FLOAT_DTYPES:
         return sparse_attention_cpp(q, k, v, idx, scale)
     if _half_on_cpu(q, k, v):
@@ -285,7 +289,7 @@ def _auto_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
 
         if flex.flex_available():
             return flex.sparse_attention_flex(q, k, v, idx, scale)
-    if _half_on_cpu(q, k, v) and _use_cpp(q.new_empty(0, dtype=torch.float32), k, v):
+    if _half_on_cpu(q, k, v) and _kernel_builds():
         return _half_through_float32_kernel(q, k, v, idx, scale)
     fn = sparse_attention_cpp if _use_cpp(q, k, v) else sparse_attention_torch
     return fn(q, k, v, idx, scale)
