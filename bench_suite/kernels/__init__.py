@@ -274,9 +274,8 @@ def _half_on_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def _half_through_float32_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
                                  scale: float) -> torch.Tensor:
-    """bfloat16/float16 CPU inputs through the float32 kernel on float32 copies (one pass over ``q``, ``k``,
-    ``v``), the ``[B, H, Nq, d]`` output cast back to their dtype (the kernel's ``[B, Nq, H, d]`` storage kept);
-    differentiable like the kernel."""
+    """Half-precision CPU inputs through the float32 kernel on float32 copies, the ``[B, H, Nq, d]`` output cast back
+    to their dtype (the kernel's ``[B, Nq, H, d]`` storage kept); differentiable like the kernel."""
     return sparse_attention_cpp(q.float(), k.float(), v.float(), idx, scale).to(q.dtype)
 
 
