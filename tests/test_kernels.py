@@ -15,6 +15,7 @@ from bench_suite.backbones import keep_count
 from bench_suite.kernels import (KernelBuildError, check_inputs, sparse_attention, sparse_attention_cpp,
                                  sparse_attention_torch)
 from bench_suite.kernels import flex, loader
+from bench_suite.versions import hardware
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -334,16 +335,9 @@ def test_extra_compiler_flags_enter_the_build_and_its_cache_name(monkeypatch: py
     assert info["name"] != default["name"] and info["name"] == loader._extension_name(info["flags"])
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not {"avx512f", "avx2"} <= _cpu_flags(), reason="needs a CPU with AVX-512 (to turn it off)")
+@pytest.mark.skipif(not {"avx512f", "avx2"} <= set(hardware()["isa"].split()),
+                    reason="needs a CPU with AVX-512 (to turn it off)")
 def test_the_avx2_code_paths_pass_the_kernel_tests() -> None:
     """The kernels built with ``-mno-avx512f`` (AVX2 left: the code paths of CPUs without AVX-512, e.g. AMD Zen 2/3)
     pass this file's and the fused kernels' tests (top-B, sparse attention forward and backward, coefficients): in
