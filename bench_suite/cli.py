@@ -16,6 +16,7 @@ from jsonargparse import ActionConfigFile
 from jsonargparse import ArgumentParser as _JsonArgumentParser
 
 from bench_suite import signals
+from bench_suite.allocator import ALLOCATOR_MODES, use_allocator
 from bench_suite.backbones import PROFILES
 from bench_suite.distributed import SUPPORTED_STRATEGIES, start_processes, world_info
 from bench_suite.errors import UserError
@@ -98,6 +99,13 @@ def _common(p: ArgumentParser, *, profile: str | None = "mini", data: str = "rea
                        help="training logs under runs/<run>/logs: csv, tensorboard or csv,tensorboard")
 
 
+def _allocator_option(p: ArgumentParser) -> None:
+    p.add_argument("--allocator", type=str, default="retain", choices=list(ALLOCATOR_MODES),
+                   help="memory allocator of this process: retain (glibc keeps freed memory, as jemalloc/tcmalloc "
+                        "do: no page faults in a warmed-up forward) or system (glibc's defaults); recorded in every "
+                        "row's versions")
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m bench_suite", description=(
         "Benchmark efficient-attention methods for ViTs: at the same MHSA FLOPs, which keeps the most top-1?"))
@@ -144,6 +152,7 @@ def build_parser() -> ArgumentParser:
                        help="run exactly the configurations of the paper's table N (1-4) on --profile "
                             "(replaces --methods/--keep-rates)")
     _common(p_run, seed=True, processes=True)
+    _allocator_option(p_run)
     sub.add_subcommand("run", p_run, help="train/evaluate methods and write Pareto tables and plots")
 
     p_teacher = ArgumentParser(description="Train the full-attention teacher from scratch and cache it.")
@@ -184,6 +193,7 @@ def build_parser() -> ArgumentParser:
         "written as speed_grid.{csv,md,png}), of one MHSA core (--core), or the sparse attention kernel against "
         "dense SDPA (--kernel, writes kernel.csv). Rows go to <output>/results.sqlite and speed.csv."))
     _common(p_speed, profile="deit_t384", data="none", seed=True)
+    _allocator_option(p_speed)
     p_speed.add_argument("--methods", type=str | None, default=None,
                          help="comma-separated method names (default: all registered)")
     p_speed.add_argument("--keep-rates", type=str | None, default=None,
@@ -367,6 +377,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         if "devices" in sub_cfg:
             sub_cfg.devices = parse_devices(sub_cfg.devices)
+        if "allocator" in sub_cfg:  # process-wide, before anything is allocated for a model
+            use_allocator(sub_cfg.allocator)
         status = COMMANDS[command](sub_cfg)
     except UserError as e:
         print(f"bench_suite: error: {_one_line(e)}", file=sys.stderr)

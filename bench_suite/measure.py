@@ -13,9 +13,15 @@ round), so a burst of load from other processes hits all candidates alike and th
 meaningful even when the absolute times drift. Calls much shorter than the timer's resolution are
 timed in loops of ``inner`` calls (chosen from the warm-up so that one sample lasts about
 ``min_sample_ms``) and reported per call.
+
+Python's garbage collector is off during timed calls (collected before them), as :mod:`timeit` does: a
+collection of the whole heap otherwise lands in whichever sample crosses its allocation threshold (4-5 % of
+the samples of a ``perf`` profile of ``deit_t384`` forwards here). The allocator a process times under is
+:mod:`bench_suite.allocator`'s (the commands keep freed memory; rows record it).
 """
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -26,7 +32,7 @@ import torch
 from torch import nn
 
 __all__ = ["measure_latency", "measure_callables", "measure_models", "peak_memory_mib",
-           "peak_memory_callable_mib", "fixed_threads", "summarize_times", "timing_mode"]
+           "peak_memory_callable_mib", "fixed_threads", "summarize_times", "timing_mode", "gc_paused"]
 
 EVAL_TIMING = {"batch": 64, "warmup": 2, "repeats": 5}
 """How ``run`` times each trained model for the Pareto table: one eval forward of a batch of 64 test images,
@@ -44,6 +50,20 @@ def fixed_threads(num_threads: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Collect garbage, then keep Python's cyclic garbage collector off inside (as :mod:`timeit` does); restores
+    its previous state."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @contextmanager
@@ -105,11 +125,12 @@ def measure_latency(model: nn.Module, images: torch.Tensor, warmup: int = 3, rep
         for _ in range(warmup):
             model(images)
         _sync(device)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(images)
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1000.0)
+        with gc_paused():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(images)
+                _sync(device)
+                times.append((time.perf_counter() - start) * 1000.0)
     model.train(was_training)
     median = statistics.median(times)
     p90 = sorted(times)[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
@@ -165,14 +186,15 @@ def measure_callables(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeat
                 _sync(dev)
                 last = (time.perf_counter() - start) * 1000.0
             inner[name] = 1 if min_sample_ms <= 0 else max(1, int(math.ceil(min_sample_ms / max(last, 1e-3))))
-        for r in range(repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                fn, count = fns[name], inner[name]
-                start = time.perf_counter()
-                for _ in range(count):
-                    fn()
-                _sync(dev)
-                times[name].append((time.perf_counter() - start) * 1000.0 / count)
+        with gc_paused():
+            for r in range(repeats):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    fn, count = fns[name], inner[name]
+                    start = time.perf_counter()
+                    for _ in range(count):
+                        fn()
+                    _sync(dev)
+                    times[name].append((time.perf_counter() - start) * 1000.0 / count)
     return {n: {**summarize_times(times[n]), "inner": float(inner[n]), "repeats": float(repeats),
                 "threads": float(threads)} for n in names}
 

@@ -275,7 +275,8 @@ def pareto_table(df: pd.DataFrame, x: str = "mhsa_mflops") -> pd.DataFrame:
                              f"one group - filter the rows first (write_report does this per group)")
     attrs["git"] = ", ".join(sorted(rows["git"].dropna().unique())) if "git" in rows.columns else None
     attrs["hardware"] = "; ".join(sorted({f"{v.get('cpu')} ({v.get('threads')} threads of {v.get('cpus')} CPUs"
-                                          + (f", {v['gpu']}" if v.get("gpu") else "") + ")"
+                                          + (f", {v['gpu']}" if v.get("gpu") else "")
+                                          + (f"; {v['allocator']}" if v.get("allocator") else "") + ")"
                                           for v in rows["versions"] if isinstance(v, Mapping) and v.get("cpu")})) \
         if "versions" in rows.columns else ""
     timed = rows[rows["img_per_s"].notna()] if "img_per_s" in rows.columns else rows.iloc[:0]

@@ -218,7 +218,7 @@ def run_speed(opts: SpeedOptions, core: bool = False, kernel: bool = False,
                                      lambda cell: model_benchmark(cell, log), peak_probe, budget, opts.max_batch, log)
         frame = grid.grid_frame(out["rows"])
         ver = versions()
-        hardware = f"{ver.get('cpu') or 'unknown CPU'} ({ver.get('cpus')} CPUs)"
+        hardware = f"{ver.get('cpu') or 'unknown CPU'} ({ver.get('cpus')} CPUs; {ver['allocator']})"
         out["paths"] += grid.write_grid(frame, opts.output, hardware)
         out["paths"] += grid.plot_grid(frame, opts.output)
         db = opts.output / "results.sqlite"

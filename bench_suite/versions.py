@@ -54,9 +54,16 @@ def hardware() -> dict[str, str]:
     return out
 
 
-@lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
-    """Versions of Python, the key packages, the machine (:func:`hardware`), and the git revision."""
+    """Versions of Python, the key packages, the machine (:func:`hardware`), the git revision, and the memory
+    allocator the process times under (:func:`bench_suite.allocator.allocator_description`)."""
+    from bench_suite.allocator import allocator_description
+
+    return {**_static_versions(), "allocator": allocator_description()}
+
+
+@lru_cache(maxsize=1)
+def _static_versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "machine": f"{platform.machine()} {platform.system()}",
            **hardware()}
     for pkg in PACKAGES:

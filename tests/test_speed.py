@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import math
 import time
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench_suite.allocator import allocator_description
 from bench_suite.cli import main
 from bench_suite.kernels import KernelBuildError, load_kernel
-from bench_suite.measure import measure_callables, measure_models, summarize_times
+from bench_suite.measure import measure_callables, measure_latency, measure_models, summarize_times
 from bench_suite.kernel_bench import KERNEL_COLUMNS, random_key_indices
 from bench_suite.speed import SPEED_COLUMNS
 from bench_suite.store import ResultsStore, config_key
@@ -81,6 +83,17 @@ def test_measure_callables_calibrates_samples_on_a_warm_call() -> None:
 
     res = measure_callables({"f": f}, warmup=2, repeats=2, min_sample_ms=10.0)
     assert res["f"]["inner"] > 1 and n["x"] == 2 + 2 * int(res["f"]["inner"])
+
+
+def test_garbage_collector_is_off_in_timed_calls_only() -> None:
+    """As timeit: a collection of the whole heap would land in whichever sample crosses its threshold."""
+    seen: list[bool] = []
+    measure_callables({"a": lambda: seen.append(gc.isenabled())}, warmup=1, repeats=3)
+    assert seen == [True, False, False, False] and gc.isenabled()
+    model = torch.nn.Linear(2, 2)
+    model.register_forward_hook(lambda *_: seen.append(gc.isenabled()))
+    measure_latency(model, torch.randn(1, 2), warmup=1, repeats=2)
+    assert seen[4:] == [True, False, False] and gc.isenabled()
 
 
 def test_summarize_times_nearest_rank() -> None:
@@ -171,6 +184,7 @@ def test_model_rows_in_store(tmp_path: Path, kernel: None) -> None:
         assert row["latency_ms_min"] <= row["latency_ms_median"] <= row["latency_ms_p90"]
         assert math.isclose(row["img_per_s"], 2 / (row["latency_ms_median"] / 1000), rel_tol=1e-9)
         assert row["units"]["img_per_s"] == "img/s"
+        assert row["versions"]["allocator"] == allocator_description()  # the command's default: retain
     full = df[df["method"] == "full"].iloc[0]
     assert full["latency_ratio_to_full"] == 1.0
     sp = df[df["method"] == "sparsifiner"].iloc[0]
