@@ -14,6 +14,11 @@ meaningful even when the absolute times drift. Calls much shorter than the timer
 timed in loops of ``inner`` calls (chosen from the warm-up so that one sample lasts about
 ``min_sample_ms``) and reported per call.
 
+The ratio of two candidates' latencies comes from the rounds, paired: :func:`paired_ratio` takes the ratio within
+each round (both timed moments apart, under the same load) and reports the median of those ratios with a
+distribution-free 95 % confidence interval (order statistics of the binomial sign test), so that a reader sees
+whether 0.88x and 0.80x differ beyond the run-to-run noise.
+
 Python's garbage collector is off during timed calls (collected before them), as :mod:`timeit` does: a
 collection of the whole heap otherwise lands in whichever sample crosses its allocation threshold (4-5 % of
 the samples of a ``perf`` profile of ``deit_t384`` forwards here). The allocator a process times under is
@@ -32,7 +37,7 @@ import torch
 from torch import nn
 
 __all__ = ["measure_latency", "measure_callables", "measure_models", "peak_memory_mib",
-           "peak_memory_callable_mib", "fixed_threads", "summarize_times", "timing_mode", "gc_paused"]
+           "peak_memory_callable_mib", "fixed_threads", "summarize_times", "timing_mode", "gc_paused", "paired_ratio"]
 
 EVAL_TIMING = {"batch": 64, "warmup": 2, "repeats": 5}
 """How ``run`` times each trained model for the Pareto table: one eval forward of a batch of 64 test images,
@@ -151,9 +156,46 @@ def summarize_times(times_ms: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ordered), "p90_ms": p90, "min_ms": ordered[0]}
 
 
+def _median_ci_ranks(n: int, level: float) -> tuple[int, int] | None:
+    """1-based ranks ``(k, n + 1 - k)`` of the order statistics bounding a distribution-free confidence interval of
+    the median of ``n`` samples at ``level`` (the largest ``k`` with ``2 * P(Binomial(n, 1/2) < k) <= 1 - level``);
+    None when ``n`` is too small for that level (fewer than 6 samples at 95 %)."""
+    k, tail = 0, 0.0
+    while k < n:
+        tail_next = tail + math.comb(n, k) / 2.0**n  # P(X <= k)
+        if 2.0 * tail_next > 1.0 - level:
+            break
+        tail, k = tail_next, k + 1
+    return None if k == 0 else (k, n + 1 - k)
+
+
+def paired_ratio(numerator_ms: list[float], denominator_ms: list[float], level: float = 0.95) -> dict[str, Any]:
+    """Median and confidence interval of the per-round ratios ``numerator_ms[r] / denominator_ms[r]`` of two
+    candidates timed in the same rounds (:func:`measure_callables`'s ``samples_ms``).
+
+    Returns:
+        ``{"ratio": median ratio (x), "ci_low", "ci_high": the interval's bounds (x; None below 6 rounds at 95 %),
+        "rounds": n, "level": level}``; the interval covers the median of the ratio's distribution with
+        probability at least ``level`` for independent rounds (the sign test's order-statistic interval for a
+        median).
+
+    Raises:
+        ValueError: for lists of different or zero length, or a non-positive denominator.
+    """
+    if len(numerator_ms) != len(denominator_ms) or not numerator_ms:
+        raise ValueError(f"paired samples need equal, non-zero counts, got {len(numerator_ms)} and "
+                         f"{len(denominator_ms)}")
+    if min(denominator_ms) <= 0:
+        raise ValueError("denominator times must be positive")
+    ratios = sorted(a / b for a, b in zip(numerator_ms, denominator_ms))
+    ranks = _median_ci_ranks(len(ratios), level)
+    low, high = (None, None) if ranks is None else (ratios[ranks[0] - 1], ratios[ranks[1] - 1])
+    return {"ratio": statistics.median(ratios), "ci_low": low, "ci_high": high, "rounds": len(ratios), "level": level}
+
+
 def measure_callables(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeats: int = 10,
                       num_threads: int | None = None, min_sample_ms: float = 0.0,
-                      device: torch.device | str = "cpu", grad: bool = False) -> dict[str, dict[str, float]]:
+                      device: torch.device | str = "cpu", grad: bool = False) -> dict[str, dict[str, Any]]:
     """Time several zero-argument callables interleaved, under ``torch.inference_mode`` (with ``grad``: with
     autograd on, for training steps).
 
@@ -164,7 +206,8 @@ def measure_callables(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeat
     first callable fewer calls per sample than the others) reaches ``min_sample_ms``.
 
     Returns:
-        ``{name: {"median_ms", "p90_ms", "min_ms" (ms per call), "inner", "repeats", "threads"}}``.
+        ``{name: {"median_ms", "p90_ms", "min_ms" (ms per call), "inner", "repeats", "threads", "samples_ms"
+        (the rounds' times in round order, ms per call: pair them with :func:`paired_ratio`)}}``.
 
     Raises:
         ValueError: if ``repeats < 1`` or ``fns`` is empty.
@@ -196,16 +239,17 @@ def measure_callables(fns: dict[str, Callable[[], Any]], warmup: int = 3, repeat
                     _sync(dev)
                     times[name].append((time.perf_counter() - start) * 1000.0 / count)
     return {n: {**summarize_times(times[n]), "inner": float(inner[n]), "repeats": float(repeats),
-                "threads": float(threads)} for n in names}
+                "threads": float(threads), "samples_ms": times[n]} for n in names}
 
 
 def measure_models(models: dict[str, nn.Module], images: torch.Tensor, warmup: int = 3, repeats: int = 10,
-                   num_threads: int | None = None) -> dict[str, dict[str, float]]:
+                   num_threads: int | None = None) -> dict[str, dict[str, Any]]:
     """Eval latency of several models on one batch, interleaved (see :func:`measure_callables`).
 
     Returns:
         ``{name: {"latency_ms_median", "latency_ms_p90", "latency_ms_min" (ms per batch), "img_per_s",
-        "batch_size", "threads", "repeats"}}``, the same keys as :func:`measure_latency` plus the minimum.
+        "batch_size", "threads", "repeats", "samples_ms"}}``, the keys of :func:`measure_latency` plus the minimum
+        and the rounds' times (see :func:`measure_callables`).
 
     Raises:
         ValueError: if ``repeats < 1`` or ``models`` is empty.
@@ -222,7 +266,7 @@ def measure_models(models: dict[str, nn.Module], images: torch.Tensor, warmup: i
             m.train(modes[n])
     return {n: {"latency_ms_median": r["median_ms"], "latency_ms_p90": r["p90_ms"], "latency_ms_min": r["min_ms"],
                 "img_per_s": len(images) / (r["median_ms"] / 1000.0), "batch_size": float(len(images)),
-                "threads": r["threads"], "repeats": r["repeats"]} for n, r in res.items()}
+                "threads": r["threads"], "repeats": r["repeats"], "samples_ms": r["samples_ms"]} for n, r in res.items()}
 
 
 def peak_memory_callable_mib(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:

@@ -9,7 +9,8 @@ which the candidates run *interleaved*, so that load from other processes hits t
   with **random weights** (timing only; the rows say ``weights: random``) on a batch of random images.
   Methods with a sparse attention implementation (a factory argument ``attention_impl``) run once per
   ``--impl``. Metrics: latency per batch (median, p90, min; ms), throughput (img/s), peak tensor memory of
-  one forward (MiB), the latency relative to the dense reference method measured in the same run, and the
+  one forward (MiB), the latency relative to the dense reference method measured in the same rounds (the median
+  of the per-round ratios with a 95 % confidence interval, :func:`bench_suite.measure.paired_ratio`), and the
   method's :meth:`sparsity_report`. A method whose cost depends on trained values prepares itself in
   :meth:`~methods.base.BenchModule.prepare_timing` (``--coef-density 0.13`` emulates the paper's density of
   learned sparse coefficients). ``--hparams '{"<method>": {"<setting>": value}}'`` (the same format as
@@ -74,7 +75,8 @@ HEAD_PRESETS = {"deit_t": (3, 64), "deit_s": (6, 64)}
 
 SPEED_COLUMNS = ("scope", "method", "attention_impl", "keep_rate", "profile", "n", "heads", "head_dim",
                  "batch_size", "threads", "latency_ms_median", "latency_ms_p90", "img_per_s", "peak_mib",
-                 "latency_ratio_to_full", "latency_ratio_to_dense", "key")
+                 "latency_ratio_to_full", "latency_ratio_ci95_low", "latency_ratio_ci95_high", "latency_ratio_to_dense",
+                 "key")
 """Columns of ``speed.csv`` (one line per store row written by the invocation)."""
 
 
@@ -176,6 +178,8 @@ def write_speed_csv(rows: list[dict[str, Any]], path: Path) -> Path:
                         "threads": c["threads"], "latency_ms_median": m.get("latency_ms_median"),
                         "latency_ms_p90": m.get("latency_ms_p90"), "img_per_s": m.get("img_per_s"),
                         "peak_mib": m.get("peak_mib"), "latency_ratio_to_full": m.get("latency_ratio_to_full"),
+                        "latency_ratio_ci95_low": m.get("latency_ratio_ci95_low"),
+                        "latency_ratio_ci95_high": m.get("latency_ratio_ci95_high"),
                         "latency_ratio_to_dense": m.get("latency_ratio_to_dense"), "key": row["key"]})
     return path
 

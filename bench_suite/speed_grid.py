@@ -50,8 +50,10 @@ PRECISIONS = ("fp32", "bf16")
 """``speed --precision`` values: float32, or bfloat16 autocast."""
 
 GRID_COLUMNS = ("method", "keep_rate", "attention_impl", "batch_size", "threads", "precision", "weights",
-                "latency_ms_median", "latency_ms_p90", "img_per_s", "latency_ratio_to_full")
-"""Columns of ``speed_grid.csv`` (units: ms per batch, img/s, x full attention's latency in the same cell)."""
+                "latency_ms_median", "latency_ms_p90", "img_per_s", "latency_ratio_to_full", "latency_ratio_ci95_low",
+                "latency_ratio_ci95_high")
+"""Columns of ``speed_grid.csv`` (units: ms per batch, img/s, x full attention's latency in the same cell: the
+median of the per-round ratios and its 95 % confidence interval, :func:`bench_suite.measure.paired_ratio`)."""
 
 DEFAULT_MAX_BATCH = 1024
 
@@ -176,7 +178,7 @@ def grid_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
                       "threads": int(c["threads"]), "precision": c.get("precision", "fp32"),
                       "weights": c.get("weights", "random"), "latency_ms_median": m.get("latency_ms_median"),
                       "latency_ms_p90": m.get("latency_ms_p90"), "img_per_s": m.get("img_per_s"),
-                      "latency_ratio_to_full": m.get("latency_ratio_to_full")})
+                      **{k: m.get(k) for k in GRID_COLUMNS[-3:]}})
     frame = pd.DataFrame(lines, columns=list(GRID_COLUMNS))
     return frame.sort_values(["precision", "threads", "batch_size", "method", "keep_rate"], kind="stable") \
         .reset_index(drop=True)
@@ -187,13 +189,17 @@ def write_grid(frame: pd.DataFrame, out_dir: Path, hardware: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / "speed_grid.csv", out_dir / "speed_grid.md"
     frame.to_csv(csv_path, index=False)
-    shown = frame.assign(attention_impl=frame["attention_impl"].fillna("–")).rename(columns={"keep_rate": "keep rate", "attention_impl": "impl", "batch_size": "batch",
+    ci = [f"{lo:.3f}-{hi:.3f}" if pd.notna(lo) and pd.notna(hi) else None
+          for lo, hi in zip(frame["latency_ratio_ci95_low"], frame["latency_ratio_ci95_high"])]
+    shown = frame.drop(columns=["latency_ratio_ci95_low", "latency_ratio_ci95_high"]).assign(
+        attention_impl=frame["attention_impl"].fillna("–"), ci=ci).rename(columns={"keep_rate": "keep rate", "attention_impl": "impl", "batch_size": "batch",
                                   "latency_ms_median": "latency (ms/batch)", "latency_ms_p90": "p90 (ms)",
-                                  "img_per_s": "img/s", "latency_ratio_to_full": "x full"})
+                                  "img_per_s": "img/s", "latency_ratio_to_full": "x full", "ci": "x full 95% CI"})
     body = shown.to_markdown(index=False, floatfmt=".4g", missingval="–")
     caption = (f"Table: eval latency of every method over batch size, threads and precision, measured by this run "
                f"on {hardware}; models of one cell timed interleaved (rotating order); 'x full' = latency relative "
-               f"to full attention in the same cell; weights 'random' or a trained checkpoint ('store').")
+               f"to full attention in the same cell, the median of the per-round ratios, with its distribution-free "
+               f"95% confidence interval; weights 'random' or a trained checkpoint ('store').")
     md_path.write_text(body + "\n\n" + caption + "\n", encoding="utf-8")
     return [csv_path, md_path]
 

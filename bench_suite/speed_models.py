@@ -14,7 +14,7 @@ import torch
 from bench_suite.backbones import create_backbone, get_profile
 from bench_suite.kernel_bench import DEFAULT_KERNEL_N
 from bench_suite.kernels import load_kernel
-from bench_suite.measure import fixed_threads, measure_models, peak_memory_mib
+from bench_suite.measure import fixed_threads, measure_models, paired_ratio, peak_memory_mib
 from bench_suite.options import canonical_settings
 from bench_suite.registry import declared_metrics, get_method, method_specs, parse_methods, reference_method
 from bench_suite.store import config_key
@@ -28,6 +28,7 @@ UNITS = {
     "latency_ms_median": "ms", "latency_ms_p90": "ms", "latency_ms_min": "ms", "img_per_s": "img/s",
     "peak_mib": "MiB", "latency_ratio_to_full": "x", "latency_ratio_to_dense": "x", "speedup_vs_dense": "x",
     "flop_ratio": "x", "budget": "keys", "attention_macs": "MACs", "load_avg_1min": "runnable tasks",
+    "latency_ratio_ci95_low": "x", "latency_ratio_ci95_high": "x",
 }
 """Units of the speed metrics; a method's own metrics (its ``sparsity_report``) carry the units it declares."""
 
@@ -116,6 +117,27 @@ def _load_avg() -> float | None:
 
 def _threads(opts: SpeedOptions) -> int:
     return int(opts.threads or torch.get_num_threads())
+
+
+def ratio_metrics(samples_ms: list[float], reference_ms: list[float] | None) -> dict[str, float | None]:
+    """``latency_ratio_to_full`` (the median of the per-round ratios to the reference method's time, x) and its
+    95 % confidence interval ``latency_ratio_ci95_low`` / ``_high`` (:func:`bench_suite.measure.paired_ratio`);
+    all None without a reference in the rounds."""
+    if reference_ms is None:
+        return {"latency_ratio_to_full": None, "latency_ratio_ci95_low": None, "latency_ratio_ci95_high": None}
+    pr = paired_ratio(samples_ms, reference_ms)
+    return {"latency_ratio_to_full": pr["ratio"], "latency_ratio_ci95_low": pr["ci_low"],
+            "latency_ratio_ci95_high": pr["ci_high"]}
+
+
+def ratio_text(metrics: dict[str, Any], what: str) -> str:
+    """``", 0.880x full's latency (95% CI 0.851-0.912)"`` (``what``: latency) from :func:`ratio_metrics`'s keys
+    ('' without a ratio)."""
+    ratio, low, high = (metrics.get(k) for k in ("latency_ratio_to_full", "latency_ratio_ci95_low",
+                                                  "latency_ratio_ci95_high"))
+    if ratio is None:
+        return ""
+    return f", {ratio:.3f}x full's {what}" + ("" if low is None else f" (95% CI {low:.3f}-{high:.3f})")
 
 
 # --------------------------------------------------------------------------- store rows
@@ -262,7 +284,7 @@ def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> l
     load = _load_avg()
     res = measure_models(timed, images, warmup=opts.warmup, repeats=opts.repeats, num_threads=threads)
     reference = reference_method().name
-    full_ms = next((res[lab]["latency_ms_median"] for lab, (s, *_) in labels.items() if s.name == reference), None)
+    full = next((res[lab]["samples_ms"] for lab, (s, *_) in labels.items() if s.name == reference), None)
     rows = []
     for label, r in res.items():
         spec, rate, impl = labels[label]
@@ -278,14 +300,13 @@ def model_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print) -> l
             config.update(weights="store", trained_key=trained[label])
         metrics: dict[str, Any] = {k: r[k] for k in ("latency_ms_median", "latency_ms_p90", "latency_ms_min",
                                                      "img_per_s")}
-        metrics["latency_ratio_to_full"] = None if full_ms is None else r["latency_ms_median"] / full_ms
+        metrics.update(ratio_metrics(r["samples_ms"], full))
         metrics["load_avg_1min"] = load
         if opts.memory:
             with torch.inference_mode():
                 metrics["peak_mib"] = peak_memory_mib(timed[label], images)
         metrics.update({k: float(v) for k, v in module.sparsity_report().items()})
         rows.append(_row(opts, config, metrics))
-        ratio = "" if full_ms is None else f", {r['latency_ms_median'] / full_ms:.3f}x full's latency"
         log(f"  {label:<28} {r['latency_ms_median']:9.2f} ms/batch (p90 {r['latency_ms_p90']:.2f}), "
-            f"{r['img_per_s']:8.2f} img/s{ratio}")
+            f"{r['img_per_s']:8.2f} img/s{ratio_text(metrics, 'latency')}")
     return rows

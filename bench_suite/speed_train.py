@@ -10,7 +10,8 @@ in the state of its main training phase (:meth:`~methods.base.BenchModule.prepar
 too: a random backbone of the profile), so the method's ``prepare_timing`` emulates trained sparsity where asked
 (``--coef-density``). The rows go to the store and ``speed.csv`` with ``scope: train_step``: ``latency_ms_*`` is
 ms per training step (median, p90, min), ``img_per_s`` the training throughput and ``latency_ratio_to_full`` the
-step time relative to the reference method's in the same interleaved rounds.
+step time relative to the reference method's in the same interleaved rounds (the median of the per-round ratios,
+with its 95 % confidence interval ``latency_ratio_ci95_low`` / ``_high``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from bench_suite.backbones import create_backbone, get_profile
 from bench_suite.kernels import load_kernel
 from bench_suite.measure import measure_callables
 from bench_suite.registry import reference_method
-from bench_suite.speed_models import SpeedOptions, _base_config, _entry, _load_avg, _plan, _row, _threads
+from bench_suite.speed_models import (SpeedOptions, _base_config, _entry, _load_avg, _plan, _row, _threads,
+                                      ratio_metrics, ratio_text)
 
 __all__ = ["train_step_benchmark", "TRAIN_LR"]
 
@@ -94,7 +96,7 @@ def train_step_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print)
     if bad:
         raise FloatingPointError(f"non-finite training loss after the timed steps: {', '.join(bad)}")
     reference = reference_method().name
-    full_ms = next((res[lab]["median_ms"] for lab, (s, *_) in labels_of.items() if s.name == reference), None)
+    full = next((res[lab]["samples_ms"] for lab, (s, *_) in labels_of.items() if s.name == reference), None)
     rows = []
     for label, r in res.items():
         spec, rate, impl, extra = labels_of[label]
@@ -105,10 +107,8 @@ def train_step_benchmark(opts: SpeedOptions, log: Callable[[str], None] = print)
         metrics: dict[str, Any] = {"latency_ms_median": r["median_ms"], "latency_ms_p90": r["p90_ms"],
                                    "latency_ms_min": r["min_ms"],
                                    "img_per_s": opts.batch_size / (r["median_ms"] / 1000.0),
-                                   "latency_ratio_to_full": None if full_ms is None else r["median_ms"] / full_ms,
-                                   "load_avg_1min": load}
+                                   **ratio_metrics(r["samples_ms"], full), "load_avg_1min": load}
         rows.append(_row(opts, config, metrics))
-        ratio = "" if full_ms is None else f", {r['median_ms'] / full_ms:.3f}x full's step"
         log(f"  {label:<28} {r['median_ms']:9.2f} ms/step (p90 {r['p90_ms']:.2f}), "
-            f"{opts.batch_size / (r['median_ms'] / 1000.0):8.2f} img/s{ratio}")
+            f"{opts.batch_size / (r['median_ms'] / 1000.0):8.2f} img/s{ratio_text(metrics, 'step')}")
     return rows

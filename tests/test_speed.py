@@ -13,7 +13,8 @@ import torch
 from bench_suite.allocator import allocator_description
 from bench_suite.cli import main
 from bench_suite.kernels import KernelBuildError, load_kernel
-from bench_suite.measure import measure_callables, measure_latency, measure_models, summarize_times
+from bench_suite.measure import measure_callables, measure_latency, measure_models, paired_ratio, summarize_times
+from bench_suite.speed_models import ratio_metrics
 from bench_suite.kernel_bench import KERNEL_COLUMNS, random_key_indices
 from bench_suite.speed import SPEED_COLUMNS
 from bench_suite.store import ResultsStore, config_key
@@ -288,3 +289,32 @@ def test_train_step_rows(tmp_path: Path, kernel: None) -> None:
 def test_train_flag_refuses_core(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["speed", "--train", "--core", "--profile", "tiny", "--output", str(tmp_path)]) == 2
     assert "--core is eval only" in capsys.readouterr().err
+
+
+def test_paired_ratio_median_and_sign_test_interval() -> None:
+    """Per-round ratios; the 95 % interval of the median of 15 is the 4th to the 12th ratio (coverage
+    1 - 2 P(Binomial(15, 1/2) <= 3) = 0.965); below 6 rounds no 95 % interval exists."""
+    den = [10.0 + i for i in range(15)]
+    ratios = [0.70 + 0.02 * i for i in (3, 14, 0, 7, 9, 1, 12, 4, 6, 13, 2, 10, 5, 8, 11)]
+    res = paired_ratio([r * d for r, d in zip(ratios, den)], den)
+    assert math.isclose(res["ratio"], 0.84) and res["rounds"] == 15
+    assert math.isclose(res["ci_low"], 0.76) and math.isclose(res["ci_high"], 0.92)
+    assert 1 - 2 * sum(math.comb(15, k) for k in range(4)) / 2**15 >= 0.95 > \
+        1 - 2 * sum(math.comb(15, k) for k in range(5)) / 2**15  # the widest k that keeps 95 %
+    few = paired_ratio([1.0] * 5, [2.0] * 5)
+    assert few["ratio"] == 0.5 and few["ci_low"] is None and few["ci_high"] is None
+    six = paired_ratio([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [1.0] * 6)
+    assert (six["ci_low"], six["ci_high"]) == (1.0, 6.0)  # 1 - 2/64 = 0.969
+    with pytest.raises(ValueError, match="equal"):
+        paired_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="positive"):
+        paired_ratio([1.0], [0.0])
+
+
+def test_ratios_pair_the_rounds_not_the_medians() -> None:
+    """Load rises from round 3 on; in round 3 it hits the reference's sample but not the candidate's. The paired
+    ratio stays 0.8 (one round's ratio moves); the ratio of the medians would say 8 / 30 = 0.27."""
+    full, candidate = [10.0, 10.0, 30.0, 30.0, 30.0], [8.0, 8.0, 8.0, 24.0, 24.0]
+    assert math.isclose(ratio_metrics(candidate, full)["latency_ratio_to_full"], 0.8)
+    assert ratio_metrics([1.0], None) == {"latency_ratio_to_full": None, "latency_ratio_ci95_low": None,
+                                          "latency_ratio_ci95_high": None}
