@@ -36,7 +36,8 @@ BAD: dict[str, dict[str, list[str]]] = {
             "--precision": ["64", "bf16", ""], "--accumulate-grad-batches": POSITIVE,
             "--gradient-clip-val": ["-1", "abc", "nan", "inf", ""], "--compile": ["fast", "true", ""],
             "--hparams": ["{", "[1]", '{"evit": {"lr": NaN}}', '{"evit": {"lr": Infinity}}', '{"evit": {"lr": "fast"}}',
-                          '{"evit": {"nope": 1}}', '{"evit": 3}', '{"full": {}}']},
+                          '{"evit": {"nope": 1}}', '{"evit": 3}', '{"full": {}}'],
+            "--allocator": ["jemalloc", ""]},
     "teacher": {k: v for k, v in COMMON.items()},
     "report": {"--x": ["bogus", ""], "--profile": ["huge"], "--data": ["mnist"], "--output": [NOT_A_FILE, FILE]},
     "tables": {"--table": ["0", "5", "abc"], "--profile": ["huge", ""], "--data": ["mnist", ""],
@@ -51,7 +52,8 @@ BAD: dict[str, dict[str, list[str]]] = {
               "--n": POSITIVE, "--heads": POSITIVE, "--head-dim": POSITIVE, "--kernel-n": ["0", "abc", "", "-5"],
               "--hparams": ["{", "[1]", '{"full": {"n_down": 8}}', '{"full": {"lr": NaN}}'],
               "--coef-density": ["0", "1", "nan", "abc", "-0.1"], "--precision": ["fp8", "", "fp32,int8"],
-              "--weights": ["trained", ""], "--max-batch": POSITIVE, "--memory-budget": POSITIVE},
+              "--weights": ["trained", ""], "--max-batch": POSITIVE, "--memory-budget": POSITIVE,
+              "--allocator": ["jemalloc", ""]},
 }
 BASE = {"run": ["--methods", "evit", "--profile", "tiny"], "teacher": ["--profile", "tiny"], "report": [],
         "tables": ["--table", "2"], "visualize": ["--profile", "tiny"], "speed": ["--profile", "tiny", "--methods", "full"]}
