@@ -266,7 +266,8 @@ def measure_models(models: dict[str, nn.Module], images: torch.Tensor, warmup: i
             m.train(modes[n])
     return {n: {"latency_ms_median": r["median_ms"], "latency_ms_p90": r["p90_ms"], "latency_ms_min": r["min_ms"],
                 "img_per_s": len(images) / (r["median_ms"] / 1000.0), "batch_size": float(len(images)),
-                "threads": r["threads"], "repeats": r["repeats"], "samples_ms": r["samples_ms"]} for n, r in res.items()}
+                "threads": r["threads"], "repeats": r["repeats"], "samples_ms": r["samples_ms"]}
+            for n, r in res.items()}
 
 
 def peak_memory_callable_mib(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:

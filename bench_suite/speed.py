@@ -193,7 +193,8 @@ def run_speed(opts: SpeedOptions, core: bool = False, kernel: bool = False,
     log(f"bench_suite speed: load average {load} (1 min), {_threads(opts)} thread(s) of {cpus} CPUs")
     if load is not None and load + _threads(opts) > cpus + 0.5:
         log(f"warning: the machine is busy (load {load:.1f} on {cpus} CPUs): absolute times are noisy, and "
-            f"multi-threaded ops wait for descheduled threads; compare the paired ratios and their 95% CIs, or use --threads 1")
+            f"multi-threaded ops wait for descheduled threads; compare the paired ratios and their 95% CIs, or use "
+            f"--threads 1")
     out: dict[str, Any] = {"rows": [], "kernel": [], "paths": []}
     if kernel:
         heads, head_dim = opts.heads or HEAD_PRESETS["deit_t"][0], opts.head_dim or HEAD_PRESETS["deit_t"][1]

@@ -192,9 +192,10 @@ def write_grid(frame: pd.DataFrame, out_dir: Path, hardware: str) -> list[Path]:
     ci = [f"{lo:.3f}-{hi:.3f}" if pd.notna(lo) and pd.notna(hi) else None
           for lo, hi in zip(frame["latency_ratio_ci95_low"], frame["latency_ratio_ci95_high"])]
     shown = frame.drop(columns=["latency_ratio_ci95_low", "latency_ratio_ci95_high"]).assign(
-        attention_impl=frame["attention_impl"].fillna("–"), ci=ci).rename(columns={"keep_rate": "keep rate", "attention_impl": "impl", "batch_size": "batch",
-                                  "latency_ms_median": "latency (ms/batch)", "latency_ms_p90": "p90 (ms)",
-                                  "img_per_s": "img/s", "latency_ratio_to_full": "x full", "ci": "x full 95% CI"})
+        attention_impl=frame["attention_impl"].fillna("–"), ci=ci).rename(columns={
+            "keep_rate": "keep rate", "attention_impl": "impl", "batch_size": "batch",
+            "latency_ms_median": "latency (ms/batch)", "latency_ms_p90": "p90 (ms)", "img_per_s": "img/s",
+            "latency_ratio_to_full": "x full", "ci": "x full 95% CI"})
     body = shown.to_markdown(index=False, floatfmt=".4g", missingval="–")
     caption = (f"Table: eval latency of every method over batch size, threads and precision, measured by this run "
                f"on {hardware}; models of one cell timed interleaved (rotating order); 'x full' = latency relative "
