@@ -146,7 +146,9 @@ def test_stored_rows_carry_the_hardware_and_the_caption_names_it():
     rows = pd.DataFrame({"method": ["evit"], "keep_rate": [0.5], "mhsa_mflops": [3.3], "top1": [89.0],
                          "img_per_s": [800.0], "profile": "mini", "dataset": "fashion_mnist",
                          "versions": [versions()]})
-    assert f"on {hw['cpu']} ({hw['threads']} threads of {hw['cpus']} CPUs" in _caption(pareto_table(rows), False)
+    caption = _caption(pareto_table(rows), False)
+    assert f"on {hw['cpu']} ({hw['threads']} threads of {hw['cpus']} CPUs" in caption
+    assert f"; {versions()['allocator']})" in caption  # and the allocator the speeds were timed under
 
 
 def test_heatmaps_have_colour_bars_and_class_names():
