@@ -529,7 +529,9 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
     differentiated (detached, as the official code). Without a gradient, or with a frozen predictor (no
     parameter requiring a gradient: Sparsifiner's phase 2), the predictor runs without autograd on the fused
     kernels (:data:`bench_suite.kernels.CONNECTIVITY_TOPK_IMPLS`, :mod:`bench_suite.kernels.fused`) where the
-    implementation has them: no dense ``[B, H, Nq, N]`` scores.
+    implementation has them: no dense ``[B, H, Nq, N]`` scores; the dense CLS row then runs inside the sparse
+    attention kernel (forward and backward, output stored ``[B, N, H, d]``) unless ``need_cls_attn`` or
+    ``cls_zero_keys`` ask for the separate row.
 
     Args:
         q, k, v: ``[B, H, N, d]`` (after timm's q/k norm, before scaling).
@@ -586,7 +588,8 @@ def sparsifiner_attention(q: Tensor, k: Tensor, v: Tensor, predictor: Connectivi
         pred = predictor(q_rows, k, positions, need_scores=fused is None, fused_impl=name if fused else None)
     idx = topk_connectivity(pred.scores, budget) if fused is None else fused(pred.coef, pred.w_up, budget)
     if (fused is not None and cls_full_row and not need_cls_attn and cls_zero_keys == 0
-            and fused_applies(name, q, k, v)):  # the dense CLS row inside the kernel, output [B, N, H, d]
+            and fused_applies(name, q, k, v, differentiable=True)):
+        # the dense CLS row inside the kernel (forward and, in training, backward); output [B, N, H, d]
         return SparsifinerResult(sparse_attention_rows_cpp(q, k, v, idx, scale, 1), None, budget, idx=idx, pred=pred)
     out_rows = sparse_attention(q_rows, k, v, idx, scale, impl)
     cls_attn = None

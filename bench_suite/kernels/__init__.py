@@ -209,23 +209,26 @@ def sparse_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
 
 
 class _SparseAttentionCpp(torch.autograd.Function):
-    """The C++ forward and backward as one autograd node (inputs as :func:`sparse_attention_cpp`; ``idx``
-    and ``scale`` get no gradient). Saves ``q``, ``k``, ``v``, ``idx`` only: the backward recomputes each
-    row's ``Bk`` probabilities instead of keeping them."""
+    """The C++ forward and backward as one autograd node (inputs as :func:`sparse_attention_cpp`, plus
+    ``dense_rows``: the first ``dense_rows`` query rows attend every key, as
+    :func:`bench_suite.kernels.fused.sparse_attention_rows_cpp`; ``idx``, ``scale`` and ``dense_rows`` get no
+    gradient). Saves ``q``, ``k``, ``v``, ``idx`` only: the backward recomputes each row's probabilities instead of
+    keeping them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, idx, scale):  # noqa: D102
+    def forward(ctx, q, k, v, idx, scale, dense_rows=0):  # noqa: D102
         ctx.save_for_backward(q, k, v, idx)
-        ctx.scale = scale
-        return torch.ops.bench_suite_kernels.sparse_attention(q, k, v, idx, scale)
+        ctx.scale, ctx.dense_rows = scale, dense_rows
+        return torch.ops.bench_suite_kernels.sparse_attention_rows(q, k, v, idx, scale, dense_rows)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
         q, k, v, idx = ctx.saved_tensors
         g = grad_out if grad_out.shape[-1] <= 1 or grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dq, dk, dv = torch.ops.bench_suite_kernels.sparse_attention_backward(g, q, k, v, idx, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = torch.ops.bench_suite_kernels.sparse_attention_backward_rows(g, q, k, v, idx, ctx.scale,
+                                                                                  ctx.dense_rows)
+        return dq, dk, dv, None, None, None
 
 
 _auto_warned = False

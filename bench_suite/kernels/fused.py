@@ -11,8 +11,11 @@ the core makes no copies of ``q``, ``k`` or ``v`` and its output needs none to m
   ``dense_rows`` query rows attend every key (the official code's dense CLS row) and whose output is stored
   ``[B, N, H, d]``; the reference is the sparse kernel on the patch rows, a dense CLS row and a concatenation.
 
-Both are forward-only (inference): training and the FLOP trace take the reference path. Results equal the
-reference up to float rounding (tested); a coefficient within rounding of ``tau`` may fall on the other side.
+The coefficients kernel is forward-only (inference, and the frozen predictor of Sparsifiner's training phase 2);
+the sparse attention kernel is differentiable in ``q``, ``k``, ``v`` (its backward kernel takes the same dense rows),
+so a phase-2 training step runs the dense CLS row inside it too. The FLOP trace takes the reference path. Results
+equal the reference up to float rounding (tested); a coefficient within rounding of ``tau`` may fall on the other
+side.
 """
 from __future__ import annotations
 
@@ -30,17 +33,18 @@ FUSED_IMPLS = ("auto", "cpp")
 takes the fused path where :func:`fused_applies`."""
 
 
-def fused_applies(impl: str | None, *tensors: Tensor) -> bool:
+def fused_applies(impl: str | None, *tensors: Tensor, differentiable: bool = False) -> bool:
     """Whether the fused kernels run for ``impl`` on these ``[B, H, N, d]`` tensors: an implementation of
-    :data:`FUSED_IMPLS`, CPU float32, ``d`` in :data:`HEAD_DIMS` with unit stride, no gradient recorded, the
-    kernels built (``"cpp"`` raises elsewhere if they cannot be; ``"auto"`` falls back)."""
+    :data:`FUSED_IMPLS`, CPU float32, ``d`` in :data:`HEAD_DIMS` with unit stride, no gradient recorded (unless
+    ``differentiable``: the caller's kernel has a backward, as :func:`sparse_attention_rows_cpp`), the kernels
+    built (``"cpp"`` raises elsewhere if they cannot be; ``"auto"`` falls back)."""
     if impl not in FUSED_IMPLS or torch.jit.is_tracing():
         return False
     for t in tensors:
         if (t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 4 or t.shape[-1] not in HEAD_DIMS
                 or t.stride(-1) != 1):
             return False
-        if torch.is_grad_enabled() and t.requires_grad:
+        if not differentiable and torch.is_grad_enabled() and t.requires_grad:
             return False
     return kernel_available()
 
@@ -70,7 +74,8 @@ def sparse_attention_rows_cpp(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scal
                               dense_rows: int = 1) -> Tensor:
     """Sparse attention ``[B, H, N, d]`` (stored ``[B, N, H, d]``) whose first ``dense_rows`` query rows attend
     all ``Nk`` keys and whose other rows attend their ``idx`` keys (paper eq. 4-6 with the official code's
-    dense CLS row). Forward only.
+    dense CLS row). Differentiable in ``q``, ``k``, ``v`` (the backward kernel recomputes each row's
+    probabilities, the dense rows' over all keys; ``once_differentiable``).
 
     Args:
         q: ``[B, H, N, d]``; k, v: ``[B, H, Nk, d]``; float32 or float64 with unit-stride head dims.
@@ -83,5 +88,9 @@ def sparse_attention_rows_cpp(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, scal
         KernelBuildError: the kernels cannot be built here.
     """
     load_kernel()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        from bench_suite.kernels import _SparseAttentionCpp
+
+        return _SparseAttentionCpp.apply(q, k, v, idx, float(scale), int(dense_rows))
     return torch.ops.bench_suite_kernels.sparse_attention_rows(q.detach(), k.detach(), v.detach(), idx, float(scale),
                                                                int(dense_rows))

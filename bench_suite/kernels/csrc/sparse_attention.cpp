@@ -20,9 +20,9 @@
 // rescale, while the score buffer (Bk floats, in L1) costs nothing measurable. Keys are read once in
 // pass 1 and values once in pass 2, each a unit-stride row of d floats.
 //
-// `sparse_attention_rows` (inference) takes a `dense_rows` count: the first dense_rows query rows of every (b, h)
-// attend all Nk keys in the same loop (Sparsifiner's dense CLS row, so no separate dense row, no concatenation),
-// and idx [B, H, Nq - dense_rows, Bk] covers the other rows.
+// `sparse_attention_rows` and `sparse_attention_backward_rows` take a `dense_rows` count: the first dense_rows query
+// rows of every (b, h) attend all Nk keys in the same loop (Sparsifiner's dense CLS row, so no separate dense row, no
+// concatenation, no second gradient of k and v to add), and idx [B, H, Nq - dense_rows, Bk] covers the other rows.
 //
 // Work: 2 * Bk * d multiply-accumulates per query row (QK^T and AV), against 2 * Nk * d for dense.
 // Errors: TORCH_CHECK_* (ValueError / TypeError / IndexError in Python) for wrong devices, dtypes,
@@ -400,14 +400,14 @@ template <typename scalar_t, typename index_t>
 void backward_slices(const BackwardProblem<scalar_t>& BP, int64_t begin, int64_t end, std::atomic<int64_t>& bad) {
   const Problem<scalar_t>& P = BP.f;
   const int64_t d = P.d;
-  const int64_t Bk = P.Bk, Nq = P.Nq, Nk = P.Nk;
+  const int64_t Nq = P.Nq, Nk = P.Nk;
+  const int64_t most = max_row_keys(P.Bk, Nk, P.dense_rows);
   Scratch<scalar_t>& S = scratch<scalar_t>();
-  S.fit(2 * Bk, d);
-  scalar_t* p = S.scores.data();  // [0, Bk): probabilities; [Bk, 2 Bk): dp
-  scalar_t* dp = p + Bk;
+  S.fit(2 * most, d);
+  scalar_t* p = S.scores.data();  // [0, most): probabilities; [most, 2 most): dp
+  scalar_t* dp = p + most;
   int64_t* keys = S.keys.data();
   scalar_t* dqr = S.abuf.data();
-  const index_t* idx = static_cast<const index_t*>(P.idx);
   const uint64_t nk = static_cast<uint64_t>(Nk);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / P.H, h = t % P.H;
@@ -418,11 +418,13 @@ void backward_slices(const BackwardProblem<scalar_t>& BP, int64_t begin, int64_t
     for (int64_t i = 0; i < Nq; ++i) {
       const scalar_t* qr = P.q + b * P.qs_b + h * P.qs_h + i * P.qs_n;
       const scalar_t* gr = BP.g + b * BP.gs_b + h * BP.gs_h + i * BP.gs_n;
-      const index_t* ir = idx + b * P.is_b + h * P.is_h + i * P.is_n;
+      const index_t* ir;
+      int64_t is_j, Bk;
+      row_keys(P, b, h, i, ir, is_j, Bk);
       // probabilities of the row (as the forward) and dp_j = g . v_j
       scalar_t m = -std::numeric_limits<scalar_t>::infinity();
       for (int64_t j = 0; j < Bk; ++j) {
-        const int64_t kj = checked_key(ir, j, P.is_j, nk, bad);
+        const int64_t kj = checked_key(ir, j, is_j, nk, bad);
         keys[j] = kj;
         const scalar_t* kr = kb + kj * P.ks_n;
         const scalar_t* vr = vb + kj * P.vs_n;
@@ -471,14 +473,13 @@ template <typename index_t, int NV>
 void backward_slices_f32(const BackwardProblem<float>& BP, int64_t begin, int64_t end, std::atomic<int64_t>& bad) {
   const Problem<float>& P = BP.f;
   constexpr int64_t d = 16 * NV;
-  const int64_t Bk = P.Bk, Nq = P.Nq, Nk = P.Nk;
-  const int64_t Bk16 = (Bk + 15) / 16 * 16;
+  const int64_t Nq = P.Nq, Nk = P.Nk;
+  const int64_t most16 = (max_row_keys(P.Bk, Nk, P.dense_rows) + 15) / 16 * 16;
   Scratch<float>& S = scratch<float>();
-  S.fit(2 * Bk16, d);
-  float* p = S.scores.data();  // [0, Bk16): probabilities (padding -> 0); [Bk16, 2 Bk16): dp
-  float* dp = p + Bk16;
+  S.fit(2 * most16, d);
+  float* p = S.scores.data();  // [0, most16): probabilities (padding -> 0); [most16, 2 most16): dp
+  float* dp = p + most16;
   int64_t* keys = S.keys.data();
-  const index_t* idx = static_cast<const index_t*>(P.idx);
   const uint64_t nk = static_cast<uint64_t>(Nk);
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t t = begin; t < end; ++t) {
@@ -490,7 +491,10 @@ void backward_slices_f32(const BackwardProblem<float>& BP, int64_t begin, int64_
     for (int64_t i = 0; i < Nq; ++i) {
       const float* qr = P.q + b * P.qs_b + h * P.qs_h + i * P.qs_n;
       const float* gr = BP.g + b * BP.gs_b + h * BP.gs_h + i * BP.gs_n;
-      const index_t* ir = idx + b * P.is_b + h * P.is_h + i * P.is_n;
+      const index_t* ir;
+      int64_t is_j, Bk;
+      row_keys(P, b, h, i, ir, is_j, Bk);  // a dense row: all Nk keys in order
+      const int64_t Bk16 = (Bk + 15) / 16 * 16;
       constexpr int NA = NV * kAccPer16;  // native vectors per head row (vacc, vec16.h)
       vacc qv[NA], gv[NA];
       for (int c = 0; c < NA; ++c) {
@@ -504,7 +508,7 @@ void backward_slices_f32(const BackwardProblem<float>& BP, int64_t begin, int64_
       for (; j0 + kAccLanes <= Bk; j0 += kAccLanes) {
         vacc a[kAccLanes];
         for (int r = 0; r < kAccLanes; ++r) {
-          const int64_t kj = checked_key(ir, j0 + r, P.is_j, nk, bad);
+          const int64_t kj = checked_key(ir, j0 + r, is_j, nk, bad);
           keys[j0 + r] = kj;
           const float* kr = kb + kj * P.ks_n;
           a[r] = qv[0] * load_acc(kr);
@@ -522,7 +526,7 @@ void backward_slices_f32(const BackwardProblem<float>& BP, int64_t begin, int64_
       }
       float m = hmax_acc(mvb);
       for (int64_t j = j0; j < Bk; ++j) {
-        const int64_t kj = checked_key(ir, j, P.is_j, nk, bad);
+        const int64_t kj = checked_key(ir, j, is_j, nk, bad);
         keys[j] = kj;
         const float* kr = kb + kj * P.ks_n;
         const float* vr = vb + kj * P.vs_n;
@@ -596,9 +600,11 @@ void run_backward(const BackwardProblem<scalar_t>& BP, int64_t slices, bool i64,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
+// The backward op; as the forward op, the first `dense_rows` query rows of every (b, h) slice attend all Nk keys and
+// idx [B, H, Nq - dense_rows, Bk] covers the others.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_rows(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& idx, double scale) {
+    const at::Tensor& idx, double scale, int64_t dense_rows) {
   TORCH_CHECK_VALUE(grad_out.device().is_cpu() && q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
                         idx.device().is_cpu(),
                     "sparse_attention_backward: the C++ kernel runs on the CPU only");
@@ -614,13 +620,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3);
   const int64_t Nk = k.size(2), Bk = idx.size(3);
   TORCH_CHECK_VALUE(k.size(0) == B && k.size(1) == H && k.size(3) == d && v.sizes() == k.sizes() &&
-                        grad_out.sizes() == q.sizes() && idx.size(0) == B && idx.size(1) == H && idx.size(2) == Nq,
+                        grad_out.sizes() == q.sizes() && dense_rows >= 0 && dense_rows <= Nq && idx.size(0) == B &&
+                        idx.size(1) == H && idx.size(2) == Nq - dense_rows,
                     "sparse_attention_backward: shapes disagree: grad_out ", grad_out.sizes(), ", q ", q.sizes(),
-                    ", k ", k.sizes(), ", v ", v.sizes(), ", idx ", idx.sizes());
+                    ", k ", k.sizes(), ", v ", v.sizes(), ", idx ", idx.sizes(), ", dense_rows ", dense_rows);
   TORCH_CHECK_VALUE(d == 0 || B * H * Nq == 0 ||
                         (q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && grad_out.stride(3) == 1),
                     "sparse_attention_backward: the head dimension must be unit-stride (call .contiguous())");
-  at::Tensor dq = at::zeros({B, H, Nq, d}, q.options());
+  at::Tensor dq = at::empty({B, H, Nq, d}, q.options());  // every row written; dk, dv accumulate
   at::Tensor dk = at::zeros({B, H, Nk, d}, q.options());
   at::Tensor dv = at::zeros({B, H, Nk, d}, q.options());
   if (B * H * Nq == 0 || d == 0) return {dq, dk, dv};
@@ -635,7 +642,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
                           k.stride(0), k.stride(1), k.stride(2),
                           v.stride(0), v.stride(1), v.stride(2),
                           idx.stride(0), idx.stride(1), idx.stride(2), idx.stride(3),
-                          0, 0, 0, static_cast<scalar_t>(scale)},
+                          0, 0, 0, static_cast<scalar_t>(scale), dense_rows},
         grad_out.const_data_ptr<scalar_t>(), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>()};
     const bool i64 = idx.scalar_type() == at::kLong;
@@ -645,6 +652,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
   TORCH_CHECK_INDEX(bad_value == std::numeric_limits<int64_t>::min(), "sparse_attention_backward: idx holds key index ",
                     bad_value, " outside [0, ", Nk, ")");
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& idx, double scale) {
+  return sparse_attention_backward_rows(grad_out, q, k, v, idx, scale, 0);
 }
 
 }  // namespace
@@ -657,10 +670,13 @@ TORCH_LIBRARY(bench_suite_kernels, m) {
   m.def("connectivity_topk(Tensor coef, Tensor w_up, int budget) -> Tensor");
   m.def("sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor idx, float scale) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("sparse_attention_backward_rows(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor idx, float scale, "
+        "int dense_rows) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bench_suite_kernels, CPU, m) {
   m.impl("sparse_attention", &sparse_attention_cpu);
   m.impl("sparse_attention_rows", &sparse_attention_forward);
   m.impl("sparse_attention_backward", &sparse_attention_backward_cpu);
+  m.impl("sparse_attention_backward_rows", &sparse_attention_backward_rows);
 }
