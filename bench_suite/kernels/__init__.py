@@ -209,16 +209,14 @@ def sparse_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx:
 
 
 class _SparseAttentionCpp(torch.autograd.Function):
-    """The C++ forward and backward as one autograd node (inputs as :func:`sparse_attention_cpp`, plus
-    ``dense_rows``: the first ``dense_rows`` query rows attend every key, as
-    :func:`bench_suite.kernels.fused.sparse_attention_rows_cpp`; ``idx``, ``scale`` and ``dense_rows`` get no
-    gradient). Saves ``q``, ``k``, ``v``, ``idx`` only: the backward recomputes each row's probabilities instead of
-    keeping them."""
+    """The C++ forward and backward as one autograd node (inputs as :func:`sparse_attention_cpp`; the first
+    ``dense_rows`` query rows attend every key, as :func:`bench_suite.kernels.fused.sparse_attention_rows_cpp`).
+    Saves ``q``, ``k``, ``v``, ``idx``: the backward recomputes the probabilities."""
 
     @staticmethod
     def forward(ctx, q, k, v, idx, scale, dense_rows=0):  # noqa: D102
         ctx.save_for_backward(q, k, v, idx)
-        ctx.scale, ctx.dense_rows = scale, dense_rows
+        ctx.args = (scale, dense_rows)
         return torch.ops.bench_suite_kernels.sparse_attention_rows(q, k, v, idx, scale, dense_rows)
 
     @staticmethod
@@ -226,8 +224,7 @@ class _SparseAttentionCpp(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102
         q, k, v, idx = ctx.saved_tensors
         g = grad_out if grad_out.shape[-1] <= 1 or grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dq, dk, dv = torch.ops.bench_suite_kernels.sparse_attention_backward_rows(g, q, k, v, idx, ctx.scale,
-                                                                                  ctx.dense_rows)
+        dq, dk, dv = torch.ops.bench_suite_kernels.sparse_attention_backward_rows(g, q, k, v, idx, *ctx.args)
         return dq, dk, dv, None, None, None
 
 

@@ -11,9 +11,9 @@ the core makes no copies of ``q``, ``k`` or ``v`` and its output needs none to m
   ``dense_rows`` query rows attend every key (the official code's dense CLS row) and whose output is stored
   ``[B, N, H, d]``; the reference is the sparse kernel on the patch rows, a dense CLS row and a concatenation.
 
-The coefficients kernel is forward-only (inference, and the frozen predictor of Sparsifiner's training phase 2);
-the sparse attention kernel is differentiable in ``q``, ``k``, ``v`` (its backward kernel takes the same dense rows),
-so a phase-2 training step runs the dense CLS row inside it too. The FLOP trace takes the reference path. Results
+The coefficients kernel is forward-only (inference, or a frozen predictor in training); the sparse attention
+kernel is differentiable in ``q``, ``k``, ``v`` (its backward kernel takes the same dense rows), so a training step
+with a frozen predictor runs the dense CLS row inside it too. The FLOP trace takes the reference path. Results
 equal the reference up to float rounding (tested); a coefficient within rounding of ``tau`` may fall on the other
 side.
 """
