@@ -16,7 +16,7 @@ This module is the one home of sparse attention: the PyTorch reference, the regi
 
 - ``"cpp"``: :func:`sparse_attention_cpp`, the fused kernel (``csrc/sparse_attention.cpp``; OpenMP over
   ``B * H * Nq`` query rows, float32 accumulation, no gathered copies, no dense ``N x N`` matrix), with a
-  fused backward (``sparse_attention_backward``: gradients of ``q``, ``k``, ``v`` from the recomputed row
+  fused backward (``sparse_attention_backward_rows``: gradients of ``q``, ``k``, ``v`` from the recomputed row
   probabilities, ``5 * Bk * d`` multiply-accumulates per query row, parallel over the ``B * H`` slices so
   the scatter into ``dk``/``dv`` needs no atomics and is deterministic), so it trains too.
 - ``"torch"``: :func:`sparse_attention_torch`, gather-based and differentiable on any device and dtype

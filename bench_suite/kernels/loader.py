@@ -4,7 +4,8 @@ The kernels (``csrc/sparse_attention.cpp``, ``csrc/connectivity_topk.cpp``, ``cs
 are compiled on first use with :func:`torch.utils.cpp_extension.load` (ninja + the system C++ compiler, OpenMP,
 ``-O3`` and ``-march=native``) into one library that registers the operators
 ``torch.ops.bench_suite_kernels.sparse_attention`` (its ``sparse_attention_backward``, and
-``sparse_attention_rows`` with dense leading rows), ``connectivity_topk`` and ``lowrank_coefficients``.
+``sparse_attention_rows`` / ``sparse_attention_backward_rows`` with dense leading rows), ``connectivity_topk`` and
+``lowrank_coefficients``.
 The build is cached in torch's extension folder (``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) under a name that hashes the sources, the flags, the torch version and
 the CPU's instruction-set flags, so a second process loads the cached library in well under a second,
@@ -112,7 +113,7 @@ def _op_registered() -> bool:
         ns = getattr(torch.ops, OP_NAMESPACE)
         ns.sparse_attention  # noqa: B018  (raises if not registered)
         ns.connectivity_topk  # noqa: B018
-        ns.sparse_attention_backward  # noqa: B018
+        ns.sparse_attention_backward_rows  # noqa: B018
         return True
     except (AttributeError, RuntimeError):
         return False
